@@ -1,0 +1,1 @@
+"""Data: embedded corpora, sliding-window LM datasets, and (later) task datasets."""

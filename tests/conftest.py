@@ -1,0 +1,43 @@
+"""Shared fixtures: the ../shared folder (optional), and small helpers for CLI tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("SCRATCHLM_SHARED", REPO.parent / "shared"))
+
+
+def shared_path(*parts: str) -> Path:
+    """A file under ../shared, or skip the test with the reason when it is absent."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} not present (the shared data folder beside the repo is optional)")
+    return path
+
+
+@pytest.fixture
+def gpt2_files() -> tuple[Path, Path]:
+    """GPT-2's encoder.json and vocab.bpe from ../shared/data/gpt2."""
+    return shared_path("data", "gpt2", "encoder.json"), shared_path("data", "gpt2", "vocab.bpe")
+
+
+@pytest.fixture
+def smollm2_gguf() -> Path:
+    return shared_path("models", "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run ``scratchlm ARGS...`` in-process; returns (exit_code, stdout, stderr)."""
+    from scratchlm.cli import main
+
+    def _run(*args: str) -> tuple[int, str, str]:
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return _run
