@@ -1,0 +1,154 @@
+"""Model configuration: one validated dataclass for every decoder family; presets are data (presets.py).
+
+GPT-2, Llama, Qwen2/3 and SmolLM2 differ only by these flags (norm, positions, MLP, KV heads,
+biases, q/k-norm, head size, tying), never by copied classes.  No torch import here: the CLI
+lists presets without loading torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+from scratchlm.errors import ConfigError
+
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
+POSITIONS = ("learned", "rope")
+
+
+@dataclass
+class ModelConfig:
+    """Shape and flavour of a decoder-only transformer.
+
+    Sizes follow GPT-2 names (``n_layer``, ``n_head``, ``n_embd``); ``None`` means "derive":
+    ``n_kv_head`` = ``n_head`` (no grouped-query attention), ``head_dim`` = ``n_embd // n_head``,
+    ``intermediate_size`` = 4 × ``n_embd``.
+    """
+
+    vocab_size: int = 50257
+    context_length: int = 1024
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    n_kv_head: int | None = None
+    head_dim: int | None = None
+    intermediate_size: int | None = None
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    norm_bias: bool = True  # LayerNorm shift (GPT-2); RMSNorm has none
+    mlp: str = "gelu"  # "gelu": GELU (tanh approximation) MLP; "swiglu": down(silu(gate(x)) * up(x))
+    mlp_bias: bool = True
+    positions: str = "learned"  # "learned": GPT-2 position table; "rope": rotary, rotate-half convention
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    qkv_bias: bool = True
+    o_bias: bool = True
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k before RoPE
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    name: str = field(default="custom", compare=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # Derived sizes -----------------------------------------------------------------------
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.n_embd // self.n_head
+
+    @property
+    def ffn_size(self) -> int:
+        return self.intermediate_size or 4 * self.n_embd
+
+    def validate(self) -> None:
+        for key in ("vocab_size", "context_length", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{key} must be a positive integer, got {value!r}", "fix the model config")
+        for key, allowed in (("norm", NORMS), ("mlp", MLPS), ("positions", POSITIONS)):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"unknown {key} {getattr(self, key)!r}", f"use one of {', '.join(allowed)}")
+        if self.head_dim is None and self.n_embd % self.n_head:
+            raise ConfigError(
+                f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}",
+                "pick sizes where n_embd = n_head × head size, or set head_dim",
+            )
+        if self.n_head % self.kv_heads:
+            raise ConfigError(
+                f"n_head {self.n_head} is not a multiple of n_kv_head {self.kv_heads}",
+                "grouped-query attention needs each key/value head shared by a whole number of query heads",
+            )
+        if self.positions == "rope" and self.head_size % 2:
+            raise ConfigError(f"RoPE needs an even head size, got {self.head_size}", "change head_dim or n_head")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}", "fix the model config")
+
+    # Serialisation -----------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown model config keys: {', '.join(unknown)}",
+                "the config was written by another tool or version; convert it with 'scratchlm convert'",
+            )
+        return cls(**data)
+
+    def replace(self, **overrides: Any) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(self)}
+        for key in overrides:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=3)
+                hint = f"did you mean {', '.join(close)}?" if close else "see ModelConfig's fields"
+                raise ConfigError(f"unknown model config field {key!r}", hint)
+        return dataclasses.replace(self, **overrides)
+
+    def num_parameters(self) -> int:
+        """Parameter count computed from the config alone (no torch); tied embeddings count once."""
+        d, hd, f = self.n_embd, self.head_size, self.ffn_size
+        q_out, kv_out = self.n_head * hd, self.kv_heads * hd
+        attn = d * q_out + 2 * d * kv_out + q_out * d
+        attn += (q_out + 2 * kv_out if self.qkv_bias else 0) + (d if self.o_bias else 0)
+        attn += 2 * hd if self.qk_norm else 0
+        if self.mlp == "gelu":
+            mlp = 2 * d * f + ((f + d) if self.mlp_bias else 0)
+        else:
+            mlp = 3 * d * f + ((2 * f + d) if self.mlp_bias else 0)
+        norm = d * (2 if self.norm == "layernorm" and self.norm_bias else 1)
+        block = attn + mlp + 2 * norm
+        total = self.vocab_size * d + self.n_layer * block + norm
+        if self.positions == "learned":
+            total += self.context_length * d
+        if not self.tie_embeddings:
+            total += self.vocab_size * d
+        return total
+
+
+def from_preset(name: str, **overrides: Any) -> ModelConfig:
+    """A named preset, with fields overridden; an unknown name lists close matches."""
+    from scratchlm.models.presets import PRESETS
+
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, PRESETS, n=3, cutoff=0.4)
+        hint = f"did you mean {', '.join(close)}?" if close else "run 'scratchlm presets' for the list"
+        raise ConfigError(f"unknown preset {name!r}", hint)
+    data = {**PRESETS[name], "name": name}
+    config = ModelConfig(**data)
+    return config.replace(**overrides) if overrides else config
+
+
+def list_presets() -> list[str]:
+    from scratchlm.models.presets import PRESETS
+
+    return list(PRESETS)

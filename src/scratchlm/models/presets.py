@@ -1,0 +1,22 @@
+"""Named model presets: data only.  Fields not given take ModelConfig's defaults (GPT-2 style)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_GPT2 = dict(vocab_size=50257, context_length=1024, qkv_bias=True)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # OpenAI GPT-2 sizes, as released (q/k/v biases, tied embeddings).
+    "gpt2-124m": dict(_GPT2, n_layer=12, n_head=12, n_embd=768),
+    "gpt2-355m": dict(_GPT2, n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-774m": dict(_GPT2, n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-1558m": dict(_GPT2, n_layer=48, n_head=25, n_embd=1600),
+    # Tiny models for tests: seconds to build, run and train.
+    "tiny-gpt2": dict(vocab_size=256, context_length=64, n_layer=2, n_head=4, n_embd=32),
+    "tiny-llama": dict(
+        vocab_size=256, context_length=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+        intermediate_size=64, norm="rmsnorm", norm_bias=False, norm_eps=1e-6, mlp="swiglu",
+        mlp_bias=False, positions="rope", qkv_bias=False, o_bias=False,
+    ),
+}

@@ -1,0 +1,119 @@
+"""The one decoder-only transformer: GPT-2, Llama, Qwen2/3 and SmolLM2 are configs of this class.
+
+embed tokens (+ learned positions) → n × [pre-norm attention + residual, pre-norm MLP + residual]
+→ final norm → LM head (optionally tied to the token embedding).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from scratchlm.models.attention import Attention, KVCache
+from scratchlm.models.config import ModelConfig
+from scratchlm.models.layers import make_mlp, make_norm
+from scratchlm.models.rope import inverse_frequencies, rope_cos_sin
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        self.input_layernorm = make_norm(config)
+        self.self_attn = Attention(config, layer_index)
+        self.post_attention_layernorm = make_norm(config)
+        self.mlp = make_mlp(config)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, rope=None, mask=None, cache=None):
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), rope, mask, cache))
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
+        if config.positions == "learned":
+            self.embed_positions = nn.Embedding(config.context_length, config.n_embd)
+        else:
+            self.embed_positions = None
+            inv_freq = inverse_frequencies(config.head_size, config.rope_theta, config.rope_scaling)
+            self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
+        self.dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm = make_norm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.reset_parameters()
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/√(2·n_layer), zero biases."""
+        std = 0.02
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                scale = 1 / math.sqrt(2 * self.config.n_layer) if name.endswith(("o_proj.weight", "down_proj.weight")) else 1
+                nn.init.normal_(p, mean=0.0, std=std * scale)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+            else:
+                nn.init.ones_(p)  # norm scales
+
+    def new_cache(self, batch_size: int, max_length: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+        param = self.embed_tokens.weight
+        return KVCache(self.config, batch_size, max_length or self.config.context_length,
+                       device=param.device, dtype=dtype or param.dtype)
+
+    def forward(self, input_ids: torch.Tensor, *, cache: KVCache | None = None,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                return_hidden: bool = False) -> torch.Tensor:
+        """Logits [B, T, V] for token ids [B, T].
+
+        With ``cache``, the ids are the new tokens after ``cache.length`` cached ones.
+        ``attention_mask`` [B, past + T] marks real tokens (1) and padding (0) over the whole
+        sequence so far; ``position_ids`` [B, T] default to past … past + T − 1.
+        ``return_hidden`` returns the final normed hidden states instead of logits (for heads).
+        """
+        b, t = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + t, device=input_ids.device).expand(b, t)
+        if past + t > self.config.context_length and self.embed_positions is not None:
+            raise ValueError(f"sequence of {past + t} tokens exceeds the context length {self.config.context_length}")
+        x = self.embed_tokens(input_ids)
+        rope = None
+        if self.embed_positions is not None:
+            x = x + self.embed_positions(position_ids)
+        else:
+            rope = rope_cos_sin(self.rope_inv_freq, position_ids, x.dtype)
+        x = self.dropout(x)
+        mask = self._mask(t, past, attention_mask, input_ids.device)
+        for layer in self.layers:
+            x = layer(x, rope, mask, cache)
+        if cache is not None:
+            cache.advance(t)
+        x = self.norm(x)
+        return x if return_hidden else self.lm_head(x)
+
+    @staticmethod
+    def _mask(t: int, past: int, attention_mask: torch.Tensor | None, device) -> torch.Tensor | None:
+        """Boolean [B|1, 1, T, past+T] mask (True = may attend), or None for the plain causal case.
+
+        A query always sees itself, so rows of left padding never become all −∞ (NaN).
+        """
+        if attention_mask is None and (past == 0 or t == 1):
+            return None
+        s = past + t
+        causal = torch.ones(t, s, dtype=torch.bool, device=device).tril(past)
+        if attention_mask is None:
+            return causal[None, None]
+        keys = attention_mask[:, None, None, :s].bool()
+        diagonal = torch.zeros(t, s, dtype=torch.bool, device=device)
+        diagonal[torch.arange(t), past + torch.arange(t)] = True
+        return causal & (keys | diagonal)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # tied weights are one parameter
