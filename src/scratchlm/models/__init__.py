@@ -1,4 +1,4 @@
-"""Models: one transformer decoder for every family (configured by ``ModelConfig``), n-gram and RNN beside it."""
+"""Models: one transformer decoder for every family (configured by ``ModelConfig``); n-gram, RNN beside it."""
 
 from scratchlm.models.config import ModelConfig, from_preset, list_presets
 

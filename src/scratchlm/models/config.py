@@ -17,6 +17,7 @@ from scratchlm.errors import ConfigError
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
 POSITIONS = ("learned", "rope")
+ROPE_SCALINGS = (None, "default", "linear", "llama3")  # rope.inverse_frequencies implements these
 
 
 @dataclass
@@ -86,7 +87,13 @@ class ModelConfig:
                 "grouped-query attention needs each key/value head shared by a whole number of query heads",
             )
         if self.positions == "rope" and self.head_size % 2:
-            raise ConfigError(f"RoPE needs an even head size, got {self.head_size}", "change head_dim or n_head")
+            raise ConfigError(f"RoPE needs an even head size, got {self.head_size}",
+                              "change head_dim or n_head")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            if kind not in ROPE_SCALINGS:
+                raise ConfigError(f"rope scaling type {kind!r} is not implemented",
+                                  f"use one of {', '.join(k for k in ROPE_SCALINGS if k)} or none")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}", "fix the model config")
 

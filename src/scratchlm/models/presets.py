@@ -12,6 +12,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-355m": dict(_GPT2, n_layer=24, n_head=16, n_embd=1024),
     "gpt2-774m": dict(_GPT2, n_layer=36, n_head=20, n_embd=1280),
     "gpt2-1558m": dict(_GPT2, n_layer=48, n_head=25, n_embd=1600),
+    # The 'scratchlm pretrain' demo: character level on tinyshakespeare (vocab_size is set by the tokenizer).
+    "shakespeare-char": dict(vocab_size=65, context_length=256, n_layer=4, n_head=4, n_embd=192),
     # Tiny models for tests: seconds to build, run and train.
     "tiny-gpt2": dict(vocab_size=256, context_length=64, n_layer=2, n_head=4, n_embd=32),
     "tiny-llama": dict(

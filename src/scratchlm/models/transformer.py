@@ -40,29 +40,65 @@ class Transformer(nn.Module):
             self.embed_positions = nn.Embedding(config.context_length, config.n_embd)
         else:
             self.embed_positions = None
-            inv_freq = inverse_frequencies(config.head_size, config.rope_theta, config.rope_scaling)
-            self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
+        self._rope_inv_freq: torch.Tensor | None = None  # fp32 whatever the model dtype; see rope_inv_freq
         self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = make_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.reset_parameters()
-        if config.tie_embeddings:
+        self.tie_weights()
+
+    @classmethod
+    def empty(cls, config: ModelConfig, device: torch.device | str = "cpu",
+              dtype: torch.dtype = torch.float32) -> Transformer:
+        """A model with allocated but uninitialised parameters, for loading weights into.
+
+        Built on the meta device, so loading a checkpoint skips the random initialisation
+        (seconds for the larger GPT-2 sizes) and never holds two copies of the weights.
+        """
+        with torch.device("meta"):
+            model = cls(config)
+        model.to_empty(device=device)
+        model.to(dtype)
+        model.tie_weights()  # to_empty gives each parameter its own storage
+        return model
+
+    def tie_weights(self) -> None:
+        """Share the LM head with the token embedding when the config ties them (GPT-2)."""
+        if self.config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+
+    @property
+    def rope_inv_freq(self) -> torch.Tensor:
+        """RoPE inverse frequencies, fp32 on the model's device.
+
+        Not a buffer: ``model.to(torch.bfloat16)`` would round them, and positions times a
+        rounded frequency drift far from the checkpoint's angles at long contexts.
+        """
+        device = self.embed_tokens.weight.device
+        if self._rope_inv_freq is None or self._rope_inv_freq.device != device:
+            c = self.config
+            self._rope_inv_freq = inverse_frequencies(c.head_size, c.rope_theta, c.rope_scaling).to(device)
+        return self._rope_inv_freq
 
     def reset_parameters(self) -> None:
         """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/√(2·n_layer), zero biases."""
+        if self.embed_tokens.weight.is_meta:
+            # Transformer.empty: no data to fill, and normal_ on meta tensors imports torch._dynamo (seconds)
+            return
         std = 0.02
         for name, p in self.named_parameters():
             if p.dim() >= 2:
-                scale = 1 / math.sqrt(2 * self.config.n_layer) if name.endswith(("o_proj.weight", "down_proj.weight")) else 1
+                residual = name.endswith(("o_proj.weight", "down_proj.weight"))
+                scale = 1 / math.sqrt(2 * self.config.n_layer) if residual else 1.0
                 nn.init.normal_(p, mean=0.0, std=std * scale)
             elif name.endswith("bias"):
                 nn.init.zeros_(p)
             else:
                 nn.init.ones_(p)  # norm scales
 
-    def new_cache(self, batch_size: int, max_length: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
+    def new_cache(self, batch_size: int, max_length: int | None = None,
+                  dtype: torch.dtype | None = None) -> KVCache:
         param = self.embed_tokens.weight
         return KVCache(self.config, batch_size, max_length or self.config.context_length,
                        device=param.device, dtype=dtype or param.dtype)
@@ -79,15 +115,21 @@ class Transformer(nn.Module):
         """
         b, t = input_ids.shape
         past = cache.length if cache is not None else 0
-        if position_ids is None:
-            position_ids = torch.arange(past, past + t, device=input_ids.device).expand(b, t)
         if past + t > self.config.context_length and self.embed_positions is not None:
-            raise ValueError(f"sequence of {past + t} tokens exceeds the context length {self.config.context_length}")
+            raise ValueError(f"sequence of {past + t} tokens exceeds the context length "
+                             f"{self.config.context_length}")
         x = self.embed_tokens(input_ids)
         rope = None
         if self.embed_positions is not None:
-            x = x + self.embed_positions(position_ids)
+            # Default positions: add a slice of the table, broadcast over the batch; its backward is
+            # one sum instead of a scatter of B·T rows.
+            if position_ids is None:
+                x = x + self.embed_positions.weight[past:past + t]
+            else:
+                x = x + self.embed_positions(position_ids)
         else:
+            if position_ids is None:
+                position_ids = torch.arange(past, past + t, device=input_ids.device).expand(b, t)
             rope = rope_cos_sin(self.rope_inv_freq, position_ids, x.dtype)
         x = self.dropout(x)
         mask = self._mask(t, past, attention_mask, input_ids.device)

@@ -1,0 +1,167 @@
+"""Training-step throughput: our Transformer against transformers.GPT2LMHeadModel, same config and weights.
+
+One step = forward, next-token cross-entropy, backward, AdamW step.  Both models live in the same
+process with the same initial weights (ours is loaded from theirs through the HF importer) and
+the same random batch; the variants run alternately, one step each per round, so a noisy
+neighbour slows every variant alike.  Reported: the median step (and tokens/s from it) and the
+best step, each as a ratio to transformers fp32; on a busy machine the best steps are the
+steadier estimate of what each variant costs.
+
+Variants:
+  transformers fp32   GPT2LMHeadModel as a user runs it (SDPA attention, use_cache=False),
+                      torch.optim.AdamW with its defaults
+  ours fp32           our Transformer, AdamW(fused=True)
+  ours bf16           the same under torch.autocast("cpu", dtype=torch.bfloat16), fp32 master weights
+  ours compiled fp32  torch.compile(model) (with --compile; compile time printed)
+
+Sizes: ``demo`` (nanoGPT's shakespeare_char: 4 layers, 4 heads, 128 wide, context 64, batch 12,
+vocabulary 65) and ``124m`` (gpt2-124m, context 256, batch 2).
+
+    python benchmarks/train_step.py                     # both sizes
+    python benchmarks/train_step.py --sizes demo --steps 40
+    python benchmarks/train_step.py --sizes 124m --steps 5 --compile
+
+bf16 needs a CPU with native bf16 matmuls (AMX or AVX512-BF16); elsewhere torch emulates them
+and a bf16 step is many times slower, so the bf16 variant is skipped with the reason unless
+``--bf16 always``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+SIZES = {
+    # name: (n_layer, n_head, n_embd, n_positions, vocab, context, batch, default steps)
+    "demo": (4, 4, 128, 64, 65, 64, 12, 30),
+    "124m": (12, 12, 768, 1024, 50257, 256, 2, 5),
+}
+
+
+def native_bf16() -> bool:
+    """True when this CPU multiplies bf16 matrices in hardware (AMX or AVX512-BF16)."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return any(flag in flags for flag in (" amx_bf16", " avx512_bf16"))
+
+
+@dataclass
+class Variant:
+    name: str
+    step: Callable[[], float]
+    times: list[float]
+
+
+def make_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+              hf: bool, bf16: bool) -> Callable[[], float]:
+    """A closure running one training step; returns its wall time in seconds."""
+
+    def step() -> float:
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x, use_cache=False).logits if hf else model(x)
+            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.view(-1))
+        loss.backward()
+        optimizer.step()
+        return time.perf_counter() - start
+
+    return step
+
+
+def bench_size(size: str, steps: int, warmup: int, use_compile: bool, bf16_mode: str) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from scratchlm.checkpoint.hf import load_hf
+
+    n_layer, n_head, n_embd, n_positions, vocab, context, batch, _ = SIZES[size]
+    torch.manual_seed(0)
+    hf_config = GPT2Config(vocab_size=vocab, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+                           n_head=n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                           bos_token_id=0, eos_token_id=0, attn_implementation="sdpa")
+    theirs = GPT2LMHeadModel(hf_config).train()
+    with tempfile.TemporaryDirectory() as tmp:
+        theirs.save_pretrained(tmp)
+        build = lambda: load_hf(tmp)[0].train()  # noqa: E731 - each variant gets its own copy
+        ours = build()
+        ours_bf16 = build()
+        ours_compiled = build() if use_compile else None
+
+    x = torch.randint(0, vocab, (batch, context))
+    y = torch.randint(0, vocab, (batch, context))
+    lr, wd = 3e-4, 0.1
+    def adamw(model: torch.nn.Module, fused: bool) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(model.parameters(), lr, weight_decay=wd, fused=fused or None)
+
+    variants = [
+        Variant("transformers fp32", make_step(theirs, adamw(theirs, False), x, y, hf=True, bf16=False), []),
+        Variant("ours fp32", make_step(ours, adamw(ours, True), x, y, hf=False, bf16=False), []),
+    ]
+    skip_bf16 = bf16_mode == "never" or (bf16_mode == "auto" and not native_bf16())
+    if not skip_bf16:
+        step = make_step(ours_bf16, adamw(ours_bf16, True), x, y, hf=False, bf16=True)
+        variants.append(Variant("ours bf16 autocast", step, []))
+    if ours_compiled is not None:
+        step = make_step(torch.compile(ours_compiled), adamw(ours_compiled, True), x, y, hf=False, bf16=False)
+        start = time.perf_counter()
+        step()
+        print(f"  torch.compile: first step (compilation) took {time.perf_counter() - start:.1f} s")
+        variants.append(Variant("ours compiled fp32", step, []))
+
+    for _ in range(warmup):
+        for v in variants:
+            v.step()
+    for _ in range(steps):
+        for v in variants:
+            v.times.append(v.step())
+
+    tokens = batch * context
+    base, base_best = statistics.median(variants[0].times), min(variants[0].times)
+    print(f"\n{size}: {n_layer} layers, {n_head} heads, {n_embd} wide, vocab {vocab}, "
+          f"batch {batch} x {context}, {steps} steps, {torch.get_num_threads()} threads")
+    print(f"  {'variant':<21}{'median ms':>10}{'tokens/s':>10}{'ratio':>8}   {'best ms':>8}{'ratio':>8}")
+    for v in variants:
+        med, best = statistics.median(v.times), min(v.times)
+        print(f"  {v.name:<21}{med * 1e3:>10.1f}{tokens / med:>10.0f}{base / med:>7.2f}x   "
+              f"{best * 1e3:>8.1f}{base_best / best:>7.2f}x")
+    if skip_bf16:
+        print("  ours bf16 autocast: skipped — this CPU has no native bf16 matmul (no AMX / AVX512-BF16), "
+              "so torch emulates it and it is far slower than fp32; --bf16 always runs it anyway")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="demo,124m", help="comma-separated: " + ", ".join(SIZES))
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed rounds per size (default: 30 demo, 5 at 124m)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile(ours)")
+    parser.add_argument("--bf16", choices=("auto", "always", "never"), default="auto",
+                        help="auto: run the bf16 variant only on CPUs with native bf16 matmuls")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cpu = torch.backends.cpu.get_cpu_capability()
+    print(f"torch {torch.__version__}, CPU capability {cpu}, native bf16: {native_bf16()}")
+    for size in args.sizes.split(","):
+        if size not in SIZES:
+            print(f"error: unknown size {size!r} — use one of {', '.join(SIZES)}", file=sys.stderr)
+            return 2
+        bench_size(size, args.steps or SIZES[size][-1], args.warmup, args.compile, args.bf16)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,446 @@
+"""Run directories: what ``scratchlm pretrain`` writes and ``scratchlm.load`` opens.
+
+A run dir holds::
+
+    config.json              format marker + version, model config, training and data settings
+    model.safetensors        the weights (float32 master copy; tied weights stored once)
+    tokenizer/               tokenizer.save(...)
+    train_state.safetensors  optimizer state tensors and RNG states (uint8 tensors)
+    train_state.json         step, tokens, data position, schedule, elapsed time, Python/NumPy RNG
+    metrics.jsonl, loss.png, samples.txt   (written by the training loop)
+
+Only safetensors and JSON: nothing is pickled, so opening a run dir never runs code.
+
+Every file is written atomically: to a temporary file in the same directory, flushed with
+``fsync``, then ``os.replace``d over the old one, so a crash or Ctrl-C mid-save leaves either the
+old file or the new one, never half of one.  A save touches several files, so each of the three
+weight/state files carries the same random ``save_id``; a resume checks that they agree, which
+catches a crash *between* two renames (new weights beside an old optimizer state).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scratchlm.errors import CheckpointError, UserError
+from scratchlm.models.config import ModelConfig
+
+FORMAT = "scratchlm-run"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_DIR = "tokenizer"
+STATE_TENSORS_FILE = "train_state.safetensors"
+STATE_INFO_FILE = "train_state.json"
+_TMP_PREFIX = ".tmp-"
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic writes
+# ---------------------------------------------------------------------------------------------
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename durable: fsync the directory entry (a no-op where the OS does not allow it)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success fsync it and rename it over ``path``.
+
+    On an exception (including KeyboardInterrupt) the temporary file is removed and ``path`` is
+    left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=_TMP_PREFIX + path.name + ".", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | Path, payload: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def save_tensors_atomic(path: str | Path, tensors: Mapping[str, torch.Tensor],
+                        metadata: Mapping[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=dict(metadata or {}))
+
+
+def _save_tokenizer_atomic(tokenizer: Any, target: Path) -> None:
+    """Write the tokenizer into a fresh temporary directory, then swap it in for ``target``.
+
+    A directory cannot be renamed over a non-empty one, so the old one is first moved aside; the
+    window in which ``tokenizer/`` is absent is two renames long, and the tokenizer of a run
+    never changes between the saves of that run.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX + target.name + ".", dir=target.parent))
+    old = None
+    try:
+        tokenizer.save(tmp)
+        if target.exists():
+            old = target.with_name(f"{_TMP_PREFIX}{target.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(target, old)
+        os.replace(tmp, target)
+        _fsync_dir(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not target.exists():
+            os.replace(old, target)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights
+# ---------------------------------------------------------------------------------------------
+
+
+def unique_state(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The model's state without repeats, and ``{alias: stored name}`` for tied parameters.
+
+    safetensors refuses tensors that share memory; a tied LM head is stored once, under the
+    token embedding's name, and re-tied by the model class on load.
+    """
+    state: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    for name, tensor in model.state_dict(keep_vars=False).items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key in seen and tensor.numel() > 0:
+            aliases[name] = seen[key]
+        else:
+            seen[key] = name
+            state[name] = tensor
+    return state, aliases
+
+
+def load_weights_into(model: torch.nn.Module, path: Path) -> None:
+    """Copy the tensors of ``path`` into ``model`` in place; every parameter must be present, with its shape."""
+    tensors = _read_tensors(path, "model weights", device=next(model.parameters()).device)[0]
+    expected, aliases = unique_state(model)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected) - set(aliases))
+    if missing or unexpected:
+        detail = (f"missing {', '.join(missing[:3])}" if missing else f"unexpected {', '.join(unexpected[:3])}")
+        raise CheckpointError(f"{path} does not fit the model ({detail})",
+                              "the weights were written for another model config; check config.json")
+    for name, value in expected.items():
+        if tensors[name].shape != value.shape:
+            raise CheckpointError(
+                f"{path}: {name} has shape {tuple(tensors[name].shape)}, the model expects {tuple(value.shape)}",
+                "the weights were written for another model config; check config.json")
+    with torch.no_grad():
+        for name, value in expected.items():
+            value.copy_(tensors[name])
+
+
+def _read_tensors(path: Path, what: str, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
+    """All tensors and the metadata of a safetensors file; damage of any kind is a one-line CheckpointError."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise CheckpointError(f"{what} missing: {path}", "the run dir is incomplete; re-run or pick another run")
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+    except Exception as err:  # safetensors raises its own error types (and OSError) for damaged files
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"{what} at {path} is corrupt or not a safetensors file ({reason})",
+                              "restore the file or start a new run") from None
+    return tensors, metadata
+
+
+def _read_metadata(path: Path, what: str) -> dict[str, str]:
+    """The metadata of a safetensors file, without reading its tensors."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        raise CheckpointError(f"{what} missing: {path}", "the run dir is incomplete; re-run or pick another run")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as err:  # damaged header
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"{what} at {path} is corrupt or not a safetensors file ({reason})",
+                              "restore the file or start a new run") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Training state (optimizer, RNG, counters)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainState:
+    """Everything besides the weights that exact resumption needs.
+
+    ``info`` is JSON (step, tokens, data position, schedule, elapsed, Python/NumPy RNG);
+    ``tensors`` are the optimizer state and the torch RNG states.
+    """
+
+    info: dict[str, Any] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def pack_optimizer(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """Per-parameter optimizer state as ``optimizer.<param index>.<key>`` tensors.
+
+    The hyperparameters of the parameter groups are not stored: the optimizer is rebuilt from the
+    (checked) training config, and the schedule sets the learning rate before every step.
+    """
+    tensors = {}
+    for index, values in optimizer.state_dict()["state"].items():
+        for key, value in values.items():
+            if not isinstance(value, torch.Tensor):
+                value = torch.tensor(value)
+            tensors[f"optimizer.{index}.{key}"] = value
+    return tensors
+
+
+def unpack_optimizer(optimizer: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor]) -> None:
+    current = optimizer.state_dict()
+    n_params = sum(len(g["params"]) for g in current["param_groups"])
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        if not name.startswith("optimizer."):
+            continue
+        _, index, key = name.split(".", 2)
+        state.setdefault(int(index), {})[key] = value
+    if state and max(state) >= n_params:
+        raise CheckpointError(f"the optimizer state covers {max(state) + 1} parameters, the model has {n_params}",
+                              "the checkpoint was written for another set of trainable parameters")
+    optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
+
+
+def pack_rng(rank_states: list[torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The torch (CPU, CUDA), Python and NumPy random states: tensors + JSON.
+
+    ``rank_states``: the CPU torch states of every data-parallel rank, gathered by the caller;
+    each rank resumes its own stream (dropout masks differ between ranks).
+    """
+    import numpy as np
+
+    tensors: dict[str, torch.Tensor] = {}
+    for rank, state in enumerate(rank_states or [torch.get_rng_state()]):
+        tensors[f"rng.torch.rank{rank}"] = state
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for device, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{device}"] = state
+    version, internal, gauss = random.getstate()
+    np_state = np.random.get_state()
+    info = {
+        "python": [version, list(internal), gauss],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+    return tensors, info
+
+
+def unpack_rng(tensors: Mapping[str, torch.Tensor], info: Mapping[str, Any], rank: int = 0) -> None:
+    import numpy as np
+
+    key = f"rng.torch.rank{rank}"
+    if key not in tensors:
+        raise CheckpointError(f"the checkpoint has no random state for rank {rank}",
+                              "resume with the same number of processes as the run was started with")
+    torch.set_rng_state(tensors[key].to(torch.uint8).cpu())
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([t.to(torch.uint8).cpu() for t in cuda])
+    version, internal, gauss = info["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = info["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+# ---------------------------------------------------------------------------------------------
+# The run dir
+# ---------------------------------------------------------------------------------------------
+
+
+def save_run(run_dir: str | Path, model: torch.nn.Module, config: ModelConfig, tokenizer: Any = None,
+             train_state: TrainState | None = None, *, training: Mapping[str, Any] | None = None,
+             data: Mapping[str, Any] | None = None) -> Path:
+    """Write (or update) a run dir; every file atomically.
+
+    ``config``: the model's ``ModelConfig``.  ``tokenizer``: anything with ``save(directory)``, or
+    None.  ``train_state``: optimizer/RNG/counters for ``--resume`` (None for a weights-only export,
+    which also removes any older training state so that it cannot be resumed out of step).
+    ``training`` / ``data``: the settings that produced the run, stored in ``config.json``.
+    """
+    from scratchlm import __version__
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model = getattr(model, "module", model)  # a DistributedDataParallel wrapper
+    save_id = uuid.uuid4().hex
+    if tokenizer is not None:
+        _save_tokenizer_atomic(tokenizer, run_dir / TOKENIZER_DIR)
+    state, _ = unique_state(model)
+    save_tensors_atomic(run_dir / WEIGHTS_FILE, state, {"format": "pt", "scratchlm_save_id": save_id})
+    if train_state is not None:
+        save_tensors_atomic(run_dir / STATE_TENSORS_FILE, train_state.tensors, {"scratchlm_save_id": save_id})
+        write_json_atomic(run_dir / STATE_INFO_FILE, {**train_state.info, "save_id": save_id})
+    else:
+        for name in (STATE_TENSORS_FILE, STATE_INFO_FILE):
+            (run_dir / name).unlink(missing_ok=True)
+    payload: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "scratchlm_version": __version__,
+        "architecture": "transformer",
+        "model": config.to_dict(),
+    }
+    if training is not None:
+        payload["training"] = dict(training)
+    if data is not None:
+        payload["data"] = dict(data)
+    write_json_atomic(run_dir / CONFIG_FILE, payload)
+    return run_dir
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """True when ``path`` is a directory whose ``config.json`` carries the scratchlm run marker."""
+    config = Path(path) / CONFIG_FILE
+    if not config.is_file():
+        return False
+    try:
+        payload = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(payload, dict) and payload.get("format") == FORMAT
+
+
+def read_run_config(run_dir: str | Path) -> dict[str, Any]:
+    """The parsed ``config.json`` of a run dir, checked for the format marker and version."""
+    run_dir = Path(run_dir)
+    path = run_dir / CONFIG_FILE
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run dir not found: {run_dir}", "check the path")
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir} has no {CONFIG_FILE}, so it is not a scratchlm run dir",
+                              "pass a directory written by 'scratchlm pretrain'")
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path} is unreadable or not JSON ({err})".replace("\n", " "),
+                              "restore the file or start a new run") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a scratchlm run config (no \"format\": \"{FORMAT}\")",
+                              "for a Hugging Face directory use scratchlm.load, which detects it")
+    version = payload.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f"{path} has run format version {version!r}; this scratchlm reads up to {FORMAT_VERSION}",
+                              "upgrade scratchlm")
+    if not isinstance(payload.get("model"), dict):
+        raise CheckpointError(f"{path} has no model config", "restore the file or start a new run")
+    return payload
+
+
+def run_model_config(payload: Mapping[str, Any]) -> ModelConfig:
+    try:
+        return ModelConfig.from_dict(dict(payload["model"]))
+    except UserError as err:
+        raise CheckpointError(f"the run's model config is invalid: {err.what}", err.fix or "") from None
+    except TypeError as err:
+        raise CheckpointError(f"the run's model config is invalid ({err})", "restore config.json") from None
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Any, ModelConfig]:
+    """``(model, tokenizer, config)`` of a run dir; the model is in eval mode on ``device``.
+
+    The tokenizer is None when the run dir has none.  A missing, damaged or foreign file is a
+    one-line ``CheckpointError``.
+    """
+    from scratchlm.models.transformer import Transformer
+
+    run_dir = Path(run_dir)
+    payload = read_run_config(run_dir)
+    config = run_model_config(payload)
+    model = Transformer.empty(config, device=device)
+    load_weights_into(model, run_dir / WEIGHTS_FILE)
+    model.eval()
+    tokenizer = None
+    if (run_dir / TOKENIZER_DIR).is_dir():
+        from scratchlm.tokenizers import load as load_tokenizer
+
+        try:
+            tokenizer = load_tokenizer(run_dir / TOKENIZER_DIR)
+        except UserError as err:
+            raise CheckpointError(f"the run's tokenizer cannot be loaded: {err.what}",
+                                  "restore the tokenizer/ folder") from None
+    if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
+        raise CheckpointError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}",
+                              "the tokenizer/ folder belongs to another run")
+    return model, tokenizer, config
+
+
+def load_train_state(run_dir: str | Path) -> TrainState:
+    """The training state of a run dir, checked to come from the same save as its weights."""
+    run_dir = Path(run_dir)
+    info_path = run_dir / STATE_INFO_FILE
+    if not info_path.is_file():
+        raise CheckpointError(f"{run_dir} has no training state ({STATE_INFO_FILE})",
+                              "it was exported without one; start a new run from its weights instead")
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{info_path} is unreadable or not JSON", "restore the file or start a new run") from None
+    tensors, meta = _read_tensors(run_dir / STATE_TENSORS_FILE, "training state")
+    weights_meta = _read_metadata(run_dir / WEIGHTS_FILE, "model weights")
+    ids = {info.get("save_id"), meta.get("scratchlm_save_id"), weights_meta.get("scratchlm_save_id")}
+    if len(ids) != 1 or None in ids:
+        raise CheckpointError(f"the weights and training state in {run_dir} come from different saves "
+                              "(a save was interrupted between files)", "start a new run, or restore the files")
+    for key in ("step", "tokens", "epoch", "position", "elapsed"):
+        value = info.get(key)
+        if not isinstance(value, (int, float)) or (isinstance(value, float) and not math.isfinite(value)):
+            raise CheckpointError(f"{info_path} lacks a valid {key!r}", "restore the file or start a new run")
+    return TrainState(info=info, tensors=tensors)
+
+
+def clean_temporaries(run_dir: str | Path) -> None:
+    """Remove temporary files an interrupted save left behind (they are never read)."""
+    for path in Path(run_dir).glob(_TMP_PREFIX + "*"):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
