@@ -126,7 +126,7 @@ def main() -> None:
     ken_s, ken = best_of(ken_score, args.repeat)
     ours_s, ours = best_of(lambda: lm.token_logscores(sents), args.repeat)
     diff = float(np.max(np.abs(np.array(ken) / np.log10(2) - ours)))
-    print(f"\nKenLM {kenlm.__name__} (query only; no lmplz in the pip package): ARPA write {write_s:.1f} s, "
+    print(f"\nKenLM (query only; no lmplz in the pip package): ARPA write {write_s:.1f} s, "
           f"load {load_s:.1f} s; score all {len(ken):,} tokens {ken_s:.3f} s vs ours {ours_s:.3f} s "
           f"(ours / KenLM = {ours_s / ken_s:.2f}); max |log2 diff| {diff:.1e} (ARPA keeps 7 digits)")
 

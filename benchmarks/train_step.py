@@ -90,12 +90,12 @@ def bench_size(size: str, steps: int, warmup: int, use_compile: bool, bf16_mode:
                            n_head=n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                            bos_token_id=0, eos_token_id=0, attn_implementation="sdpa")
     theirs = GPT2LMHeadModel(hf_config).train()
+    skip_bf16 = bf16_mode == "never" or (bf16_mode == "auto" and not native_bf16())
     with tempfile.TemporaryDirectory() as tmp:
         theirs.save_pretrained(tmp)
-        build = lambda: load_hf(tmp)[0].train()  # noqa: E731 - each variant gets its own copy
-        ours = build()
-        ours_bf16 = build()
-        ours_compiled = build() if use_compile else None
+        ours = load_hf(tmp)[0].train()  # each variant gets its own copy of the same weights
+        ours_bf16 = None if skip_bf16 else load_hf(tmp)[0].train()
+        ours_compiled = load_hf(tmp)[0].train() if use_compile else None
 
     x = torch.randint(0, vocab, (batch, context))
     y = torch.randint(0, vocab, (batch, context))
@@ -107,8 +107,7 @@ def bench_size(size: str, steps: int, warmup: int, use_compile: bool, bf16_mode:
         Variant("transformers fp32", make_step(theirs, adamw(theirs, False), x, y, hf=True, bf16=False), []),
         Variant("ours fp32", make_step(ours, adamw(ours, True), x, y, hf=False, bf16=False), []),
     ]
-    skip_bf16 = bf16_mode == "never" or (bf16_mode == "auto" and not native_bf16())
-    if not skip_bf16:
+    if ours_bf16 is not None:
         step = make_step(ours_bf16, adamw(ours_bf16, True), x, y, hf=False, bf16=True)
         variants.append(Variant("ours bf16 autocast", step, []))
     if ours_compiled is not None:

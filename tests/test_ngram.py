@@ -274,3 +274,40 @@ def test_unknown_words_and_long_contexts(shakespeare):
     assert lm.score("qwertyuiop", ["first"]) == lm.score(UNK, ["first"])
     assert lm.score("citizen", ["a", "b", "c", "first"]) == lm.score("citizen", ["c", "first"])
     assert UNK in lm.vocab and BOS in lm.vocab and EOS in lm.vocab
+
+
+def _arpa_logprob(tables: dict, word: str, context: tuple[str, ...]) -> float:
+    """log10 P(word | context) by the ARPA backoff rule, from the parsed file."""
+    if (*context, word) in tables:
+        return tables[(*context, word)][0]
+    if not context:
+        raise KeyError(word)
+    bow = tables.get(context, (0.0, 0.0))[1]
+    return bow + _arpa_logprob(tables, word, context[1:])
+
+
+@pytest.mark.parametrize("kw", [{}, {"discount": 0.1}])
+def test_write_arpa_is_the_same_model_in_backoff_form(kw, shakespeare, tmp_path):
+    lm = NGramLM(3, "kneser-ney", **kw).fit(shakespeare[:200])
+    path = lm.write_arpa(tmp_path / "lm.arpa")
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith("\\data\\\nngram 1=") and text.rstrip().endswith("\\end\\")
+    tables = {}
+    for line in text.splitlines():
+        parts = line.split("\t")
+        if len(parts) >= 2:
+            bow = float(parts[2]) if len(parts) == 3 else 0.0
+            tables[tuple(parts[1].split(" "))] = (float(parts[0]), bow)
+    assert sum(len(g) == 1 for g in tables) == len(lm.vocab) and ("<unk>",) in tables
+    qs = _queries(3, shakespeare[:200], [w for w in lm.vocab if w != UNK], 400)
+    for g in qs:
+        ours = lm.logscore(g[-1], g[:-1])
+        ctx = tuple("<unk>" if w not in lm.vocab else w for w in g[:-1])
+        word = g[-1] if g[-1] in lm.vocab else "<unk>"
+        arpa = _arpa_logprob(tables, word, ctx) / math.log10(2)
+        if math.isinf(ours):
+            assert arpa < -99 / math.log10(2) + 1e-9
+        else:
+            assert arpa == pytest.approx(ours, abs=1e-5)
+    with pytest.raises(ConfigError, match="write_arpa needs smoothing='kneser-ney'"):
+        NGramLM(2, "laplace").fit(shakespeare[:5]).write_arpa(tmp_path / "x.arpa")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import regex
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -13,6 +14,7 @@ from scratchlm.data.corpora import read_corpus
 from scratchlm.errors import DataError, UserError
 from scratchlm.tokenizers import ByteLevelBPE, load
 from scratchlm.tokenizers.bpe import (
+    _FAST_FORMS,
     GPT2_PATTERN,
     GPT4_PATTERN,
     _merge_long,
@@ -110,6 +112,13 @@ def test_long_pieces_match_tiktoken(gpt2, tiktoken_gpt2, text):
 def test_heap_merge_equals_simple_merge(gpt2, data):
     symbols = [bytes([b]) for b in data]
     assert _merge_long(list(symbols), gpt2._ranks) == _merge_short(list(symbols), gpt2._ranks)
+
+
+@PARITY
+@given(text=TEXT)
+def test_reordered_patterns_split_identically(text):
+    for pattern, fast in _FAST_FORMS.items():
+        assert regex.findall(fast, text) == regex.findall(pattern, text)
 
 
 def test_every_gpt2_token_round_trips(gpt2, tiktoken_gpt2):

@@ -12,7 +12,7 @@ from conftest import shared_path
 from scratchlm.data.corpora import read_corpus
 from scratchlm.errors import DataError
 from scratchlm.tokenizers import ByteLevelBPE, load
-from scratchlm.tokenizers.bpe import SMOLLM2_PATTERN, bytes_to_token
+from scratchlm.tokenizers.bpe import SMOLLM2_PATTERN, bytes_to_token, read_gguf_metadata
 from test_tokenizers_bpe import FRAGMENTS, TEXT
 
 gguf = pytest.importorskip("gguf")
@@ -131,6 +131,14 @@ def test_gpt2_vocabulary_in_gguf_encodes_like_gpt2_files(tmp_path):
     assert ours.special_tokens == {"<|endoftext|>": 50256} and ours.eos_id == 50256
     text = read_corpus("builtin:the-verdict") + " 12 <|endoftext|>"
     assert ours.encode(text, allowed_special="all") == gpt2.encode(text, allowed_special="all")
+
+
+def test_header_reader_agrees_with_gguf_package(tmp_path):
+    path = _write_gguf(tmp_path / "small.gguf", ["a", "b", "ab", "<|endoftext|>"], merges=["a b"],
+                       types=[1, 1, 1, 3])
+    ours = read_gguf_metadata(path)
+    fields = gguf.GGUFReader(str(path)).fields
+    assert ours == {key: field.contents() for key, field in fields.items() if not key.startswith("GGUF.")}
 
 
 def test_sentencepiece_gguf_is_refused(tmp_path):

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     from scratchlm.generation import Completion, SamplingParams, TextStream
 
 ACCEPTED = ("a run directory written by 'scratchlm pretrain', a Hugging Face model directory "
-            "(config.json + model.safetensors), or a Hugging Face hub id such as openai-community/gpt2")
+            "(config.json + model.safetensors), a Hugging Face hub id such as openai-community/gpt2, "
+            "or a llama.cpp .gguf file")
 
 # owner/name or name, as the hub spells ids; anything else that does not exist is a missing path.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
@@ -74,7 +75,7 @@ class LM:
         if is_packed(self.model):
             raise UserError("this model's weights are packed in fp16 for CPU inference and cannot be saved",
                             "load it again without dtype float16 to save it")
-        save_run(run_dir, self.model, self.tokenizer, self.config)
+        save_run(run_dir, self.model, self.config, self.tokenizer)
         return Path(run_dir)
 
     def _tokenizer(self) -> Any:
@@ -104,6 +105,11 @@ def load(ref: str | Path, device: str | torch.device | None = None,
         pack_fp16(lm.model)
         return lm
     path = Path(ref).expanduser()
+    if path.suffix == ".gguf":
+        from scratchlm.checkpoint.gguf import load_gguf
+
+        model, tokenizer, config = load_gguf(path, device, torch_dtype or torch.float32)
+        return LM(model, tokenizer, config, getattr(tokenizer, "chat_template", None))
     if path.is_dir():
         from scratchlm.checkpoint.hf import is_hf_dir
         from scratchlm.checkpoint.io import is_run_dir

@@ -108,7 +108,8 @@ def read_gguf(path: str | Path) -> GGUFFile:
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             if len(buf) < 24 or struct.unpack_from("<I", buf, 0)[0] != GGUF_MAGIC:
-                raise CheckpointError(f"{path} is not a GGUF file (bad magic number)", "pass a llama.cpp .gguf file")
+                raise CheckpointError(f"{path} is not a GGUF file (bad magic number)",
+                                      "pass a llama.cpp .gguf file")
             version = struct.unpack_from("<I", buf, 4)[0]
             if version & 0xFFFF == 0:
                 raise CheckpointError(f"{path} is a big-endian GGUF file",
@@ -133,7 +134,8 @@ def read_gguf(path: str | Path) -> GGUFFile:
     except FileNotFoundError:
         raise CheckpointError(f"{path} not found", "check the path to the .gguf file") from None
     except IsADirectoryError:
-        raise CheckpointError(f"{path} is a directory, not a .gguf file", "pass the .gguf file itself") from None
+        raise CheckpointError(f"{path} is a directory, not a .gguf file",
+                              "pass the .gguf file itself") from None
     except (struct.error, ValueError, UnicodeDecodeError, OverflowError, MemoryError) as err:
         raise CheckpointError(f"{path}: cannot read the GGUF header ({err})",
                               "the file is truncated or damaged; download it again") from None
@@ -268,7 +270,7 @@ def _q4_1(blocks: np.ndarray, out: np.ndarray) -> None:
     np.add(out, _fp16(blocks, 2), out=out)
 
 
-# type name → (values per block, bytes per block, function filling out[n_blocks, values] from bytes[n_blocks, bytes])
+# type name → (values per block, bytes per block, fill(bytes[n_blocks, bytes], out[n_blocks, values]))
 _DEQUANTIZERS: dict[str, tuple[int, int, Callable[[np.ndarray, np.ndarray], None]]] = {
     "F32": (1, 4, _f32),
     "F16": (1, 2, _f16),
@@ -293,7 +295,7 @@ def dequantize(raw: np.ndarray, type_name: str, n_elements: int, name: str = "te
         raise _unsupported_type(name, type_name)
     per_block, block_bytes, fill = _DEQUANTIZERS[type_name]
     if n_elements % per_block or raw.size != n_elements // per_block * block_bytes:
-        raise CheckpointError(f"tensor {name} has {raw.size} bytes, not what {n_elements} {type_name} values take",
+        raise CheckpointError(f"tensor {name}: {raw.size} bytes do not hold {n_elements} {type_name} values",
                               "the file is damaged; download it again")
     if out is None:
         out = np.empty(n_elements, dtype=np.float32)
@@ -370,7 +372,8 @@ def config_from_gguf(file: GGUFFile) -> ModelConfig:
         raise CheckpointError(f"{file.path}: keys and values have different head sizes",
                               "scratchlm's attention needs key_length == value_length")
     if int(get("rope.dimension_count", head_dim)) != head_dim:
-        raise CheckpointError(f"{file.path}: RoPE rotates {get('rope.dimension_count')} of {head_dim} head dims",
+        rotated = get("rope.dimension_count")
+        raise CheckpointError(f"{file.path}: RoPE rotates {rotated} of {head_dim} dims per head",
                               "scratchlm rotates whole heads; partial rotary embeddings are not supported")
     vocab_size = file.tensors["token_embd.weight"].shape[0]
     layer0 = {name.removeprefix("blk.0.") for name in tensors if name.startswith("blk.0.")}
@@ -435,11 +438,11 @@ def _rope_scaling(file: GGUFFile, arch: str, head_dim: int, theta: float) -> dic
     original = int(meta.get(f"{arch}.rope.scaling.original_context_length", 8192))
     scaling = {"rope_type": "llama3", "factor": float(divisors.max()), "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": original}
-    if divisors.numel() != head_dim // 2 or not torch.allclose(
-            inverse_frequencies(head_dim, theta) / divisors, inverse_frequencies(head_dim, theta, scaling).double(),
-            rtol=1e-5, atol=0):
-        raise CheckpointError(f"{file.path}: its rope_freqs tensor does not follow Llama 3's rope scaling rule",
-                              "scratchlm implements llama3 and linear scaling; use the Hugging Face checkpoint")
+    plain = inverse_frequencies(head_dim, theta).double()
+    if divisors.shape != plain.shape or not torch.allclose(
+            inverse_frequencies(head_dim, theta, scaling).double(), plain / divisors, rtol=1e-5, atol=0):
+        raise CheckpointError(f"{file.path}: its rope_freqs tensor does not follow Llama 3's rope scaling",
+                              "scratchlm implements llama3 and linear scaling; use the Hugging Face model")
     return scaling
 
 
@@ -491,7 +494,8 @@ def load_weights(model: Transformer, file: GGUFFile) -> None:
                                   f"needs {list(param.shape)}", "the file's metadata and tensors disagree")
         heads = _permuted_heads(file, name, model.config)
         with torch.no_grad():
-            host = param.detach().numpy() if param.device.type == "cpu" and param.dtype == torch.float32 else None
+            on_host = param.device.type == "cpu" and param.dtype == torch.float32
+            host = param.detach().numpy() if on_host else None
             if host is not None and heads is None:
                 file.load(name, out=host.reshape(-1))
             else:

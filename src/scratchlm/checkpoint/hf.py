@@ -184,7 +184,142 @@ GPT2 = Family(
     zero_missing_biases=True,
 )
 
-FAMILIES: dict[str, Family] = {GPT2.model_type: GPT2}
+
+# Llama, Qwen2 and Qwen3 checkpoints use our module names already (ours follow theirs), under
+# "model.".  One row list serves all three: rows for parameters a config lacks (biases, q/k norm)
+# are skipped, and a stored tensor that no row consumed is then an error.
+_LLAMA_LAYER_PARAMS = (
+    "input_layernorm.weight", "post_attention_layernorm.weight",
+    *(f"self_attn.{p}_proj.{kind}" for p in "qkvo" for kind in ("weight", "bias")),
+    "self_attn.q_norm.weight", "self_attn.k_norm.weight",
+    *(f"mlp.{p}_proj.{kind}" for p in ("gate", "up", "down") for kind in ("weight", "bias")),
+)
+_LLAMA_ROWS = (
+    Row("model.embed_tokens.weight", ("embed_tokens.weight",)),
+    *(Row(f"model.layers.{{i}}.{name}", (f"layers.{{i}}.{name}",)) for name in _LLAMA_LAYER_PARAMS),
+    Row("model.norm.weight", ("norm.weight",)),
+    Row("lm_head.weight", ("lm_head.weight",)),
+)
+_LLAMA_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+def _rope_from_hf(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """(theta, scaling) from either config form: transformers v5 ``rope_parameters`` or v4
+    ``rope_theta`` + ``rope_scaling``.  A missing theta is an error, never a silent default."""
+    params = cfg.get("rope_parameters") or {}
+    legacy = cfg.get("rope_scaling") or {}
+    theta = params.get("rope_theta", cfg.get("rope_theta"))
+    if theta is None:
+        raise CheckpointError("config.json gives no rope_theta (nor rope_parameters.rope_theta)",
+                              "add the model's RoPE base to config.json")
+    scaling = {k: v for k, v in {**legacy, **params}.items() if k != "rope_theta"}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return float(theta), None
+    if kind not in ("linear", "llama3"):
+        raise CheckpointError(f"rope type {kind!r} is not implemented",
+                              "supported rope types: default, linear, llama3")
+    return float(theta), {**scaling, "rope_type": kind}
+
+
+def _llama_config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
+    """Llama / Qwen2 / Qwen3 ``config.json`` (v4 or v5 form) → ModelConfig."""
+    model_type = cfg["model_type"]
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"hidden_act {cfg['hidden_act']!r} is not implemented for {model_type}",
+                              "only SwiGLU (silu) MLPs are supported")
+    if float(cfg.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise CheckpointError("partial_rotary_factor other than 1.0 is not implemented",
+                              "use a model with RoPE over whole heads")
+    if cfg.get("use_sliding_window", False):
+        raise CheckpointError("sliding-window attention (use_sliding_window: true) is not implemented",
+                              "use a checkpoint with full attention")
+    theta, scaling = _rope_from_hf(cfg)
+    attention_bias = bool(cfg.get("attention_bias", False))
+    try:
+        return ModelConfig(
+            vocab_size=cfg["vocab_size"], context_length=cfg["max_position_embeddings"],
+            n_layer=cfg["num_hidden_layers"], n_head=cfg["num_attention_heads"], n_embd=cfg["hidden_size"],
+            n_kv_head=cfg.get("num_key_value_heads"), head_dim=cfg.get("head_dim"),
+            intermediate_size=cfg["intermediate_size"], mlp="swiglu",
+            mlp_bias=bool(cfg.get("mlp_bias", False)) and model_type == "llama",
+            norm="rmsnorm", norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), norm_bias=False,
+            positions="rope", rope_theta=theta, rope_scaling=scaling,
+            # Qwen2's q/k/v biases are part of the architecture (no config key); its o_proj has none.
+            qkv_bias=attention_bias or model_type == "qwen2", o_bias=attention_bias and model_type != "qwen2",
+            qk_norm=model_type == "qwen3", tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            dropout=float(cfg.get("attention_dropout", 0.0)),
+        )
+    except KeyError as err:
+        raise CheckpointError(f"config.json has no {err.args[0]!r}",
+                              f"the {model_type} config is incomplete") from None
+    except ConfigError as err:
+        raise CheckpointError(f"config.json describes an invalid model: {err.what}",
+                              "fix config.json") from None
+
+
+def _llama_family_of(config: ModelConfig) -> str:
+    """Which of llama / qwen2 / qwen3 expresses a RoPE + RMSNorm + SwiGLU config."""
+    if config.qk_norm:
+        return "qwen3"
+    if config.qkv_bias and not config.o_bias:
+        return "qwen2"
+    return "llama"
+
+
+def _llama_config_to_hf(config: ModelConfig) -> dict[str, Any]:
+    model_type = _llama_family_of(config)
+    unsupported = [
+        what for what, bad in (
+            (f"norm {config.norm!r}", config.norm != "rmsnorm"),
+            (f"mlp {config.mlp!r}", config.mlp != "swiglu"),
+            (f"positions {config.positions!r}", config.positions != "rope"),
+            ("q/k/v biases without an o_proj bias, or the reverse",
+             model_type != "qwen2" and config.qkv_bias != config.o_bias),
+            ("MLP biases", config.mlp_bias and model_type != "llama"),
+        ) if bad
+    ]
+    if unsupported:
+        raise ConfigError(f"the {model_type} format cannot express {', '.join(unsupported)}",
+                          "change the model config")
+    scaling = dict(config.rope_scaling or {})
+    kind = scaling.pop("rope_type", scaling.pop("type", "default"))  # pops both spellings
+    rope: dict[str, Any] = {"rope_type": kind, **scaling, "rope_theta": config.rope_theta}
+    out: dict[str, Any] = {
+        "model_type": model_type, "architectures": [_LLAMA_ARCHITECTURES[model_type]],
+        "vocab_size": config.vocab_size, "max_position_embeddings": config.context_length,
+        "hidden_size": config.n_embd, "intermediate_size": config.ffn_size,
+        "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.kv_heads, "head_dim": config.head_size, "hidden_act": "silu",
+        "rms_norm_eps": config.norm_eps, "tie_word_embeddings": config.tie_embeddings,
+        "attention_dropout": config.dropout, "initializer_range": 0.02, "use_cache": True,
+        # both config forms: transformers v5 reads rope_parameters, v4 rope_theta + rope_scaling
+        "rope_parameters": rope, "rope_theta": config.rope_theta,
+        "rope_scaling": {k: v for k, v in rope.items() if k != "rope_theta"} if config.rope_scaling else None,
+    }
+    if model_type != "qwen2":
+        out["attention_bias"] = config.qkv_bias
+    if model_type == "llama":
+        out["mlp_bias"] = config.mlp_bias
+    else:
+        out["use_sliding_window"] = False
+    return out
+
+
+def _llama_family(model_type: str) -> Family:
+    return Family(
+        model_type=model_type,
+        architecture=_LLAMA_ARCHITECTURES[model_type],
+        prefix="model.",
+        rows=_LLAMA_ROWS,
+        ignore=(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",),
+        config_from_hf=_llama_config_from_hf,
+        config_to_hf=_llama_config_to_hf,
+        zero_missing_biases=False,
+    )
+
+
+FAMILIES: dict[str, Family] = {GPT2.model_type: GPT2, **{t: _llama_family(t) for t in _LLAMA_ARCHITECTURES}}
 
 
 def family_for_hf_config(cfg: dict[str, Any]) -> Family:
@@ -196,11 +331,11 @@ def family_for_hf_config(cfg: dict[str, Any]) -> Family:
 
 
 def family_for_config(config: ModelConfig) -> Family:
-    """The checkpoint family that can express ``config`` (GPT-2 for learned positions + LayerNorm)."""
+    """The checkpoint family that can express ``config``: GPT-2 for learned positions, else
+    Llama, Qwen2 or Qwen3 (``config_to_hf`` then refuses what the chosen format cannot hold)."""
     if config.positions == "learned":
         return GPT2
-    raise ConfigError(f"no Hugging Face format for a model with {config.positions} positions yet",
-                      "only GPT-2-style models can be exported for now")
+    return FAMILIES[_llama_family_of(config)]
 
 
 # --------------------------------------------------------------------------------------------

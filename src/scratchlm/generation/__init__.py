@@ -1,7 +1,8 @@
 """Generation: the one sampler (``sampling``) and the one decoding loop (``generate``).
 
 The CLI, ``LM.generate``/``LM.stream``, chat and the HTTP server all come through here.  Importing
-this package does not import torch; the functions do, when called.
+this package does not import torch; the functions do, when called.  ``generation.packed`` (fp16
+weights with fp32 arithmetic, for decoding on a CPU) imports torch, so it is imported on its own.
 """
 
 from scratchlm.generation.generate import (

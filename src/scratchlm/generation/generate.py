@@ -67,7 +67,7 @@ class Completion:
 
 
 class TokenGenerator:
-    """Iterate over ``TokenEvent``s for a batch of prompts; ``stop(row)`` ends a row early.
+    """Iterate (once) over ``TokenEvent``s for a batch of prompts; ``stop(row)`` ends a row early.
 
     The iteration order is step by step, and within a step by row.  Calling ``stop(row)`` while
     handling an event of that row (a stop string found in its text) ends it before the next step.

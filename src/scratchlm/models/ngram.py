@@ -51,7 +51,12 @@ File format (``save``/``load``): one safetensors file (an 8-byte length, a JSON 
 little-endian arrays; no pickle).  Tensors ``keys.K`` and ``counts.K`` (int64, K = 1..N) are the
 tables above; the header's metadata holds ``format`` = ``scratchlm.ngram``, ``version`` = ``1``,
 ``config`` (JSON: order, smoothing, k, discount, alpha, unk_cutoff, pad) and ``vocab`` (JSON list of the
-words; a word's id is its index).  Everything else is recomputed on load.
+words; a word's id is its index).  Everything else is recomputed on load.  ``write_arpa`` exports a
+Kneser-Ney model in the standard ARPA backoff format (KenLM, SRILM) as well.
+
+API: ``fit(sentences)``; ``score``/``logscore(word, context)`` and their vectorised ``scores``/
+``logscores(ngrams)``; ``distribution(context)`` over ``vocab``; ``token_logscores``/``perplexity``
+of sentences; ``predict``; ``sample`` (seeded); ``count(ngram)``; ``save``/``load``.
 """
 
 from __future__ import annotations
@@ -677,12 +682,14 @@ class NGramLM:
                 ctx = np.full((len(seqs), L), -1, dtype=np.int64)
                 if k > 1:
                     ctx[:, L - (k - 1):] = seqs[:, :-1]
-                logp = log10(self._score_ids(ctx, seqs[:, -1]))
-                logb = log10(bow) if bow is not None else None
-                for i in range(len(seqs)):
-                    words = " ".join(names[w] for w in seqs[i])
-                    tail = f"\t{logb[i]:.7g}" if logb is not None else ""
-                    f.write(f"{logp[i]:.7g}\t{words}{tail}\n")
+                logp = log10(self._score_ids(ctx, seqs[:, -1])).tolist()
+                grams = [" ".join(names[w] for w in row) for row in seqs.tolist()]
+                if bow is None:
+                    f.writelines(f"{p:.7g}\t{g}\n" for p, g in zip(logp, grams, strict=True))
+                else:
+                    logb = log10(bow).tolist()
+                    rows = zip(logp, grams, logb, strict=True)
+                    f.writelines(f"{p:.7g}\t{g}\t{b:.7g}\n" for p, g, b in rows)
             f.write("\n\\end\\\n")
         return path
 

@@ -9,6 +9,8 @@ the streaming decoder.  A subclass supplies ``encode_ordinary`` (text without sp
 from __future__ import annotations
 
 import codecs
+import json
+import os
 import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -121,8 +123,11 @@ class Tokenizer:
                     f"pass allowed_special={{{token!r}}} (or 'all'; CLI: --allowed-special all) to encode it "
                     "as the special token, or disallowed_special=() to encode it as plain text",
                 )
+        parts = list(self._split_on_specials(text, allowed))
+        if len(parts) == 1:  # no special token in the text: skip copying the ids
+            return self.encode_ordinary(text) if text else []
         ids: list[int] = []
-        for chunk, special_id in self._split_on_specials(text, allowed):
+        for chunk, special_id in parts:
             if special_id is not None:
                 ids.append(special_id)
             elif chunk:
@@ -225,9 +230,6 @@ class Tokenizer:
 
 def write_json(path: Path, payload: object) -> None:
     """Write JSON atomically (temp file + rename), so a crash never leaves half a tokenizer."""
-    import json
-    import os
-
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(payload, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
@@ -236,8 +238,6 @@ def write_json(path: Path, payload: object) -> None:
 
 def read_json(path: Path, what: str) -> object:
     """Parse a JSON file; a missing or malformed one is a one-line ``DataError`` naming it."""
-    import json
-
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

@@ -73,6 +73,14 @@ PATTERNS = {
     "llama3": LLAMA3_PATTERN, "qwen2": QWEN2_PATTERN, "smollm2": SMOLLM2_PATTERN,
 }
 
+# The same splits, alternatives reordered for speed (~20% faster findall): letters first, as most
+# positions start a word.  Safe because at any position at most one of the reordered alternatives
+# can match (a contraction needs "'", a word a letter or a space then a letter); tested equal.
+_FAST_FORMS = {
+    GPT2_PATTERN: r""" ?\p{L}+| ?\p{N}+|'s|'t|'re|'ve|'m|'ll|'d| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
+    SMOLLM2_PATTERN: r""" ?\p{L}+|\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+""",
+}
+
 #: llama.cpp's ``tokenizer.ggml.pre`` names -> the pattern the vocabulary was trained with.
 GGUF_PRE_PATTERNS = {
     "gpt2": GPT2_PATTERN, "gpt-2": GPT2_PATTERN,
@@ -177,16 +185,17 @@ class ByteLevelBPE(Tokenizer):
         # becomes ``unk_id`` or, without one, is dropped.
         self.unk_id = unk_id
         self._all_bytes = all(b in self.encoder for b in _SINGLE_BYTES)
-        self._ranks: dict[tuple[bytes, bytes], int] = {}
+        known = self.encoder
         for rank, (a, b) in enumerate(self.merges):
-            if a + b not in self.encoder or a not in self.encoder or b not in self.encoder:
+            if a + b not in known or a not in known or b not in known:
                 raise DataError(f"merge {rank + 1} of the {name} vocabulary "
                                 f"({bytes_to_token(a)} {bytes_to_token(b)}) uses a token that is not in "
                                 "the vocabulary",
                                 "the merges and the vocabulary come from different tokenizers")
-            self._ranks.setdefault((a, b), rank)  # a repeated pair keeps its first (best) rank
+        # A pair listed twice keeps its last rank, as Hugging Face's merge map does.
+        self._ranks = {pair: rank for rank, pair in enumerate(self.merges)}
         try:
-            self._regex = regex.compile(self.pattern)
+            self._regex = regex.compile(_FAST_FORMS.get(self.pattern, self.pattern))
         except regex.error as err:
             raise DataError(f"the split pattern of the {name} tokenizer does not compile: {err}",
                             "fix the regex in the tokenizer file") from None
@@ -415,8 +424,9 @@ class ByteLevelBPE(Tokenizer):
         tok.chat_template = template
         for attr, token in (("eos_token", eos), ("bos_token", bos)):
             if token is not None:
-                if token not in tok.special_tokens and tok._lookup(token) is not None:
-                    tok.special_tokens[token] = tok._lookup(token)  # eos/bos are special whatever the file says
+                found = tok._lookup(token)
+                if token not in tok.special_tokens and found is not None:
+                    tok.special_tokens[token] = found  # eos/bos are special, whatever added_tokens says
                 setattr(tok, attr, token if token in tok.special_tokens else None)
         return tok
 
@@ -704,11 +714,30 @@ def read_gguf_metadata(path: Path, prefix: str = "") -> dict[str, object]:
                 pos += size
                 return bytes(buf[pos - size:pos]).decode("utf-8", errors="replace")
 
+            def read_strings(count: int) -> list[str]:
+                # The vocabulary and merges are ~100k strings: one tight loop, no calls per item.
+                nonlocal pos
+                size_of, out, p = struct.Struct(order + "Q").unpack_from, [], pos
+                for _ in range(count):
+                    (size,) = size_of(buf, p)
+                    out.append(buf[p + 8:p + 8 + size].decode("utf-8", errors="replace"))
+                    p += 8 + size
+                pos = p
+                return out
+
             def read_value(kind: int):
+                nonlocal pos
                 if kind == GGUFValueType.STRING:
                     return read_str()
                 if kind == GGUFValueType.ARRAY:
                     item, count = read("I"), read("Q")
+                    if item == GGUFValueType.STRING:
+                        return read_strings(count)
+                    if item in scalar:
+                        fmt = order + f"{count}{scalar[GGUFValueType(item)]}"
+                        values = list(struct.unpack_from(fmt, buf, pos))
+                        pos += struct.calcsize(fmt)
+                        return values
                     return [read_value(item) for _ in range(count)]
                 return read(scalar[GGUFValueType(kind)])
 

@@ -392,10 +392,10 @@ class Trainer:
 
     def _micro_batches(self) -> Iterator[Any]:
         """This rank's micro-batches of the next step; advances the data position."""
-        if self.position + self.global_batch > len(self.train_data):
-            self.epoch, self.position = self.epoch + 1, 0  # drop the incomplete last batch of an epoch
         indices = self._permutation()[self.position:self.position + self.global_batch].tolist()
         self.position += self.global_batch
+        if self.position + self.global_batch > len(self.train_data):
+            self.epoch, self.position = self.epoch + 1, 0  # the incomplete last batch of an epoch is dropped
         b, world, rank = self.config.batch_size, self.dist.world_size, self.dist.rank
         for m in range(self.config.grad_accum):
             chunk = indices[m * b * world:(m + 1) * b * world]

@@ -1,0 +1,66 @@
+"""Data parallelism: 2 CPU processes (gloo) give the result of 1 process with the same global batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from scratchlm.checkpoint.io import load_run, read_run_config
+from scratchlm.data.windows import SlidingWindowDataset
+from scratchlm.models import build_model, from_preset
+from scratchlm.training import TrainConfig, Trainer, distributed
+
+VOCAB, CONTEXT = 40, 16
+
+
+def dataset() -> SlidingWindowDataset:
+    ids = torch.randint(0, VOCAB, (1500,), generator=torch.Generator().manual_seed(0))
+    return SlidingWindowDataset(ids, CONTEXT, 1)
+
+
+def model():
+    torch.manual_seed(1)
+    return build_model(from_preset("tiny-gpt2", vocab_size=VOCAB, context_length=CONTEXT))
+
+
+def config(batch_size: int, grad_accum: int) -> TrainConfig:
+    return TrainConfig(batch_size=batch_size, grad_accum=grad_accum, max_steps=3, eval_every=3, eval_batches=2,
+                       warmup_steps=1, lr=1e-2, sample_tokens=0, progress=False, device="cpu")
+
+
+def _worker(rank: int, world: int, init_file: str, run_dir: str) -> None:
+    torch.set_num_threads(1)
+    ctx = distributed.init(rank, world, device="cpu", init_method=f"file://{init_file}")
+    try:
+        data = dataset()
+        Trainer(model(), config(batch_size=2, grad_accum=2), data, val_data=data, run_dir=run_dir,
+                dist=ctx).fit()
+    finally:
+        distributed.shutdown(ctx)
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
+    run_dir = tmp_path / "ddp"
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(run_dir)), nprocs=2, join=True)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        data = dataset()
+        single = model()
+        trainer = Trainer(single, config(batch_size=8, grad_accum=1), data, val_data=data)
+        result = trainer.fit()
+    finally:
+        torch.set_num_threads(threads)
+    ddp_model, _, _ = load_run(run_dir)  # written by rank 0 alone
+    for name, value in single.state_dict().items():
+        torch.testing.assert_close(ddp_model.state_dict()[name], value, rtol=1e-4, atol=1e-6)
+    import json
+
+    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if r["kind"] == "eval"]
+    assert len(evals) == 1 and evals[0]["tokens"] == result.tokens == 3 * 8 * CONTEXT
+    assert evals[0]["val_loss"] == pytest.approx(result.last_eval["val_loss"], rel=1e-4)
+    assert read_run_config(run_dir)["training"]["batch_size"] == 2

@@ -1,0 +1,127 @@
+"""Llama, Qwen2 and Qwen3 checkpoints: the same importer and exporter as GPT-2, more table rows."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+transformers = pytest.importorskip("transformers")
+
+from scratchlm.checkpoint.hf import FAMILIES, export_weights, load_hf, save_hf  # noqa: E402
+from scratchlm.errors import CheckpointError  # noqa: E402
+
+VOCAB = 97
+SIZES = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, bos_token_id=0, eos_token_id=0)
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+
+CASES = {
+    # llama3 rope scaling with an original context (16) shorter than the test sequences (40)
+    "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        **SIZES, max_position_embeddings=64, rms_norm_eps=1e-5, rope_parameters=LLAMA3_ROPE)),
+    "qwen2": lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        **SIZES, max_position_embeddings=64, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+    "qwen3": lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        **SIZES, head_dim=16, max_position_embeddings=64,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6})),
+}
+IDS = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(0))
+
+
+def randomised(model: torch.nn.Module) -> torch.nn.Module:
+    """Norm weights and biases away from 1 and 0, so a mixed-up tensor cannot hide."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.2)
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def saved(request, tmp_path_factory) -> tuple[str, Path, torch.Tensor]:
+    torch.manual_seed(0)
+    model = randomised(CASES[request.param]())
+    path = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(path)
+    with torch.no_grad():
+        logits = model(IDS).logits
+    return request.param, path, logits
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape
+    return (a - b).abs().max().item()
+
+
+def test_logits_equal_transformers(saved):
+    model_type, path, expected = saved
+    model, _, config = load_hf(path)
+    assert config.qk_norm == (model_type == "qwen3")
+    assert (config.rope_scaling or {}).get("rope_type") == ("llama3" if model_type == "llama" else None)
+    assert (config.qkv_bias, config.o_bias) == ((True, False) if model_type == "qwen2" else (False, False))
+    with torch.no_grad():
+        assert max_diff(model(IDS), expected) <= 1e-4
+
+
+def test_cached_decoding_equals_full_recompute(saved):
+    _, path, expected = saved
+    model, _, _ = load_hf(path)
+    with torch.no_grad():
+        cache = model.new_cache(batch_size=2, max_length=40)
+        steps = [model(IDS[:, :30], cache=cache)]
+        steps += [model(IDS[:, t:t + 1], cache=cache) for t in range(30, 40)]
+    assert max_diff(torch.cat(steps, dim=1), expected) <= 1e-4
+
+
+def test_export_round_trip(saved, tmp_path):
+    model_type, path, expected = saved
+    model, _, config = load_hf(path)
+    save_hf(model, config, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == model_type
+    exported = export_weights(FAMILIES[model_type], model)
+    original = load_file(path / "model.safetensors")
+    assert exported.keys() == original.keys()
+    assert all(torch.equal(exported[k], original[k]) for k in original)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert max_diff(theirs(IDS).logits, expected) <= 1e-4
+
+
+def test_v4_config_form(saved, tmp_path):
+    """transformers v4 wrote rope_theta + rope_scaling (and torch_dtype) instead of rope_parameters."""
+    model_type, path, expected = saved
+    v4 = tmp_path / "v4"
+    shutil.copytree(path, v4)
+    cfg = json.loads((v4 / "config.json").read_text())
+    rope = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = rope.pop("rope_theta")
+    cfg["rope_scaling"] = None if rope["rope_type"] == "default" else rope
+    cfg["torch_dtype"] = cfg.pop("dtype", "float32")
+    (v4 / "config.json").write_text(json.dumps(cfg))
+    model, _, _ = load_hf(v4)
+    with torch.no_grad():
+        assert max_diff(model(IDS), expected) <= 1e-4
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "rope type 'yarn'"),
+    ({"rope_parameters": None}, "no rope_theta"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ({"use_sliding_window": True}, "sliding-window"),
+])
+def test_refused_configs(saved, tmp_path, change, message):
+    _, path, _ = saved
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, **change}))
+    with pytest.raises(CheckpointError, match=message) as info:
+        load_hf(bad)
+    assert "\n" not in str(info.value)

@@ -1,0 +1,202 @@
+"""The training loop: schedule, budgets, optimizer groups, accumulation, logging, loss going down."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from scratchlm.data.windows import SlidingWindowDataset
+from scratchlm.errors import ConfigError, DataError
+from scratchlm.models import build_model, from_preset
+from scratchlm.tokenizers import CharTokenizer
+from scratchlm.training import Budget, TrainConfig, Trainer, WarmupCosine, param_groups
+from scratchlm.training.logging import read_metrics
+from scratchlm.training.trainer import resolve_precision
+
+TEXT = ("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
+        "The slings and arrows of outrageous fortune,\nOr to take arms against a sea of troubles\n") * 12
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: one thread is faster (and immune to OpenMP stalls when the cores are shared)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def quiet(**kw) -> TrainConfig:
+    """A fast config for tests: no progress bar, no samples unless asked."""
+    return TrainConfig(**{"progress": False, "sample_tokens": 0, "warmup_steps": 2, "log_every": 1, **kw})
+
+
+def char_data(context: int = 16):
+    tok = CharTokenizer.from_text(TEXT)
+    ids = tok.encode(TEXT)
+    split = int(0.9 * len(ids))
+    return tok, SlidingWindowDataset(ids[:split], context, 1), SlidingWindowDataset(ids[split:], context, context)
+
+
+def tiny_model(vocab: int, context: int = 16, seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    return build_model(from_preset("tiny-gpt2", vocab_size=vocab, context_length=context, **overrides))
+
+
+# --- schedule and budgets ---------------------------------------------------------------------
+
+
+def test_warmup_then_cosine_values():
+    s = WarmupCosine(lr=1e-3, min_lr=1e-4, warmup_steps=10)
+    assert s(0, 0.0) == pytest.approx(1e-4)  # (0+1)/10 of the peak
+    assert s(4, 0.0) == pytest.approx(5e-4)
+    assert s(9, 0.0) == pytest.approx(1e-3)  # warmup ends at the peak
+    assert s(10, 0.0) == pytest.approx(1e-3)
+    assert s(50, 0.5) == pytest.approx(1e-4 + 0.5 * 9e-4)  # half way down the cosine
+    assert s(99, 1.0) == pytest.approx(1e-4)
+    assert s(120, 1.7) == pytest.approx(1e-4)  # clamped past the end
+    values = [s(step, step / 100) for step in range(10, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))  # monotone after warmup
+    with pytest.raises(ConfigError):
+        WarmupCosine(lr=1e-3, min_lr=2e-3)
+
+
+def test_budget_progress_is_the_first_limit_reached():
+    b = Budget(max_steps=100, max_time=60.0)
+    assert b.progress(step=50, epochs=0.1, tokens=10, elapsed=15.0) == pytest.approx(0.5)
+    assert b.progress(step=10, epochs=0.1, tokens=10, elapsed=45.0) == pytest.approx(0.75)
+    assert Budget(max_tokens=1000).progress(3, 0, 250, 99.0) == pytest.approx(0.25)
+    assert Budget(max_epochs=2).progress(3, 1.5, 250, 99.0) == pytest.approx(0.75)
+    with pytest.raises(ConfigError, match="no budget"):
+        Budget()
+    with pytest.raises(ConfigError, match="max_steps"):
+        TrainConfig(max_steps=0)
+
+
+def test_weight_decay_only_on_matrices():
+    model = tiny_model(40)
+    groups = param_groups(model.parameters(), 0.1)
+    decay, no_decay = groups[0]["params"], groups[1]["params"]
+    assert groups[0]["weight_decay"] == 0.1 and groups[1]["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay) and all(p.dim() < 2 for p in no_decay)
+    assert len(decay) + len(no_decay) == len(list(model.parameters()))  # tied head counted once
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in decay} >= {"embed_tokens.weight", "layers.0.self_attn.q_proj.weight"}
+    assert "layers.0.input_layernorm.bias" in {names[id(p)] for p in no_decay}
+
+
+def test_precision_auto_follows_the_hardware(monkeypatch):
+    from scratchlm.training import trainer
+
+    monkeypatch.setattr(trainer, "fast_bf16", lambda device: False)
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    monkeypatch.setattr(trainer, "fast_bf16", lambda device: True)
+    assert resolve_precision("auto", torch.device("cpu")) == "bf16"
+    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
+
+
+# --- the loop ---------------------------------------------------------------------------------
+
+
+def test_loss_decreases_and_the_run_dir_is_complete(tmp_path):
+    tok, train, val = char_data()
+    model = tiny_model(tok.vocab_size)
+    run = tmp_path / "run"
+    cfg = quiet(batch_size=16, max_steps=30, eval_every=15, lr=1e-2, sample_tokens=20, log_every=1)
+    result = Trainer(model, cfg, train, val_data=val, run_dir=run, tokenizer=tok, val_tokens_per_char=1.0).fit()
+    assert result.step == 30 and result.tokens == 30 * 16 * 16
+    records = read_metrics(run / "metrics.jsonl")
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [15, 30]
+    for r in evals:
+        assert {"step", "tokens", "elapsed", "train_loss", "val_loss", "val_nats_per_char", "lr",
+                "val_perplexity"} <= set(r)
+        assert r["val_nats_per_char"] == pytest.approx(r["val_loss"])  # char level: one token per char
+        assert r["val_perplexity"] == pytest.approx(math.exp(r["val_loss"]))
+    first_train = next(r for r in records if r["kind"] == "train")
+    assert evals[-1]["val_loss"] < math.log(tok.vocab_size) - 0.5  # well below uniform guessing
+    assert evals[-1]["train_loss"] < first_train["loss"] - 0.5
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    samples = (run / "samples.txt").read_text()
+    assert "=== step 15" in samples and "=== step 30" in samples
+    assert json.loads((run / "config.json").read_text())["training"]["max_steps"] == 30
+    assert not [p for p in run.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_grad_accumulation_equals_the_bigger_batch():
+    tok, train, _ = char_data()
+    results = []
+    for batch_size, accum in ((8, 1), (4, 2), (2, 4)):
+        model = tiny_model(tok.vocab_size, seed=3)
+        Trainer(model, quiet(batch_size=batch_size, grad_accum=accum, max_steps=3, eval_every=0), train).fit()
+        results.append(model.state_dict())
+    for other in results[1:]:
+        for name, value in results[0].items():
+            torch.testing.assert_close(other[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_masked_targets_weigh_by_token_count():
+    """Micro-batches with different numbers of real targets still give the whole batch's mean."""
+    tok, train, _ = char_data()
+
+    class Masked:
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            x, y = train[i]
+            y = y.clone()
+            y[: (i % 4) * 4] = -100  # 0, 4, 8 or 12 masked targets
+            return x, y
+
+    results = []
+    for batch_size, accum in ((8, 1), (2, 4)):
+        model = tiny_model(tok.vocab_size, seed=4)
+        Trainer(model, quiet(batch_size=batch_size, grad_accum=accum, max_steps=2, eval_every=0, seed=9),
+                Masked()).fit()
+        results.append(model.state_dict())
+    for name, value in results[0].items():
+        torch.testing.assert_close(results[1][name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_epoch_and_token_budgets():
+    tok, train, _ = char_data()
+    coarse = SlidingWindowDataset(train.ids, 16, 16)  # ~170 disjoint windows
+    t = Trainer(tiny_model(tok.vocab_size), quiet(batch_size=32, max_epochs=2.0, eval_every=0), coarse)
+    t.fit()
+    per_epoch = len(coarse) // 32  # the incomplete last batch of an epoch is dropped
+    assert t.step == 2 * per_epoch
+    assert (t.epoch, t.position) == (2, 0)
+    t = Trainer(tiny_model(tok.vocab_size), quiet(batch_size=4, max_tokens=4 * 16 * 3, eval_every=0), train)
+    assert t.fit().step == 3
+
+
+def test_time_budget_stops_and_decays_to_min_lr():
+    tok, train, val = char_data()
+    cfg = quiet(batch_size=4, max_time=1.5, eval_every=0, lr=1e-3, min_lr=1e-4, warmup_steps=0)
+    t = Trainer(tiny_model(tok.vocab_size), cfg, train, val_data=val)
+    result = t.fit()
+    assert result.step >= 1 and 1.5 <= result.elapsed < 30
+    assert t.optimizer.param_groups[0]["lr"] < 1e-3  # the cosine ran over the elapsed fraction
+
+
+def test_bf16_autocast_keeps_fp32_master_weights():
+    tok, train, val = char_data()
+    model = tiny_model(tok.vocab_size)
+    t = Trainer(model, quiet(batch_size=4, max_steps=2, eval_every=2, precision="bf16"), train, val_data=val,
+                val_tokens_per_char=1.0)
+    result = t.fit()
+    assert t.precision == "bf16"
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert math.isfinite(result.last_eval["val_loss"])
+
+
+def test_too_little_data_for_one_batch():
+    tok, train, _ = char_data()
+    small = SlidingWindowDataset(torch.arange(20) % tok.vocab_size, 16, 1)
+    with pytest.raises(DataError, match="fewer than one batch"):
+        Trainer(tiny_model(tok.vocab_size), quiet(batch_size=8, max_steps=1), small)
