@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-DEFAULT = Path(__file__).resolve().parent.parent.parent / "shared" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT = REPO.parent / "shared" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 LLAMA_CPP_TOKENS_PER_S = 65.0  # issue 5's measurement, not repeated here
 QUESTION = "Tell me a long story about a lighthouse keeper and a storm."
 
@@ -117,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-transformers", action="store_true", help="skip transformers (no 30+ s load)")
     args = parser.parse_args(argv)
     if not args.path.is_file():
-        print(f"error: {args.path} not found — pass --path to SmolLM2-135M-Instruct.Q4_1.gguf", file=sys.stderr)
+        print(f"error: {args.path} not found — pass --path to SmolLM2-135M-Instruct.Q4_1.gguf",
+              file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -137,13 +139,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    chat = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(lm.chat_template).render(
-        messages=[{"role": "user", "content": QUESTION}], add_generation_prompt=True)
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    chat = env.from_string(lm.chat_template).render(messages=[{"role": "user", "content": QUESTION}],
+                                                    add_generation_prompt=True)
     prompt = lm.tokenizer.encode(chat, allowed_special="all")
     long_prompt = lm.tokenizer.encode(read_corpus("builtin:the-verdict"))[:args.prefill_tokens]
     n = args.new_tokens
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.path.name}; "
-          f"{len(prompt)}-token chat prompt, {n} new tokens, greedy, batch 1; prefill {len(long_prompt)} tokens",
+          f"{len(prompt)}-token chat prompt, {n} new tokens, greedy, batch 1; "
+          f"prefill {len(long_prompt)} tokens",
           flush=True)
     for r in range(args.rounds):
         for side in sides:
@@ -153,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
             side.decode.append((n - 1) / (t_n - t_1))
             side.prefill.append(len(long_prompt) / t_prefill)
         print(f"round {r + 1}: " + ", ".join(
-            f"{s.name} decode {s.decode[-1]:.1f} tok/s, prefill {s.prefill[-1]:.0f} tok/s" for s in sides), flush=True)
+            f"{s.name} decode {s.decode[-1]:.1f} tok/s, prefill {s.prefill[-1]:.0f} tok/s" for s in sides),
+              flush=True)
 
     print(f"\nprocess RSS before loading: {baseline:.0f} MiB")
     print(f"{'':>15} {'load s':>8} {'decode tok/s':>13} {'prefill tok/s':>14} {'peak RSS +MiB':>14}")

@@ -55,8 +55,13 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
     finally:
         torch.set_num_threads(threads)
     ddp_model, _, _ = load_run(run_dir)  # written by rank 0 alone
+    initial = model().state_dict()
     for name, value in single.state_dict().items():
-        torch.testing.assert_close(ddp_model.state_dict()[name], value, rtol=1e-4, atol=1e-6)
+        # Float summation order differs (two partial sums + all-reduce); Adam divides by the gradient's
+        # own size, so near-zero gradients turn that rounding into ~1e-5 of weight.  A wrong split of
+        # the data would differ by the size of the updates themselves (~1e-2 here).
+        moved = (value - initial[name]).abs().max()
+        torch.testing.assert_close(ddp_model.state_dict()[name], value, rtol=0, atol=max(1e-4, 0.01 * moved))
     import json
 
     evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -19,7 +19,8 @@ gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
 TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"]
 
-TINY = dict(vocab_size=96, context_length=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, intermediate_size=64,
+TINY = dict(vocab_size=96, context_length=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+            intermediate_size=64,
             norm="rmsnorm", norm_bias=False, norm_eps=1e-6, mlp="swiglu", mlp_bias=False, positions="rope",
             rope_theta=10000.0, qkv_bias=False, o_bias=False, tie_embeddings=False)
 VARIANTS = {
@@ -63,7 +64,8 @@ def random_model(variant: str, seed: int = 0) -> Transformer:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 1:
-                p.copy_(1 + 0.2 * torch.randn_like(p) if name.endswith("weight") else 0.1 * torch.randn_like(p))
+                noise = torch.randn_like(p)
+                p.copy_(1 + 0.2 * noise if name.endswith("weight") else 0.1 * noise)
     return model.eval()
 
 
@@ -81,8 +83,8 @@ def add_config(writer, config: ModelConfig) -> None:
         writer.add_value_length(config.head_dim)
 
 
-def write_gguf(path: Path, arch: str, tensors: dict[str, tuple[np.ndarray, str]], config: ModelConfig | None = None,
-               metadata=None) -> Path:
+def write_gguf(path: Path, arch: str, tensors: dict[str, tuple[np.ndarray, str]],
+               config: ModelConfig | None = None, metadata=None) -> Path:
     """A GGUF file holding ``tensors`` (name → (float32 values, type name)), quantized by the gguf package."""
     writer = gguf.GGUFWriter(str(path), arch)
     if config is not None:
@@ -90,7 +92,8 @@ def write_gguf(path: Path, arch: str, tensors: dict[str, tuple[np.ndarray, str]]
     if metadata:
         metadata(writer)
     for name, (values, type_name) in tensors.items():
-        writer.add_tensor(name, gguf.quants.quantize(values.astype(np.float32), Q[type_name]), raw_dtype=Q[type_name])
+        stored = gguf.quants.quantize(values.astype(np.float32), Q[type_name])
+        writer.add_tensor(name, stored, raw_dtype=Q[type_name])
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -98,7 +101,8 @@ def write_gguf(path: Path, arch: str, tensors: dict[str, tuple[np.ndarray, str]]
     return path
 
 
-def model_tensors(model: Transformer, arch: str, matrix_type: str = "F32") -> dict[str, tuple[np.ndarray, str]]:
+def model_tensors(model: Transformer, arch: str, matrix_type: str = "F32"
+                  ) -> dict[str, tuple[np.ndarray, str]]:
     """The model's weights under GGUF names, Q/K rows permuted for ``llama``; 1-D tensors stay F32."""
     config, out = model.config, {}
     for name, p in model.named_parameters():
@@ -160,7 +164,8 @@ def test_nibble_order_by_hand():
 def test_file_tensors_equal_gguf_reader(tmp_path, type_name):
     """Through a file: our header parsing and dequantization agree with GGUFReader + dequantize."""
     values = sample_values()
-    path = write_gguf(tmp_path / "t.gguf", "llama", {"a.weight": (values, type_name), "b.weight": (values[:3], "F32")})
+    tensors = {"a.weight": (values, type_name), "b.weight": (values[:3], "F32")}
+    path = write_gguf(tmp_path / "t.gguf", "llama", tensors)
     reader = gguf.GGUFReader(str(path))
     ours = read_gguf(path)
     for tensor in reader.tensors:
@@ -257,7 +262,8 @@ def test_dtype_option(tmp_path):
 # ----- config from metadata -------------------------------------------------------------------------
 
 
-def llama3_divisors(head_dim: int, theta: float, factor: float, low=1.0, high=4.0, original=8192) -> np.ndarray:
+def llama3_divisors(head_dim: int, theta: float, factor: float, low: float = 1.0, high: float = 4.0,
+                    original: int = 8192) -> np.ndarray:
     """The rope_freqs tensor llama.cpp's converter writes for Llama 3.1-style scaling (fp32)."""
     freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
     out = []
@@ -388,7 +394,8 @@ def test_damaged_files(tmp_path):
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 SMOLLM2_PROMPT = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
-                  "<|im_end|>\n<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
+                  "<|im_end|>\n<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
+                  "<|im_start|>assistant\n")
 
 
 def render_chat(template: str, messages: list[dict], **extra) -> str:
@@ -421,7 +428,8 @@ def test_smollm2_loads_through_scratchlm_load(smollm2_gguf):
 
     lm = scratchlm.load(smollm2_gguf, device="cpu")
     c = lm.config
-    assert (c.n_layer, c.n_head, c.kv_heads, c.n_embd, c.ffn_size, c.vocab_size) == (30, 9, 3, 576, 1536, 49152)
+    sizes = (c.n_layer, c.n_head, c.kv_heads, c.n_embd, c.ffn_size, c.vocab_size)
+    assert sizes == (30, 9, 3, 576, 1536, 49152)
     assert (c.rope_theta, c.norm_eps, c.tie_embeddings, c.context_length) == (100000.0, 1e-5, True, 8192)
     assert lm.tokenizer.eos_token == "<|im_end|>"
     assert render_chat(lm.chat_template, QUESTION) == SMOLLM2_PROMPT
@@ -434,7 +442,8 @@ def test_smollm2_matches_transformers(smollm2_gguf_module, smollm2_transformers)
 
     model, tokenizer, _ = load_gguf(smollm2_gguf_module)
     theirs = smollm2_transformers
-    ids = torch.tensor([tokenizer.encode("The quick brown fox jumps over the lazy dog. Paris is the capital of")])
+    ids = torch.tensor([tokenizer.encode(
+        "The quick brown fox jumps over the lazy dog. Paris is the capital of")])
     with torch.no_grad():
         diff = (model(ids) - theirs(ids).logits).abs().max().item()
     assert diff <= 1e-3

@@ -305,5 +305,8 @@ def test_tokenizer_files_are_loaded(hf_dir, tmp_path, gpt2_files, names):
     with_tok = copy_dir(hf_dir, tmp_path / "with-tokenizer")
     for path, name in zip(gpt2_files, names, strict=True):
         shutil.copy(path, with_tok / name)
-    _, tokenizer, _ = load_hf(with_tok)
+    model, tokenizer, config = load_hf(with_tok)
     assert tokenizer is not None and tokenizer.encode("Hello, I am") == [15496, 11, 314, 716]
+    save_hf(model, config, tmp_path / "exported", tokenizer=tokenizer)  # writes tokenizer.json
+    assert (tmp_path / "exported" / "tokenizer.json").is_file()
+    assert load_hf(tmp_path / "exported")[1].encode("Hello, I am") == [15496, 11, 314, 716]

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from scratchlm.errors import ConfigError
-from scratchlm.models import ModelConfig, from_preset, list_presets
+from scratchlm.models import ModelConfig, build_model, from_preset, list_presets
 from scratchlm.models.attention import Attention, naive_attention
 from scratchlm.models.transformer import Transformer
 
@@ -182,9 +182,10 @@ A6 = {  # preset: (untied qkv_bias=F, tied qkv_bias=F, untied qkv_bias=T, tied q
 
 
 def meta_count(config: ModelConfig) -> int:
-    """Parameters of the real module, built on the meta device (no memory, no init)."""
+    """Parameters of the real module (whatever ``build_model`` builds for the config), on the meta
+    device: no memory, no init.  ``parameters()`` yields a tied weight once."""
     with torch.device("meta"):
-        return Transformer(config).num_parameters()
+        return sum(p.numel() for p in build_model(config).parameters())
 
 
 @pytest.mark.parametrize("preset", A6)
@@ -302,8 +303,12 @@ def test_burkov_softmax_o10():
 
 
 def test_causal_mask_is_lower_triangular_and_padding_keeps_the_diagonal():
-    mask = Transformer._mask(4, 0, torch.ones(1, 4), "cpu")[0, 0]
+    # B §4.2: the 4×4 causal mask keeps the lower triangle (row 0 of a batch whose row 1 is padded)
+    mask = Transformer._mask(4, 0, torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]]), "cpu")[0, 0]
     assert torch.equal(mask, torch.ones(4, 4, dtype=torch.bool).tril())
+    assert Transformer._mask(4, 0, torch.ones(2, 4), "cpu") is None  # no padding: SDPA's causal path
+    chunk = Transformer._mask(2, 2, None, "cpu")[0, 0]  # two new tokens after two cached ones
+    assert chunk.tolist() == [[True, True, True, False], [True, True, True, True]]
     padded = Transformer._mask(3, 0, torch.tensor([[0, 1, 1]]), "cpu")[0, 0]
     assert padded.tolist() == [[True, False, False], [False, True, False], [False, True, True]]
 

@@ -13,7 +13,7 @@ Three conventions differ from Hugging Face checkpoints, and each is undone here:
 * **dims**: GGUF lists a tensor's dims fastest-varying first (``ne``), the reverse of a torch
   shape; a ``[576, 1536]`` GGUF matrix is a torch ``[1536, 576]`` ``nn.Linear`` weight.
 * **quantization**: blocks of 32 consecutive values along a row share a scale (and, for Q4_1, a
-  minimum).  Dequantization is a handful of whole-tensor torch ops per type, never a loop over
+  minimum).  Dequantization is a handful of whole-tensor NumPy ops per type, never a loop over
   blocks, and matches ``gguf.quants.dequantize`` bit for bit.
 * **Q/K rows** (``llama`` architecture only): llama.cpp's converter reorders the rows of
   ``W_q`` and ``W_k`` within each head from the rotate-half RoPE pairing of HF checkpoints,
@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from gguf import GGML_QUANT_SIZES, GGUF_MAGIC, GGMLQuantizationType, GGUFValueType
 
 from scratchlm.errors import CheckpointError
 from scratchlm.models.config import ModelConfig
@@ -102,8 +103,6 @@ class GGUFFile:
 
 def read_gguf(path: str | Path) -> GGUFFile:
     """Parse a GGUF file's header and tensor table; the tensor bytes stay on disk until used."""
-    from gguf import GGML_QUANT_SIZES, GGUF_MAGIC, GGMLQuantizationType
-
     path = Path(path).expanduser()
     try:
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
@@ -136,6 +135,9 @@ def read_gguf(path: str | Path) -> GGUFFile:
     except IsADirectoryError:
         raise CheckpointError(f"{path} is a directory, not a .gguf file",
                               "pass the .gguf file itself") from None
+    except OSError as err:
+        raise CheckpointError(f"cannot read {path}: {err.strerror or err}",
+                              "check that the file exists and is readable") from None
     except (struct.error, ValueError, UnicodeDecodeError, OverflowError, MemoryError) as err:
         raise CheckpointError(f"{path}: cannot read the GGUF header ({err})",
                               "the file is truncated or damaged; download it again") from None
@@ -162,6 +164,8 @@ def read_gguf(path: str | Path) -> GGUFFile:
         if info.offset + info.n_bytes > file_size:
             raise CheckpointError(f"{path}: tensor {name} ends past the end of the file ({file_size} bytes)",
                                   "the file is truncated; download it again")
+        if name in tensors:
+            raise CheckpointError(f"{path} holds two tensors named {name}", "the file is damaged")
         tensors[name] = info
     data = np.memmap(path, dtype=np.uint8, mode="r")
     return GGUFFile(path, version, metadata, tensors, data)
@@ -171,8 +175,6 @@ class _HeaderReader:
     """Sequential little-endian reads of GGUF values from a buffer, at ``pos``."""
 
     def __init__(self, buf: mmap.mmap, pos: int):
-        from gguf import GGUFValueType
-
         self.buf, self.pos = buf, pos
         self.types = GGUFValueType
         self.formats = {GGUFValueType.UINT8: "B", GGUFValueType.INT8: "b", GGUFValueType.UINT16: "H",

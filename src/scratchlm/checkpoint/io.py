@@ -153,31 +153,33 @@ def unique_state(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[
 
 
 def load_weights_into(model: torch.nn.Module, path: Path) -> None:
-    """Copy the tensors of ``path`` into ``model`` in place; every parameter must be present, with its shape."""
+    """Copy the tensors of ``path`` into ``model`` in place; every parameter must be there, in its shape."""
     tensors = _read_tensors(path, "model weights", device=next(model.parameters()).device)[0]
     expected, aliases = unique_state(model)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected) - set(aliases))
     if missing or unexpected:
-        detail = (f"missing {', '.join(missing[:3])}" if missing else f"unexpected {', '.join(unexpected[:3])}")
+        detail = f"missing {', '.join(missing[:3])}" if missing else f"unexpected {', '.join(unexpected[:3])}"
         raise CheckpointError(f"{path} does not fit the model ({detail})",
                               "the weights were written for another model config; check config.json")
     for name, value in expected.items():
         if tensors[name].shape != value.shape:
             raise CheckpointError(
-                f"{path}: {name} has shape {tuple(tensors[name].shape)}, the model expects {tuple(value.shape)}",
+                f"{path}: {name} has shape {tuple(tensors[name].shape)}, "
+                f"the model expects {tuple(value.shape)}",
                 "the weights were written for another model config; check config.json")
     with torch.no_grad():
         for name, value in expected.items():
             value.copy_(tensors[name])
 
 
-def _read_tensors(path: Path, what: str, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
-    """All tensors and the metadata of a safetensors file; damage of any kind is a one-line CheckpointError."""
+def _read_tensors(path: Path, what: str,
+                  device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the metadata of a safetensors file; any damage is a one-line CheckpointError."""
     from safetensors import safe_open
 
     if not path.is_file():
-        raise CheckpointError(f"{what} missing: {path}", "the run dir is incomplete; re-run or pick another run")
+        raise CheckpointError(f"{what} missing: {path}", "the run dir is incomplete; pick another run")
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             metadata = f.metadata() or {}
@@ -194,7 +196,7 @@ def _read_metadata(path: Path, what: str) -> dict[str, str]:
     from safetensors import safe_open
 
     if not path.is_file():
-        raise CheckpointError(f"{what} missing: {path}", "the run dir is incomplete; re-run or pick another run")
+        raise CheckpointError(f"{what} missing: {path}", "the run dir is incomplete; pick another run")
     try:
         with safe_open(str(path), framework="pt") as f:
             return f.metadata() or {}
@@ -246,7 +248,8 @@ def unpack_optimizer(optimizer: torch.optim.Optimizer, tensors: Mapping[str, tor
         _, index, key = name.split(".", 2)
         state.setdefault(int(index), {})[key] = value
     if state and max(state) >= n_params:
-        raise CheckpointError(f"the optimizer state covers {max(state) + 1} parameters, the model has {n_params}",
+        raise CheckpointError(f"the optimizer state covers {max(state) + 1} parameters, "
+                              f"the model has {n_params}",
                               "the checkpoint was written for another set of trainable parameters")
     optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
 
@@ -368,7 +371,8 @@ def read_run_config(run_dir: str | Path) -> dict[str, Any]:
                               "for a Hugging Face directory use scratchlm.load, which detects it")
     version = payload.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CheckpointError(f"{path} has run format version {version!r}; this scratchlm reads up to {FORMAT_VERSION}",
+        raise CheckpointError(f"{path} has run format version {version!r}; "
+                              f"this scratchlm reads up to {FORMAT_VERSION}",
                               "upgrade scratchlm")
     if not isinstance(payload.get("model"), dict):
         raise CheckpointError(f"{path} has no model config", "restore the file or start a new run")
@@ -384,7 +388,8 @@ def run_model_config(payload: Mapping[str, Any]) -> ModelConfig:
         raise CheckpointError(f"the run's model config is invalid ({err})", "restore config.json") from None
 
 
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Any, ModelConfig]:
+def load_run(run_dir: str | Path,
+             device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Any, ModelConfig]:
     """``(model, tokenizer, config)`` of a run dir; the model is in eval mode on ``device``.
 
     The tokenizer is None when the run dir has none.  A missing, damaged or foreign file is a
@@ -408,7 +413,8 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu") -> tuple[t
             raise CheckpointError(f"the run's tokenizer cannot be loaded: {err.what}",
                                   "restore the tokenizer/ folder") from None
     if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
-        raise CheckpointError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {config.vocab_size}",
+        raise CheckpointError(f"the tokenizer has {tokenizer.vocab_size} tokens, "
+                              f"the model only {config.vocab_size}",
                               "the tokenizer/ folder belongs to another run")
     return model, tokenizer, config
 
@@ -423,13 +429,15 @@ def load_train_state(run_dir: str | Path) -> TrainState:
     try:
         info = json.loads(info_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        raise CheckpointError(f"{info_path} is unreadable or not JSON", "restore the file or start a new run") from None
+        raise CheckpointError(f"{info_path} is unreadable or not JSON",
+                              "restore the file or start a new run") from None
     tensors, meta = _read_tensors(run_dir / STATE_TENSORS_FILE, "training state")
     weights_meta = _read_metadata(run_dir / WEIGHTS_FILE, "model weights")
     ids = {info.get("save_id"), meta.get("scratchlm_save_id"), weights_meta.get("scratchlm_save_id")}
     if len(ids) != 1 or None in ids:
         raise CheckpointError(f"the weights and training state in {run_dir} come from different saves "
-                              "(a save was interrupted between files)", "start a new run, or restore the files")
+                              "(a save was interrupted between files)",
+                              "start a new run, or restore the files")
     for key in ("step", "tokens", "epoch", "position", "elapsed"):
         value = info.get(key)
         if not isinstance(value, (int, float)) or (isinstance(value, float) and not math.isfinite(value)):

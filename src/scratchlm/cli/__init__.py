@@ -31,7 +31,8 @@ def _top_parser() -> argparse.ArgumentParser:
         prog="scratchlm",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Language models from scratch: tokenize, train, generate, evaluate.",
-        epilog="commands:\n" + "\n".join(lines) + "\n\nRun 'scratchlm COMMAND --help' for a command's options.",
+        epilog="commands:\n" + "\n".join(lines)
+        + "\n\nRun 'scratchlm COMMAND --help' for a command's options.",
         usage="scratchlm [-h] [--version] COMMAND [options]",
     )
     parser.add_argument("--version", action="store_true", help="print the version and exit")

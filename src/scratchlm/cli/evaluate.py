@@ -50,7 +50,8 @@ def run_perplexity(args: argparse.Namespace) -> int:
     result = perplexity(lm.model, lm.tokenizer, text, context_length=args.context_length, stride=args.stride,
                         batch_size=args.batch_size)
     if args.json:
-        print(json.dumps({"model": str(args.model), "data": args.data, "split": args.split, **result.to_dict()}))
+        record = {"model": str(args.model), "data": args.data, "split": args.split, **result.to_dict()}
+        print(json.dumps(record))
         return 0
     print(f"model          {args.model}\ndata           {args.data} ({args.split}: {result.characters:,} "
           f"characters, {result.tokens:,} tokens scored)\nwindow         {result.context_length} tokens, "

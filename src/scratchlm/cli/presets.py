@@ -23,7 +23,9 @@ def format_table(names: list[str]) -> str:
     rows = [header]
     for name in names:
         c = from_preset(name)
-        rows.append((name, str(c.n_layer), str(c.n_head), str(c.kv_heads), str(c.n_embd),
+        attention = getattr(c, "arch", "transformer") == "transformer"  # recurrent LMs have no heads
+        heads = (str(c.n_head), str(c.kv_heads)) if attention else ("-", "-")
+        rows.append((name, str(c.n_layer), *heads, str(c.n_embd),
                      str(c.context_length), str(c.vocab_size), f"{c.num_parameters():,}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     def line(row: tuple[str, ...]) -> str:  # name left-aligned, numbers right-aligned

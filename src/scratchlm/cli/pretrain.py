@@ -23,7 +23,7 @@ from typing import Any
 from scratchlm.errors import ConfigError, DataError
 
 # The demo: tuned so that 'scratchlm pretrain' on 2 CPU cores beats nanoGPT's documented CPU run
-# (see benchmarks/demo_vs_nanogpt.py and docs/benchmarks.md).
+# (benchmarks/demo_vs_nanogpt.py; the measurements are in docs/benchmarks.md).
 DEFAULTS: dict[str, Any] = {
     "preset": "shakespeare-char",
     "data": "builtin:tinyshakespeare",
@@ -50,70 +50,70 @@ DEFAULTS: dict[str, Any] = {
     "sample_tokens": 300,
 }
 VAL_FRACTION = 0.1  # the last 10% of the text, as nanoGPT's shakespeare_char
-STRIDE = 1  # every position starts a training window (nanoGPT draws random offsets; this is that without replacement)
+# Every position starts a training window: nanoGPT's random offsets, drawn without replacement.
+STRIDE = 1
 
 # Options that may differ when resuming: they do not change the trajectory (or they extend it).
 RESUME_FREE = {"max_steps", "max_time", "max_tokens", "epochs", "eval_every", "eval_batches", "save_every",
                "device", "prompt", "sample_tokens", "out", "resume"}
+BUDGETS = ("max_steps", "max_time", "max_tokens", "epochs")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     d = DEFAULTS
-    s = argparse.SUPPRESS  # absent unless given, so --resume can tell what the user asked to change
+    # SUPPRESS: an option is absent unless given, so that --resume can tell what the user changed.
+    s = argparse.SUPPRESS
 
-    def opt(flag: str, help_: str, **kw: Any) -> None:
+    def opt(group: Any, flag: str, help_: str, **kw: Any) -> None:
         key = flag.lstrip("-").replace("-", "_")
         default = d.get(key)
-        shown = "the preset's" if key == "context_length" else ("off" if default in (None, 0) else default)
-        if key == "prompt":
-            shown = repr(default)
-        parser.add_argument(flag, default=s, help=f"{help_} (default: {shown})", **kw)
+        shown = "off" if default in (None, 0) else (repr(default) if isinstance(default, str) else default)
+        if key == "context_length":
+            shown = "the preset's"
+        group.add_argument(flag, default=s, help=f"{help_} (default: {shown})", **kw)
 
     g = parser.add_argument_group("model and data")
-    opt("--preset", "model preset; 'scratchlm presets' lists them", metavar="NAME")
-    opt("--data", "training text: a UTF-8 file or builtin:NAME", metavar="PATH")
-    opt("--tokenizer", "'char', 'bpe:N' (train N tokens), or a tokenizer path", metavar="SPEC")
-    opt("--context-length", "tokens per training window (at most the preset's positions)", type=int, metavar="N")
-    opt("--dropout", "dropout probability", type=float, metavar="P")
+    opt(g, "--preset", "model preset; 'scratchlm presets' lists them", metavar="NAME")
+    opt(g, "--data", "training text: a UTF-8 file or builtin:NAME", metavar="PATH")
+    opt(g, "--tokenizer", "'char', 'bpe:N' (train N tokens), or a tokenizer path", metavar="SPEC")
+    opt(g, "--context-length", "tokens per training window, at most the preset's positions",
+        type=int, metavar="N")
+    opt(g, "--dropout", "dropout probability", type=float, metavar="P")
     g = parser.add_argument_group("budget (training stops at the first one reached)")
     g.add_argument("--max-time", type=float, default=s, metavar="SECONDS",
-                   help=f"wall-clock budget in seconds, evaluation included; 0 = none "
-                        f"(default: {d['max_time']:g}, unless another budget is given)")
-    g.add_argument("--max-steps", type=int, default=s, metavar="N", help="optimizer steps (default: off)")
-    g.add_argument("--max-tokens", type=int, default=s, metavar="N", help="training tokens (default: off)")
-    g.add_argument("--epochs", type=float, default=s, metavar="N", help="passes over the training windows "
-                   "(default: off)")
+                   help=f"wall-clock seconds, evaluation included; 0 = none (default: {d['max_time']:g}, "
+                        "or none when another budget is given)")
+    opt(g, "--max-steps", "optimizer steps", type=int, metavar="N")
+    opt(g, "--max-tokens", "training tokens", type=int, metavar="N")
+    opt(g, "--epochs", "passes over the training windows", type=float, metavar="N")
     g = parser.add_argument_group("optimization")
-    opt("--batch-size", "windows per step and process", type=int, metavar="N")
-    opt("--grad-accum", "micro-batches accumulated per step", type=int, metavar="N")
-    opt("--lr", "peak learning rate (AdamW)", type=float)
-    opt("--min-lr", "final learning rate of the cosine decay; off = lr/10", type=float)
-    opt("--warmup-steps", "linear warmup steps", type=int, metavar="N")
-    opt("--weight-decay", "AdamW weight decay on matrices", type=float)
-    opt("--seed", "random seed (initialisation, data order, dropout)", type=int)
-    opt("--precision", "fp32, bf16 (autocast, fp32 master weights), or auto: bf16 where it is fast "
-        "(CUDA; CPUs with AMX)", choices=["fp32", "bf16", "auto"])
-    opt("--device", "cpu, cuda, cuda:1, or auto", metavar="DEVICE")
+    opt(g, "--batch-size", "windows per step and process", type=int, metavar="N")
+    opt(g, "--grad-accum", "micro-batches accumulated per step", type=int, metavar="N")
+    opt(g, "--lr", "peak learning rate (AdamW)", type=float)
+    opt(g, "--min-lr", "final learning rate of the cosine decay; off = lr/10", type=float)
+    opt(g, "--warmup-steps", "linear warmup steps", type=int, metavar="N")
+    opt(g, "--weight-decay", "AdamW weight decay on matrices", type=float)
+    opt(g, "--seed", "random seed (initialisation, data order, dropout)", type=int)
+    opt(g, "--precision", "fp32, bf16 (autocast, fp32 master weights), or auto: bf16 where it is fast "
+        "(CUDA, CPUs with AMX)", choices=["fp32", "bf16", "auto"])
+    opt(g, "--device", "cpu, cuda, cuda:1, or auto", metavar="DEVICE")
     g = parser.add_argument_group("evaluation and output")
-    opt("--eval-every", "steps between evaluations (with a text sample)", type=int, metavar="N")
-    opt("--eval-batches", "batches per split and evaluation", type=int, metavar="N")
-    opt("--save-every", "steps between checkpoints (one is always written at the end and on Ctrl-C)",
+    opt(g, "--eval-every", "steps between evaluations (each with a text sample)", type=int, metavar="N")
+    opt(g, "--eval-batches", "batches per split and evaluation", type=int, metavar="N")
+    opt(g, "--save-every", "steps between checkpoints (one is always written at the end and on Ctrl-C)",
         type=int, metavar="N")
-    opt("--prompt", "prompt of the text samples", metavar="TEXT")
-    opt("--sample-tokens", "tokens per sample", type=int, metavar="N")
-    parser.add_argument("--out", default=s, metavar="DIR", help="run dir to create (default: runs/PRESET-TIMESTAMP)")
-    parser.add_argument("--resume", default=s, metavar="RUN_DIR",
-                        help="continue this run exactly where its last checkpoint left it")
+    opt(g, "--prompt", "prompt of the text samples", metavar="TEXT")
+    opt(g, "--sample-tokens", "tokens per sample", type=int, metavar="N")
+    g.add_argument("--out", default=s, metavar="DIR",
+                   help="run dir to create (default: runs/PRESET-TIMESTAMP)")
+    g.add_argument("--resume", default=s, metavar="RUN_DIR",
+                   help="continue this run exactly where its last checkpoint left it")
     parser.set_defaults(func=run)
 
 
 # ---------------------------------------------------------------------------------------------
-# Settings: defaults, or (when resuming) the run's own, with the options given on top
+# Settings: the defaults, or (when resuming) the run's own, with the options given on top
 # ---------------------------------------------------------------------------------------------
-
-
-def _given(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: v for k, v in vars(args).items() if k != "func"}
 
 
 def _saved_settings(payload: dict[str, Any]) -> dict[str, Any]:
@@ -122,52 +122,54 @@ def _saved_settings(payload: dict[str, Any]) -> dict[str, Any]:
     settings = {
         "preset": data.get("preset", model.get("name")), "data": data.get("data"),
         "tokenizer": data.get("tokenizer"), "context_length": model.get("context_length"),
-        "dropout": model.get("dropout"), "epochs": training.get("max_epochs"), "prompt": training.get("sample_prompt"),
+        "dropout": model.get("dropout"), "epochs": training.get("max_epochs"),
+        "prompt": training.get("sample_prompt"),
     }
-    for key in ("max_steps", "max_time", "max_tokens", "batch_size", "grad_accum", "lr", "min_lr", "warmup_steps",
-                "weight_decay", "eval_every", "eval_batches", "save_every", "seed", "precision", "device",
-                "sample_tokens"):
+    for key in ("max_steps", "max_time", "max_tokens", "batch_size", "grad_accum", "lr", "min_lr",
+                "warmup_steps", "weight_decay", "eval_every", "eval_batches", "save_every", "seed",
+                "precision", "device", "sample_tokens"):
         settings[key] = training.get(key)
     return settings
 
 
-def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], Path, bool, dict[str, Any] | None]:
-    """(settings, run dir, resuming?, the run's config.json when resuming)."""
-    given = _given(args)
-    if "resume" in given:
-        from scratchlm.checkpoint.io import read_run_config
+def _resume_settings(given: dict[str, Any]) -> tuple[dict[str, Any], Path, dict[str, Any]]:
+    from scratchlm.checkpoint.io import read_run_config
 
-        run_dir = Path(given["resume"])
-        if "out" in given and Path(given["out"]).resolve() != run_dir.resolve():
-            raise ConfigError("--out and --resume name different run dirs", "pass only --resume RUN_DIR")
-        payload = read_run_config(run_dir)
-        saved = _saved_settings(payload)
-        for key, value in given.items():
-            if key in RESUME_FREE or saved.get(key) is None or value == saved[key]:
-                continue
-            flag = "--" + key.replace("_", "-")
-            raise ConfigError(f"cannot resume {run_dir}: {flag} {value} differs from the run's {saved[key]}",
-                              f"drop {flag} to continue the run as it was, or start a new run with another --out")
-        settings = {**DEFAULTS, **{k: v for k, v in saved.items() if v is not None}}
-        budget_keys = ("max_steps", "max_time", "max_tokens", "epochs")
-        if any(k in given for k in budget_keys):  # a new budget replaces the old one
-            for key in budget_keys:
-                settings[key] = None
-        settings.update(given)
-        return settings, run_dir, True, payload
+    run_dir = Path(given["resume"])
+    if "out" in given and Path(given["out"]).resolve() != run_dir.resolve():
+        raise ConfigError("--out and --resume name different run dirs", "pass only --resume RUN_DIR")
+    payload = read_run_config(run_dir)
+    saved = _saved_settings(payload)
+    for key, value in given.items():
+        if key in RESUME_FREE or saved.get(key) is None or value == saved[key]:
+            continue
+        flag = "--" + key.replace("_", "-")
+        raise ConfigError(f"cannot resume {run_dir}: {flag} {value} differs from the run's {saved[key]}",
+                          f"drop {flag} to continue the run as it was, "
+                          "or start a new run with another --out")
+    settings = {**DEFAULTS, **{k: v for k, v in saved.items() if v is not None}}
+    if any(k in given for k in BUDGETS):  # a new budget replaces the old one
+        settings.update(dict.fromkeys(BUDGETS))
+    settings.update(given)
+    return settings, run_dir, payload
+
+
+def _new_settings(given: dict[str, Any]) -> tuple[dict[str, Any], Path]:
     settings = {**DEFAULTS, **given}
     if any(k in given for k in ("max_steps", "max_tokens", "epochs")) and "max_time" not in given:
-        settings["max_time"] = None  # another budget was asked for: do not cap it at the demo's 5 minutes
-    if settings.get("max_time") == 0:
+        settings["max_time"] = None  # another budget was asked for: no cap at the demo's 5 minutes
+    if settings["max_time"] == 0:
         settings["max_time"] = None
-    out = Path(given["out"]) if "out" in given else Path("runs") / f"{settings['preset']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path(given["out"]) if "out" in given else Path("runs") / f"{settings['preset']}-{stamp}"
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"{out} already exists", f"continue that run with --resume {out}, or choose another --out")
-    return settings, out, False, None
+        raise ConfigError(f"{out} already exists",
+                          f"continue that run with --resume {out}, or choose another --out")
+    return settings, out
 
 
 # ---------------------------------------------------------------------------------------------
-# Building the pieces (every check happens here, before anything is written)
+# Building the pieces: every check happens here, before anything is written
 # ---------------------------------------------------------------------------------------------
 
 
@@ -176,120 +178,146 @@ def _tokenizer(spec: str, train_text: str, text: str) -> Any:
     from scratchlm.tokenizers import load as load_tokenizer
 
     if spec == "char":
-        return CharTokenizer.from_text(text)  # the whole text's characters, as nanoGPT: validation must encode
+        # The characters of the whole text (as nanoGPT does), so that the validation split encodes.
+        return CharTokenizer.from_text(text)
     if spec.startswith("bpe:"):
         size = spec[4:]
         if not size.isdigit():
-            raise ConfigError(f"--tokenizer {spec}: expected bpe:N with N a number of tokens", "e.g. --tokenizer bpe:1024")
+            raise ConfigError(f"--tokenizer {spec}: expected bpe:N with N a number of tokens",
+                              "e.g. --tokenizer bpe:1024")
         from scratchlm.tokenizers.train_bpe import train_bpe
 
         return train_bpe(train_text, int(size), progress=False)
     return load_tokenizer(spec)
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    return tokenizer.encode(text, allowed_special="all") if text else []
+def _model_config(settings: dict[str, Any], tokenizer: Any, payload: dict[str, Any] | None) -> Any:
+    """The preset sized to the tokenizer's vocabulary and the training context (or the run's own)."""
+    from scratchlm.checkpoint.io import run_model_config
+    from scratchlm.models import from_preset
+
+    if payload is not None:
+        return run_model_config(payload)
+    base = from_preset(settings["preset"])
+    ctx = settings["context_length"] or base.context_length
+    if ctx < 1:
+        raise ConfigError(f"--context-length must be positive, got {ctx}", "e.g. --context-length 256")
+    if ctx > base.context_length:
+        raise ConfigError(f"context length {ctx} is longer than the {base.context_length} positions of "
+                          f"preset {settings['preset']}",
+                          f"pass --context-length {base.context_length} or less")
+    return base.replace(vocab_size=tokenizer.vocab_size, context_length=ctx, dropout=settings["dropout"])
+
+
+def _check_ids(config: Any, train_ids: list[int], val_ids: list[int], data: str) -> None:
+    top = max(max(train_ids, default=0), max(val_ids, default=0))
+    if top >= config.vocab_size:
+        raise ConfigError(f"the tokenizer produces id {top}, outside the model's vocabulary of "
+                          f"{config.vocab_size}", "use the tokenizer the run was trained with, or a model "
+                          "sized to this tokenizer")
+    ctx = config.context_length
+    for name, ids, part in (("training", train_ids, "first 90%"), ("validation", val_ids, "last 10%")):
+        if len(ids) < ctx + 1:
+            raise DataError(f"the {name} split ({part} of {data}) has {len(ids)} tokens, fewer than one "
+                            f"context window of {ctx} + 1", "use a longer text or a smaller --context-length")
+
+
+def _train_config(settings: dict[str, Any]) -> Any:
+    from scratchlm.training.trainer import TrainConfig
+
+    return TrainConfig(
+        batch_size=settings["batch_size"], grad_accum=settings["grad_accum"], lr=settings["lr"],
+        min_lr=settings["min_lr"], warmup_steps=settings["warmup_steps"],
+        weight_decay=settings["weight_decay"], max_steps=settings["max_steps"],
+        max_epochs=settings["epochs"], max_tokens=settings["max_tokens"], max_time=settings["max_time"],
+        eval_every=settings["eval_every"], eval_batches=settings["eval_batches"],
+        save_every=settings["save_every"], sample_prompt=settings["prompt"],
+        sample_tokens=settings["sample_tokens"], seed=settings["seed"], precision=settings["precision"],
+        device=settings["device"],
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    settings, run_dir, resuming, payload = _settings(args)
+    given = {k: v for k, v in vars(args).items() if k != "func"}
+    payload = None
+    if "resume" in given:
+        settings, run_dir, payload = _resume_settings(given)
+    else:
+        settings, run_dir = _new_settings(given)
+    tc = _train_config(settings)  # validates the numbers before any slow work
 
     import torch
 
-    from scratchlm.checkpoint.io import run_model_config
     from scratchlm.data.corpora import read_corpus
     from scratchlm.data.windows import SlidingWindowDataset
-    from scratchlm.models import build_model, from_preset
+    from scratchlm.models import build_model
     from scratchlm.training import distributed
-    from scratchlm.training.trainer import TrainConfig, Trainer
+    from scratchlm.training.trainer import Trainer
 
     text = read_corpus(settings["data"])
     split = int(len(text) * (1 - VAL_FRACTION))
     train_text, val_text = text[:split], text[split:]
-    if resuming:
+    if payload is not None:
         from scratchlm.tokenizers import load as load_tokenizer
 
         tokenizer = load_tokenizer(run_dir / "tokenizer")
     else:
         tokenizer = _tokenizer(settings["tokenizer"], train_text, text)
-    train_ids, val_ids = _encode(tokenizer, train_text), _encode(tokenizer, val_text)
-
-    # The model: the preset, sized to the tokenizer's vocabulary and the training context.
-    if resuming:
-        config = run_model_config(payload)
-    else:
-        base = from_preset(settings["preset"])
-        ctx = settings["context_length"] or base.context_length
-        if ctx < 1:
-            raise ConfigError(f"--context-length must be positive, got {ctx}", "e.g. --context-length 256")
-        if ctx > base.context_length:
-            raise ConfigError(f"context length {ctx} is longer than the {base.context_length} positions of "
-                              f"preset {settings['preset']}", f"pass --context-length {base.context_length} or less")
-        config = base.replace(vocab_size=tokenizer.vocab_size, context_length=ctx, dropout=settings["dropout"])
+    train_ids = tokenizer.encode(train_text, allowed_special="all")
+    val_ids = tokenizer.encode(val_text, allowed_special="all") if val_text else []
+    config = _model_config(settings, tokenizer, payload)
+    _check_ids(config, train_ids, val_ids, settings["data"])
+    if settings["prompt"]:
+        tokenizer.encode(settings["prompt"])  # a prompt the tokenizer cannot encode fails now, not mid-run
     ctx = config.context_length
-    top = max(max(train_ids, default=0), max(val_ids, default=0))
-    if top >= config.vocab_size:
-        raise ConfigError(f"the tokenizer produces id {top}, outside the model's vocabulary of {config.vocab_size}",
-                          "use the tokenizer the run was trained with, or a model sized to this tokenizer")
-    for name, ids, part in (("training", train_ids, "first 90%"), ("validation", val_ids, "last 10%")):
-        if len(ids) < ctx + 1:
-            raise DataError(f"the {name} split ({part} of {settings['data']}) has {len(ids)} tokens, fewer than one "
-                            f"context window of {ctx} + 1", "use a longer text or a smaller --context-length")
     data_info = {"data": settings["data"], "tokenizer": settings["tokenizer"], "preset": settings["preset"],
                  "val_fraction": VAL_FRACTION, "stride": STRIDE, "train_tokens": len(train_ids),
                  "val_tokens": len(val_ids), "val_chars": len(val_text)}
     train = SlidingWindowDataset(train_ids, ctx, STRIDE)
-    val = SlidingWindowDataset(val_ids, ctx, ctx)  # disjoint windows: validation covers the split evenly
-    tc = TrainConfig(
-        batch_size=settings["batch_size"], grad_accum=settings["grad_accum"], lr=settings["lr"],
-        min_lr=settings["min_lr"], warmup_steps=settings["warmup_steps"], weight_decay=settings["weight_decay"],
-        max_steps=settings["max_steps"], max_epochs=settings["epochs"], max_tokens=settings["max_tokens"],
-        max_time=settings["max_time"], eval_every=settings["eval_every"], eval_batches=settings["eval_batches"],
-        save_every=settings["save_every"], sample_prompt=settings["prompt"], sample_tokens=settings["sample_tokens"],
-        seed=settings["seed"], precision=settings["precision"], device=settings["device"],
-    )
-    if settings["prompt"]:
-        try:
-            tokenizer.encode(settings["prompt"])
-        except Exception as err:
-            raise ConfigError(f"the sample prompt cannot be encoded: {err}", "pass another --prompt") from None
+    val = SlidingWindowDataset(val_ids, ctx, ctx)  # disjoint windows spread over the whole split
 
-    ctx_dist = distributed.from_env(settings["device"])
+    dist = distributed.from_env(settings["device"])
     torch.manual_seed(settings["seed"])
     model = build_model(config)
-    trainer = Trainer(model, tc, train, val_data=val, run_dir=run_dir, model_config=config, tokenizer=tokenizer,
-                      data_info=data_info, val_tokens_per_char=len(val_ids) / len(val_text), dist=ctx_dist)
-    if resuming:
-        state = trainer.check_resumable()
-        info = state.info
+    trainer = Trainer(model, tc, train, val_data=val, run_dir=run_dir, model_config=config,
+                      tokenizer=tokenizer, data_info=data_info,
+                      val_tokens_per_char=len(val_ids) / len(val_text), dist=dist)
+    if payload is not None:
+        info = trainer.check_resumable().info
         epochs = info["epoch"] + info["position"] / len(train)
         if tc.budget().progress(info["step"], epochs, info["tokens"], info["elapsed"]) >= 1.0:
-            raise ConfigError(f"{run_dir} already reached its budget (step {state.info['step']})",
+            raise ConfigError(f"{run_dir} already reached its budget (step {info['step']})",
                               "pass a larger --max-steps or --max-time to train it further")
-    distributed.barrier(ctx_dist)  # every rank has checked everything before rank 0 writes
-    main = ctx_dist.is_main
-    if main:
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"{'resuming' if resuming else 'training'} {config.name} ({n_params / 1e6:.2f}M parameters, "
-              f"{config.n_layer} layers × {config.n_embd} wide, context {ctx}) on {settings['data']}: "
-              f"{len(train_ids):,} train / {len(val_ids):,} validation tokens, tokenizer {settings['tokenizer']} "
-              f"({tokenizer.vocab_size} ids)", file=sys.stderr)
-        print(f"batch {tc.batch_size}×{tc.grad_accum}×{ctx_dist.world_size} windows, lr {tc.lr:g}, "
-              f"{trainer.precision} on {trainer.device}, budget {tc.budget().describe()}, run dir {run_dir}",
-              file=sys.stderr)
+    distributed.barrier(dist)  # every rank has checked everything before rank 0 writes
+    if dist.is_main:
+        _announce(settings, config, model, trainer, run_dir, len(train_ids), len(val_ids),
+                  tokenizer.vocab_size)
     try:
-        result = trainer.fit(resume=resuming)
+        result = trainer.fit(resume=payload is not None)
     except KeyboardInterrupt:
-        if main:
+        if dist.is_main:
             print(f"interrupted at step {trainer.step}: checkpoint in {run_dir}; "
                   f"continue with: scratchlm pretrain --resume {run_dir}", file=sys.stderr)
         return 130
     finally:
-        distributed.shutdown(ctx_dist)
-    if not main:
-        return 0
-    _report(result, settings, run_dir)
+        distributed.shutdown(dist)
+    if dist.is_main:
+        _report(result, settings, run_dir)
     return 0
+
+
+def _announce(settings: dict[str, Any], config: Any, model: Any, trainer: Any, run_dir: Path,
+              n_train: int, n_val: int, vocab: int) -> None:
+    tc = trainer.config
+    n_params = sum(p.numel() for p in model.parameters())
+    verb = "resuming" if "resume" in settings else "training"
+    print(f"{verb} {config.name}: {n_params / 1e6:.2f}M parameters, "
+          f"{config.n_layer} layers × {config.n_embd}, "
+          f"context {config.context_length}; {settings['data']}: {n_train:,} train / {n_val:,} validation "
+          f"tokens, tokenizer {settings['tokenizer']} ({vocab} ids)", file=sys.stderr)
+    print(f"batch {tc.batch_size}×{tc.grad_accum}×{trainer.dist.world_size} windows, lr {tc.lr:g}, "
+          f"{trainer.precision} on {trainer.device}, budget {tc.budget().describe()}, run dir {run_dir}",
+          file=sys.stderr)
 
 
 def _report(result: Any, settings: dict[str, Any], run_dir: Path) -> None:
@@ -304,6 +332,7 @@ def _report(result: Any, settings: dict[str, Any], run_dir: Path) -> None:
         print(settings["prompt"] + result.sample)
         print("---")
     prompt = "ROMEO:" if settings["data"] == "builtin:tinyshakespeare" else "TEXT"
-    print(f"run dir:    {run_dir}\nloss plot:  {run_dir / 'loss.png'}\ncheckpoint: {run_dir / 'model.safetensors'}"
-          f"\nsamples:    {run_dir / 'samples.txt'}\nmetrics:    {run_dir / 'metrics.jsonl'}\n"
+    print(f"run dir:    {run_dir}\nloss plot:  {run_dir / 'loss.png'}\n"
+          f"checkpoint: {run_dir / 'model.safetensors'}\nsamples:    {run_dir / 'samples.txt'}\n"
+          f"metrics:    {run_dir / 'metrics.jsonl'}\n"
           f"continue:   scratchlm generate --model {run_dir} --prompt \"{prompt}\"")

@@ -59,7 +59,8 @@ def sliding_window_nll(model: torch.nn.Module, ids: Sequence[int] | torch.Tensor
     """Total negative log-likelihood (nats) of ``ids[1:]`` given what precedes them, and the count."""
     ids = torch.as_tensor(ids, dtype=torch.long).flatten()
     if len(ids) < 2:
-        raise DataError(f"the text has {len(ids)} token(s); perplexity needs at least 2", "pass a longer text")
+        raise DataError(f"the text has {len(ids)} token(s); perplexity needs at least 2",
+                        "pass a longer text")
     device = next(model.parameters()).device
     spans = windows(len(ids), context_length, stride)
     total, count = 0.0, 0
@@ -88,7 +89,10 @@ def sliding_window_nll(model: torch.nn.Module, ids: Sequence[int] | torch.Tensor
 
 def perplexity(model: torch.nn.Module, tokenizer: Any, text: str, *, context_length: int | None = None,
                stride: int | None = None, batch_size: int = 8) -> PerplexityResult:
-    """Sliding-window perplexity of ``text``; ``context_length`` defaults to the model's, ``stride`` to half of it."""
+    """Sliding-window perplexity of ``text``.
+
+    ``context_length`` defaults to the model's, ``stride`` to half the context length.
+    """
     model_context = getattr(getattr(model, "config", None), "context_length", None)
     context_length = context_length or model_context
     if context_length is None:

@@ -18,6 +18,8 @@ NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
 POSITIONS = ("learned", "rope")
 ROPE_SCALINGS = (None, "default", "linear", "llama3")  # rope.inverse_frequencies implements these
+ARCHS = ("transformer", "elman", "lstm")  # elman, lstm: models/rnn.py
+RNN_BIASES = ("two", "one", "none")  # b_ih + b_hh as torch.nn.RNN/LSTM; one b per layer (Burkov); none
 
 
 @dataclass
@@ -51,6 +53,11 @@ class ModelConfig:
     tie_embeddings: bool = True
     dropout: float = 0.0
     name: str = field(default="custom", compare=False)
+    # Recurrent LMs (models/rnn.py) use vocab_size, context_length (training window and generation
+    # limit), n_layer, n_embd (embedding size), dropout and tie_embeddings, plus these.
+    arch: str = "transformer"  # "transformer", or "elman" / "lstm" for a recurrent LM
+    rnn_hidden: int | None = None  # hidden size of each recurrent layer; None: n_embd (Burkov)
+    rnn_bias: str = "two"  # see RNN_BIASES; "two" copies to and from torch.nn.RNN/LSTM unchanged
 
     def __post_init__(self) -> None:
         self.validate()
@@ -69,6 +76,9 @@ class ModelConfig:
         return self.intermediate_size or 4 * self.n_embd
 
     def validate(self) -> None:
+        if self.arch != "transformer":
+            self._validate_recurrent()
+            return
         for key in ("vocab_size", "context_length", "n_layer", "n_head", "n_embd"):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 1:
@@ -123,6 +133,8 @@ class ModelConfig:
 
     def num_parameters(self) -> int:
         """Parameter count computed from the config alone (no torch); tied embeddings count once."""
+        if self.arch != "transformer":
+            return self._recurrent_parameters()
         d, hd, f = self.n_embd, self.head_size, self.ffn_size
         q_out, kv_out = self.n_head * hd, self.kv_heads * hd
         attn = d * q_out + 2 * d * kv_out + q_out * d
@@ -140,6 +152,41 @@ class ModelConfig:
         if not self.tie_embeddings:
             total += self.vocab_size * d
         return total
+
+    # Recurrent LMs -----------------------------------------------------------------------
+    @property
+    def rnn_size(self) -> int:
+        """Hidden size of the recurrent layers: ``rnn_hidden``, or the embedding size."""
+        return self.rnn_hidden or self.n_embd
+
+    def _validate_recurrent(self) -> None:
+        if self.arch not in ARCHS:
+            raise ConfigError(f"unknown arch {self.arch!r}", f"use one of {', '.join(ARCHS)}")
+        for key in ("vocab_size", "context_length", "n_layer", "n_embd"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{key} must be a positive integer, got {value!r}", "fix the model config")
+        if self.rnn_hidden is not None and (not isinstance(self.rnn_hidden, int) or self.rnn_hidden < 1):
+            raise ConfigError(f"rnn_hidden must be a positive integer or None, got {self.rnn_hidden!r}",
+                              "fix the model config (None: the embedding size)")
+        if self.rnn_bias not in RNN_BIASES:
+            raise ConfigError(f"unknown rnn_bias {self.rnn_bias!r}", f"use one of {', '.join(RNN_BIASES)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}", "fix the model config")
+        if self.tie_embeddings and self.rnn_size != self.n_embd:
+            raise ConfigError(
+                f"tied embeddings need the hidden size ({self.rnn_size}) to equal the embedding size "
+                f"({self.n_embd})",
+                "set tie_embeddings=False, or rnn_hidden=None",
+            )
+
+    def _recurrent_parameters(self) -> int:
+        """Embedding V·E + per layer G·H·(in + H + biases) (G = 1 Elman, 4 LSTM) + head H·V (untied) + V."""
+        e, h, v = self.n_embd, self.rnn_size, self.vocab_size
+        gates = 4 if self.arch == "lstm" else 1
+        biases = {"two": 2, "one": 1, "none": 0}[self.rnn_bias]
+        stack = sum(gates * h * ((e if k == 0 else h) + h + biases) for k in range(self.n_layer))
+        return v * e + stack + (0 if self.tie_embeddings else h * v) + v
 
 
 def from_preset(name: str, **overrides: Any) -> ModelConfig:

@@ -144,11 +144,14 @@ class Transformer(nn.Module):
     def _mask(t: int, past: int, attention_mask: torch.Tensor | None, device) -> torch.Tensor | None:
         """Boolean [B|1, 1, T, past+T] mask (True = may attend), or None for the plain causal case.
 
-        A query always sees itself, so rows of left padding never become all −∞ (NaN).
+        A query always sees itself, so rows of left padding never become all −∞ (NaN).  A mask
+        without padding is dropped, so SDPA keeps its causal fast path.
         """
+        s = past + t
+        if attention_mask is not None and bool(attention_mask[:, :s].all()):
+            attention_mask = None
         if attention_mask is None and (past == 0 or t == 1):
             return None
-        s = past + t
         causal = torch.ones(t, s, dtype=torch.bool, device=device).tril(past)
         if attention_mask is None:
             return causal[None, None]

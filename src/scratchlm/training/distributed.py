@@ -72,8 +72,8 @@ def from_env(device: str | torch.device | None = None) -> DistContext:
     return init(rank, world, device=device, local_rank=local_rank)
 
 
-def init(rank: int, world_size: int, *, device: str | torch.device | None = None, local_rank: int | None = None,
-         init_method: str | None = None) -> DistContext:
+def init(rank: int, world_size: int, *, device: str | torch.device | None = None,
+         local_rank: int | None = None, init_method: str | None = None) -> DistContext:
     """Join a process group explicitly (tests spawn processes with a ``file://`` init method)."""
     local_rank = rank if local_rank is None else local_rank
     dev = resolve_device(device, local_rank)

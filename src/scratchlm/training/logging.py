@@ -74,7 +74,8 @@ def plot_losses(records: Iterable[dict[str, Any]], path: str | Path, title: str 
     import matplotlib.pyplot as plt
 
     records = list(records)
-    train = [(r["step"], r["loss"]) for r in records if r.get("kind") == "train" and r.get("loss") is not None]
+    train = [(r["step"], r["loss"]) for r in records
+             if r.get("kind") == "train" and r.get("loss") is not None]
     evals = [r for r in records if r.get("kind") == "eval"]
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     if train:
@@ -123,8 +124,8 @@ class Progress:
         if enabled:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=1000, initial=int(initial * 1000), bar_format="{percentage:3.0f}%|{bar:20}| {desc}",
-                            dynamic_ncols=True, leave=True, mininterval=0.5)
+            self.bar = tqdm(total=1000, initial=int(initial * 1000), dynamic_ncols=True, leave=True,
+                            bar_format="{percentage:3.0f}%|{bar:20}| {desc}", mininterval=0.5)
         self._shown = int(initial * 1000)
 
     def update(self, progress: float, step: int, loss: float, tokens_per_s: float, elapsed: float,

@@ -70,7 +70,7 @@ class Budget:
 
 @dataclass(frozen=True)
 class WarmupCosine:
-    """Linear warmup over ``warmup_steps`` steps, times a cosine from ``lr`` to ``min_lr`` over progress 0 → 1."""
+    """Linear warmup over ``warmup_steps`` steps, times a cosine from ``lr`` to ``min_lr`` (progress 0→1)."""
 
     lr: float
     min_lr: float

@@ -82,7 +82,7 @@ class TrainConfig:
     max_tokens: int | None = None
     max_time: float | None = None  # seconds, evaluation and checkpoints included
     eval_every: int | None = 250  # steps; None or 0: evaluate only at the end
-    eval_batches: int = 8  # batches of each split per evaluation (fixed windows, same every time)
+    eval_batches: int = 8  # global batches of each split per evaluation (fixed windows, same every time)
     save_every: int | None = None  # steps; None or 0: save only at the end (and on Ctrl-C)
     log_every: int = 10  # steps between "train" lines in metrics.jsonl
     sample_prompt: str = "\n"
@@ -105,19 +105,23 @@ class TrainConfig:
         for key in ("batch_size", "grad_accum", "eval_batches", "log_every"):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{key} must be a positive integer, got {value!r}", f"pass a positive {key}")
+                raise ConfigError(f"{key} must be a positive integer, got {value!r}",
+                                  f"pass a positive {key}")
         for key in ("eval_every", "save_every"):
             value = getattr(self, key)
             if value is not None and (not isinstance(value, int) or value < 0):
-                raise ConfigError(f"{key} must be a non-negative integer, got {value!r}", "pass 0 to turn it off")
+                raise ConfigError(f"{key} must be a non-negative integer, got {value!r}",
+                                  "pass 0 to turn it off")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}", f"use one of {', '.join(PRECISIONS)}")
         if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ConfigError(f"grad_clip must be positive, got {self.grad_clip}", "pass None to turn clipping off")
+            raise ConfigError(f"grad_clip must be positive, got {self.grad_clip}",
+                              "pass None to turn clipping off")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}", "pass 0 for none")
         if self.sample_tokens < 0:
-            raise ConfigError(f"sample_tokens must be >= 0, got {self.sample_tokens}", "pass 0 for no samples")
+            raise ConfigError(f"sample_tokens must be >= 0, got {self.sample_tokens}",
+                              "pass 0 for no samples")
         self.budget()
         self.schedule()
 
@@ -257,8 +261,11 @@ class Trainer:
                        if p.requires_grad]
         if not self.params:
             raise ConfigError("no trainable parameters", "pass parameters that require gradients")
+        # fused: one kernel updates every parameter (CPU and CUDA), instead of a loop of small ops.
+        fused = self.device.type in ("cpu", "cuda") and all(p.dtype.is_floating_point for p in self.params)
         self.optimizer = torch.optim.AdamW(param_groups(self.params, config.weight_decay), lr=config.lr,
-                                           betas=(config.beta1, config.beta2), eps=config.eps)
+                                           betas=(config.beta1, config.beta2), eps=config.eps,
+                                           fused=fused or None)
         self.budget, self.schedule = config.budget(), config.schedule()
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.model_config = model_config if model_config is not None else getattr(model, "config", None)
@@ -304,7 +311,8 @@ class Trainer:
         return self._elapsed_at_start + (time.perf_counter() - self._session_start)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16,
+                              enabled=self.precision == "bf16")
 
     def _train_state(self) -> ckpt.TrainState:
         """Collective on every rank (RNG gather); only rank 0 uses the result."""
@@ -321,7 +329,7 @@ class Trainer:
         return ckpt.TrainState(info=info, tensors=tensors)
 
     def save(self) -> None:
-        """Write a checkpoint of the state after ``self.step`` updates (rank 0 writes, all ranks take part)."""
+        """Checkpoint the state after ``self.step`` updates (rank 0 writes; every rank takes part)."""
         if self.run_dir is None:
             return
         state = self._train_state()
@@ -342,6 +350,8 @@ class Trainer:
         """Validate the run dir against this trainer; nothing is written.  Returns its training state."""
         if self.run_dir is None:
             raise ConfigError("resuming needs a run dir", "pass run_dir")
+        fix = "resume with the run's own settings, or start a new run with another --out"
+        where = f"cannot resume {self.run_dir}"
         payload = ckpt.read_run_config(self.run_dir)
         if self.model_config is not None and hasattr(self.model_config, "to_dict"):
             saved, current = dict(payload["model"]), self.model_config.to_dict()
@@ -350,24 +360,22 @@ class Trainer:
             diff = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
             if diff:
                 k = diff[0]
-                raise CheckpointError(f"cannot resume {self.run_dir}: the model config differs "
-                                      f"({k}: run has {saved.get(k)!r}, now {current.get(k)!r})",
-                                      "resume with the run's own settings, or start a new run with another --out")
+                raise CheckpointError(f"{where}: the model config differs "
+                                      f"({k}: run has {saved.get(k)!r}, now {current.get(k)!r})", fix)
         saved_training = payload.get("training") or {}
         current = self.training_dict()
         for key in TrainConfig.TRAJECTORY:
             if key in saved_training and saved_training[key] != current[key]:
-                raise CheckpointError(f"cannot resume {self.run_dir}: {key} differs "
-                                      f"(run has {saved_training[key]!r}, now {current[key]!r})",
-                                      "resume with the run's own settings, or start a new run with another --out")
+                raise CheckpointError(f"{where}: {key} differs "
+                                      f"(run has {saved_training[key]!r}, now {current[key]!r})", fix)
         state = ckpt.load_train_state(self.run_dir)
         info = state.info
         if info.get("world_size", 1) != self.dist.world_size:
-            raise CheckpointError(f"cannot resume {self.run_dir}: it ran on {info.get('world_size')} processes, "
+            raise CheckpointError(f"{where}: it ran on {info.get('world_size')} processes, "
                                   f"now {self.dist.world_size}", "resume with the same number of processes")
         if info.get("dataset_size") != len(self.train_data):
-            raise CheckpointError(f"cannot resume {self.run_dir}: the training data changed "
-                                  f"({info.get('dataset_size')} examples in the run, {len(self.train_data)} now)",
+            raise CheckpointError(f"{where}: the training data changed ({info.get('dataset_size')} "
+                                  f"examples in the run, {len(self.train_data)} now)",
                                   "resume with the run's own data and tokenizer")
         return state
 
@@ -428,15 +436,12 @@ class Trainer:
         if total_count <= 0:
             raise DataError("a training batch has no target tokens", "check the data and its masking")
         # DDP averaged the summed gradients over ranks; turn that into the gradient of the global mean.
-        scale = self.dist.world_size / total_count
-        for p in self.params:
-            if p.grad is not None:
-                p.grad.mul_(scale)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        torch._foreach_mul_(grads, self.dist.world_size / total_count)
         if self.config.grad_clip is not None:
             norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip))
         else:
-            norm = float(torch.linalg.vector_norm(
-                torch.stack([p.grad.norm() for p in self.params if p.grad is not None])))
+            norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -449,7 +454,7 @@ class Trainer:
 
     def _eval_indices(self, n: int) -> list[int]:
         """Fixed, evenly spread examples: the same windows at every evaluation, so curves are smooth."""
-        want = min(n, self.config.eval_batches * self.config.batch_size)
+        want = min(n, self.config.eval_batches * self.global_batch)
         return torch.linspace(0, n - 1, want).round().long().tolist()
 
     @torch.no_grad()
@@ -532,7 +537,8 @@ class Trainer:
         """First Ctrl-C: finish the current step, save, stop.  A second one stops at once, unsaved."""
         self._stop_requested = True
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        self._say("interrupt: finishing this step and saving a checkpoint (Ctrl-C again to quit without saving)")
+        self._say("interrupt: finishing this step and saving a checkpoint "
+                  "(Ctrl-C again to quit without saving)")
 
     def fit(self, resume: bool = False) -> TrainResult:
         """Train until the budget is spent; with ``resume``, continue the run in ``run_dir`` exactly."""
@@ -559,9 +565,11 @@ class Trainer:
         if threading.current_thread() is threading.main_thread():
             previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
         start_progress = self.progress()
-        self._progress = Progress(self.config.progress and self.dist.is_main, initial=min(1.0, start_progress))
+        self._progress = Progress(self.config.progress and self.dist.is_main,
+                                  initial=min(1.0, start_progress))
         if resume:
-            self._say(f"resumed {self.run_dir} at step {self.step} ({self.tokens:,} tokens, {self.elapsed:.0f} s)")
+            self._say(f"resumed {self.run_dir} at step {self.step} "
+                      f"({self.tokens:,} tokens, {self.elapsed:.0f} s)")
         try:
             self._loop(start_progress)
         except KeyboardInterrupt:
@@ -575,7 +583,8 @@ class Trainer:
             if previous_handler is not None:
                 signal.signal(signal.SIGINT, previous_handler)
         self.elapsed = self._now()
-        return TrainResult(self.step, self.tokens, self.elapsed, self.last_eval, self.last_sample, self.run_dir)
+        return TrainResult(self.step, self.tokens, self.elapsed, self.last_eval, self.last_sample,
+                           self.run_dir)
 
     def _loop(self, start_progress: float) -> None:
         cfg = self.config
@@ -593,8 +602,8 @@ class Trainer:
             progress = self.progress()
             if self.metrics is not None and self.step % cfg.log_every == 0:
                 self.metrics.write({"kind": "train", "step": self.step, "tokens": self.tokens,
-                                    "elapsed": round(self._now(), 3), "loss": loss, "lr": lr, "grad_norm": norm,
-                                    "tokens_per_s": round(tokens / dt, 1)})
+                                    "elapsed": round(self._now(), 3), "loss": loss, "lr": lr,
+                                    "grad_norm": norm, "tokens_per_s": round(tokens / dt, 1)})
             now = time.perf_counter()
             if now - last_display > 0.5 or progress >= 1.0:
                 self._progress.update(progress, self.step, loss, rate_tokens / max(rate_time, 1e-9),
