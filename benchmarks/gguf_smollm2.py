@@ -23,6 +23,7 @@ decodes this file at about 65 tokens/s on this machine type; it is not built or 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -145,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     prompt = lm.tokenizer.encode(chat, allowed_special="all")
     long_prompt = lm.tokenizer.encode(read_corpus("builtin:the-verdict"))[:args.prefill_tokens]
     n = args.new_tokens
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {args.path.name}; "
+    load_avg = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads{load_avg}; {args.path.name}; "
           f"{len(prompt)}-token chat prompt, {n} new tokens, greedy, batch 1; "
           f"prefill {len(long_prompt)} tokens",
           flush=True)

@@ -187,7 +187,8 @@ def test_resume_with_another_config_changes_nothing(tmp_path, data):
     assert "\n" not in str(err.value)
     with pytest.raises(CheckpointError, match="model config differs"):
         tok, train_set, val_set = data
-        bigger = build_model(from_preset("tiny-gpt2", vocab_size=tok.vocab_size, context_length=16, n_layer=3))
+        bigger = build_model(from_preset("tiny-gpt2", vocab_size=tok.vocab_size, context_length=16,
+                                         n_layer=3))
         Trainer(bigger, config(), train_set, run_dir=run).fit(resume=True)
     assert snapshot(run) == before
 

@@ -25,8 +25,8 @@ def model():
 
 
 def config(batch_size: int, grad_accum: int) -> TrainConfig:
-    return TrainConfig(batch_size=batch_size, grad_accum=grad_accum, max_steps=3, eval_every=3, eval_batches=2,
-                       warmup_steps=1, lr=1e-2, sample_tokens=0, progress=False, device="cpu")
+    return TrainConfig(batch_size=batch_size, grad_accum=grad_accum, max_steps=3, eval_every=3,
+                       eval_batches=2, warmup_steps=1, lr=1e-2, sample_tokens=0, progress=False, device="cpu")
 
 
 def _worker(rank: int, world: int, init_file: str, run_dir: str) -> None:

@@ -20,9 +20,9 @@ Q = gguf.GGMLQuantizationType
 TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"]
 
 TINY = dict(vocab_size=96, context_length=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
-            intermediate_size=64,
-            norm="rmsnorm", norm_bias=False, norm_eps=1e-6, mlp="swiglu", mlp_bias=False, positions="rope",
-            rope_theta=10000.0, qkv_bias=False, o_bias=False, tie_embeddings=False)
+            intermediate_size=64, norm="rmsnorm", norm_bias=False, norm_eps=1e-6, mlp="swiglu",
+            mlp_bias=False, positions="rope", rope_theta=10000.0, qkv_bias=False, o_bias=False,
+            tie_embeddings=False)
 VARIANTS = {
     "llama": dict(TINY),
     "llama-tied": dict(TINY, tie_embeddings=True),

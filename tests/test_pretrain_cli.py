@@ -56,11 +56,12 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(run_cli, tmp_path, cor
         (["--data", empty], "empty"),
         (["--data", short], "fewer than one context window"),
         (["--data", corpus, "--preset", "tiny-gtp2"], "did you mean tiny-gpt2"),
-        (["--data", corpus, "--preset", "tiny-gpt2", "--context-length", "128"], "longer than the 64 positions"),
+        (["--data", corpus, "--preset", "tiny-gpt2", "--context-length", "128"],
+         "longer than the 64 positions"),
         (["--data", corpus, "--tokenizer", "bpe:lots"], "bpe:N"),
         (["--data", corpus, "--tokenizer", tmp_path / "no-such-tokenizer"], "tokenizer not found"),
         (["--data", corpus, "--tokenizer", saved_tok], "not in the 3-character vocabulary"),
-        (["--data", corpus, "--precision", "fp32", "--batch-size", "0", "--preset", "tiny-gpt2"], "batch_size"),
+        (["--data", corpus, "--batch-size", "0", "--preset", "tiny-gpt2"], "batch_size"),
     ]
     for args, fragment in cases:
         code, _, err = run_cli("pretrain", *args, "--out", out, "--max-steps", "1")
@@ -82,8 +83,8 @@ def test_train_resume_and_evaluate(run_cli, tmp_path, corpus):
     code, out, err = run_cli("pretrain", *TINY, "--data", corpus, "--max-steps", "4", "--out", run)
     assert code == 0, err
     assert f"run dir:    {run}" in out and "loss.png" in out and "--- sample" in out
-    for name in ("config.json", "model.safetensors", "tokenizer", "train_state.safetensors", "train_state.json",
-                 "metrics.jsonl", "loss.png", "samples.txt"):
+    for name in ("config.json", "model.safetensors", "tokenizer", "train_state.safetensors",
+                 "train_state.json", "metrics.jsonl", "loss.png", "samples.txt"):
         assert (run / name).exists(), name
     data = json.loads((run / "config.json").read_text())["data"]
     assert data["tokenizer"] == "char" and data["val_fraction"] == 0.1

@@ -38,7 +38,8 @@ def char_data(context: int = 16):
     tok = CharTokenizer.from_text(TEXT)
     ids = tok.encode(TEXT)
     split = int(0.9 * len(ids))
-    return tok, SlidingWindowDataset(ids[:split], context, 1), SlidingWindowDataset(ids[split:], context, context)
+    train = SlidingWindowDataset(ids[:split], context, 1)
+    return tok, train, SlidingWindowDataset(ids[split:], context, context)
 
 
 def tiny_model(vocab: int, context: int = 16, seed: int = 0, **overrides):
@@ -106,7 +107,8 @@ def test_loss_decreases_and_the_run_dir_is_complete(tmp_path):
     model = tiny_model(tok.vocab_size)
     run = tmp_path / "run"
     cfg = quiet(batch_size=16, max_steps=30, eval_every=15, lr=1e-2, sample_tokens=20, log_every=1)
-    result = Trainer(model, cfg, train, val_data=val, run_dir=run, tokenizer=tok, val_tokens_per_char=1.0).fit()
+    trainer = Trainer(model, cfg, train, val_data=val, run_dir=run, tokenizer=tok, val_tokens_per_char=1.0)
+    result = trainer.fit()
     assert result.step == 30 and result.tokens == 30 * 16 * 16
     records = read_metrics(run / "metrics.jsonl")
     evals = [r for r in records if r["kind"] == "eval"]

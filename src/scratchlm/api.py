@@ -8,7 +8,7 @@ project opens weights by itself: it takes an ``LM``.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,13 +34,19 @@ class LM:
     """A loaded language model: ``lm.model(ids)`` gives logits [B, T, V]; ``lm.generate(prompt)`` text.
 
     ``tokenizer`` may be None (a Hugging Face directory without tokenizer files); the text methods
-    then raise a ``UserError``.  ``chat_template`` stays None until the chat work fills it in.
+    then raise a ``UserError``.  ``chat_template`` is the model's Jinja chat template, taken from
+    the tokenizer when not given; None means ``chat`` formats with ChatML.
     """
 
     model: Any
     tokenizer: Any
     config: Any
     chat_template: str | None = None
+
+    def __post_init__(self) -> None:
+        # Every loader hands over the tokenizer, which carries the template its files ship with.
+        if self.chat_template is None:
+            self.chat_template = getattr(self.tokenizer, "chat_template", None)
 
     @property
     def device(self) -> torch.device:
@@ -66,6 +72,66 @@ class LM:
         from scratchlm.generation import complete
 
         return complete(self.model, self._tokenizer(), prompts, params, **sampling)
+
+    def chat_prompt(self, messages: Sequence[Mapping[str, Any]] | str, *, add_generation_prompt: bool = True,
+                    **template_vars: Any) -> str:
+        """``messages`` rendered with the model's chat template (ChatML without one), as text.
+
+        A string is one user message.  ``template_vars`` reach the template (``date_string``, ...).
+        """
+        from scratchlm.prompts import render_chat
+
+        tokenizer = self._tokenizer()
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        return render_chat(messages, self.chat_template, add_generation_prompt=add_generation_prompt,
+                           bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token, **template_vars)
+
+    def chat(self, messages: Sequence[Mapping[str, Any]] | str, params: SamplingParams | None = None,
+             **sampling: Any) -> str:
+        """The assistant's reply to ``messages`` (a list of role/content dicts, or one user string).
+
+        The prompt is rendered with the chat template and generation stops at the end of the
+        assistant's turn.  Surrounding whitespace is stripped: it is never part of the answer.
+        """
+        return "".join(self.chat_stream(messages, params, **sampling)).strip()
+
+    def chat_stream(self, messages: Sequence[Mapping[str, Any]] | str, params: SamplingParams | None = None,
+                    **sampling: Any) -> TextStream:
+        """The reply to ``messages`` as text pieces, as ``stream`` gives them (nothing stripped)."""
+        from scratchlm.generation import stream
+
+        tokenizer = self._tokenizer()
+        prompt = tokenizer.encode(self.chat_prompt(messages), allowed_special="all")
+        return stream(self.model, tokenizer, prompt, self._chat_params(params, sampling))
+
+    def _chat_params(self, params: SamplingParams | None, sampling: dict[str, Any]) -> SamplingParams:
+        """``params`` (or the options) plus the end-of-turn stops of this model's chat format.
+
+        An end-of-turn token the vocabulary has is a stop id; one the template writes but the
+        vocabulary lacks (ChatML over GPT-2's tokenizer) is spelled in ordinary tokens, so it is
+        a stop string instead.  ``ignore_eos`` turns all of them off.
+        """
+        from dataclasses import replace
+
+        from scratchlm.generation import SamplingParams
+        from scratchlm.prompts import CHATML_TEMPLATE, END_OF_TURN_TOKENS
+
+        if params is not None and sampling:
+            raise ConfigError("pass either a SamplingParams or sampling options, not both",
+                              "put the options into the SamplingParams")
+        params = params if params is not None else SamplingParams.from_options(**sampling)
+        if params.ignore_eos:  # benchmarks: run to max_new_tokens, past the end of the turn too
+            return params
+        tokenizer = self._tokenizer()
+        specials = tokenizer.special_tokens
+        ids = [specials[t] for t in END_OF_TURN_TOKENS if t in specials]
+        if tokenizer.eos_id is not None:
+            ids.append(tokenizer.eos_id)
+        template = self.chat_template or CHATML_TEMPLATE
+        texts = [t for t in END_OF_TURN_TOKENS if t in template and t not in specials]
+        return replace(params, stop_token_ids=tuple(dict.fromkeys([*params.stop_token_ids, *ids])),
+                       stop=tuple(dict.fromkeys([*params.stop, *texts])))
 
     def save(self, run_dir: str | Path) -> Path:
         """Write a run dir (config, safetensors weights, tokenizer) that ``scratchlm.load`` opens again."""

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("scratchlm.cli.generate", "continue a prompt, or answer a chat message, streaming"),
     "eval": ("scratchlm.cli.evaluate", "evaluate a model (perplexity)"),
     "tokenizer": ("scratchlm.cli.tokenizer", "train a BPE tokenizer, encode or decode text"),
+    "convert": ("scratchlm.cli.convert", "convert a model: Hugging Face or GGUF <-> scratchlm run dir"),
     "presets": ("scratchlm.cli.presets", "list the named model presets with parameter counts"),
 }
 

@@ -1,7 +1,8 @@
 """Continue a prompt with a model, streaming the text to the terminal as it is generated.
 
 The model is anything ``scratchlm.load`` opens: a run dir from ``scratchlm pretrain``, a Hugging
-Face model directory, or a hub id.  The prompt comes from --prompt, or from standard input.
+Face model directory, or a hub id.  The prompt comes from --prompt, or from standard input; with
+--chat the text is asked as a user message through the model's chat template instead.
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, default=argparse.SUPPRESS,
                         help="run dir, Hugging Face model directory, or hub id (e.g. openai-community/gpt2)")
     parser.add_argument("--prompt", default=None, help="text to continue; None = read standard input")
+    parser.add_argument("--chat", default=None, metavar="TEXT",
+                        help="answer TEXT as a user message, through the model's chat template "
+                        "(ChatML when it has none), stopping at the end of the turn")
+    parser.add_argument("--system", default=None, metavar="TEXT",
+                        help="with --chat: a system message before it; None = the template's default")
     parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
                         help="most tokens to generate")
     parser.add_argument("--temperature", type=float, default=d.temperature,
@@ -49,8 +55,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.chat is not None and args.prompt is not None:
+        raise UserError("--prompt and --chat both given", "pass --prompt to continue text, or --chat to ask")
+    if args.system is not None and args.chat is None:
+        raise UserError("--system needs --chat", "pass the question with --chat TEXT")
     prompt = args.prompt
-    if prompt is None:
+    if prompt is None and args.chat is None:
         if sys.stdin is None or sys.stdin.isatty():
             raise UserError("no prompt given", "pass --prompt TEXT, or pipe the prompt into standard input")
         prompt = sys.stdin.read()
@@ -63,12 +73,18 @@ def run(args: argparse.Namespace) -> int:
     from scratchlm.api import load
 
     lm = load(args.model, device=args.device, dtype=args.dtype)
+    if args.chat is not None:
+        messages = [{"role": "system", "content": args.system}] if args.system is not None else []
+        messages.append({"role": "user", "content": args.chat})
+        prompt, pieces = lm.chat_prompt(messages), lm.chat_stream(messages, params)
+    else:
+        pieces = lm.stream(prompt, params)
     out = sys.stdout
     if args.echo:
         out.write(prompt)
         out.flush()
     last = prompt if args.echo else ""
-    for piece in lm.stream(prompt, params):
+    for piece in pieces:
         out.write(piece)
         out.flush()
         last = piece

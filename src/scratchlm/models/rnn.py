@@ -141,7 +141,9 @@ class RecurrentStack(nn.Module):
                 inputs = F.dropout(inputs, self.dropout, self.training)
             w_ih, w_hh, b_ih, b_hh = self.layer_parameters(k)
             bias = b_ih if b_hh is None else b_ih + b_hh  # None when bias="none"
-            projected = F.linear(inputs, w_ih, bias)  # x_t·W_ihᵀ + b for every t at once [T, B, G·H]
+            # x_t·W_ihᵀ + b for every t at once [T, B, G·H], split by step with unbind: its backward
+            # stacks the T gradients once, where indexing each step would add a T-long zero tensor T times.
+            projected = F.linear(inputs, w_ih, bias).unbind(0)
             w_hh_t = w_hh.t()
             h, c = h0[k], None if c0 is None else c0[k]
             outputs = []
@@ -166,8 +168,7 @@ class RecurrentStack(nn.Module):
         hs = list(h0.unbind(0))
         cs = list(c0.unbind(0)) if c0 is not None else [None] * self.num_layers
         outputs = []
-        for step in range(x.shape[1]):
-            inp = x[:, step]
+        for step, inp in enumerate(x.unbind(1)):
             for k in range(self.num_layers):
                 if k > 0:
                     inp = F.dropout(inp, self.dropout, self.training)

@@ -1,0 +1,263 @@
+"""The OpenAI-compatible server, driven by the official ``openai`` client over loopback.
+
+A tiny random Llama (weights drawn wider than usual, so greedy text varies instead of repeating
+one token) with a BPE trained on this repo's own source stands in for a real model; one
+optional test serves SmolLM2 from ../shared/models.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from scratchlm.api import LM  # noqa: E402
+from scratchlm.models import build_model, from_preset  # noqa: E402
+from scratchlm.serving.openai_server import ServerConfig, ServerThread  # noqa: E402
+from scratchlm.tokenizers.train_bpe import train_bpe  # noqa: E402
+
+SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+MODEL = "tiny"
+
+
+@pytest.fixture(scope="module")
+def tiny_lm() -> LM:
+    torch.set_num_threads(1)
+    text = (Path(__file__).resolve().parent.parent / "src/scratchlm/generation/generate.py").read_text()
+    tokenizer = train_bpe(text, 300, special_tokens=SPECIALS)
+    config = from_preset("tiny-llama", vocab_size=300, context_length=256)
+    torch.manual_seed(0)
+    model = build_model(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    return LM(model, tokenizer, config)
+
+
+class SlowModel(torch.nn.Module):
+    """The tiny model with a pause in every forward pass, so requests stay in flight long enough."""
+
+    def __init__(self, model: torch.nn.Module, delay: float):
+        super().__init__()
+        self.inner, self.delay, self.config = model, delay, model.config
+
+    def forward(self, *args, **kwargs):
+        time.sleep(self.delay)
+        return self.inner(*args, **kwargs)
+
+    def new_cache(self, *args, **kwargs):
+        return self.inner.new_cache(*args, **kwargs)
+
+    @property
+    def lm_head(self):
+        return self.inner.lm_head
+
+
+@pytest.fixture(scope="module")
+def server(tiny_lm):
+    with ServerThread(tiny_lm, ServerConfig(MODEL, max_batch=16, max_queue=64, max_tokens_limit=200)) as s:
+        yield s
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=30)
+
+
+def chat(text: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": "You are terse."}, {"role": "user", "content": text}]
+
+
+def test_health_models_and_openapi(server, client):
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    schema = httpx.get(server.url + "/openapi.json").json()
+    assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health"} <= set(schema["paths"])
+
+
+def test_chat_and_completion_equal_the_library(client, tiny_lm):
+    reply = client.chat.completions.create(model=MODEL, messages=chat("hello"), temperature=0, max_tokens=12)
+    expected = tiny_lm.chat_stream(chat("hello"), temperature=0, max_new_tokens=12)
+    assert reply.choices[0].message.content == "".join(expected)
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].finish_reason == expected.completion.finish_reason
+    assert reply.usage.prompt_tokens == expected.completion.prompt_tokens
+    assert reply.usage.completion_tokens == expected.completion.completion_tokens
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+    text = client.completions.create(model=MODEL, prompt="def stream(", temperature=0, max_tokens=9)
+    done = tiny_lm.complete(["def stream("], temperature=0, max_new_tokens=9)[0]
+    assert text.choices[0].text == done.text
+    assert text.choices[0].finish_reason == "length" == done.finish_reason
+    assert text.usage.completion_tokens == 9
+
+
+def test_streaming_chat_and_completion(client):
+    whole = client.chat.completions.create(model=MODEL, messages=chat("hi"), temperature=0, max_tokens=15)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=chat("hi"), temperature=0,
+                                                 max_tokens=15, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert "".join(pieces) == whole.choices[0].message.content
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == [whole.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+    stream = client.completions.create(model=MODEL, prompt="import torch", temperature=0, max_tokens=10,
+                                       stream=True)
+    assert "".join(c.choices[0].text for c in stream) == client.completions.create(
+        model=MODEL, prompt="import torch", temperature=0, max_tokens=10).choices[0].text
+
+
+def test_raw_stream_ends_with_done(server):
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 3, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    assert all(line.startswith("data: ") for line in lines)
+
+
+def test_stop_strings_cut_the_text(client):
+    full = client.completions.create(model=MODEL, prompt="return ", temperature=0, max_tokens=30)
+    text = full.choices[0].text
+    stop = text[5:7]
+    assert len(stop) == 2 and stop.strip()
+    cut = client.completions.create(model=MODEL, prompt="return ", temperature=0, max_tokens=30, stop=[stop])
+    assert cut.choices[0].text == text[:text.find(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model=MODEL, prompt="return ", temperature=0, max_tokens=30,
+                                         stop=stop, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == cut.choices[0].text
+
+
+def test_seed_reproduces_a_sample(client):
+    def ask(seed):
+        return client.completions.create(model=MODEL, prompt="a", temperature=1.0, max_tokens=12,
+                                         seed=seed).choices[0].text
+
+    assert ask(7) == ask(7)
+
+
+def error_of(response: httpx.Response) -> dict:
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    return body["error"]
+
+
+def test_bad_requests_are_400_and_the_server_keeps_serving(server, client):
+    url = server.url + "/v1/chat/completions"
+    ok = {"model": MODEL, "messages": chat("hi"), "max_tokens": 2}
+    cases = [
+        (httpx.post(url, content=b'{"model": "tiny", "messages": [', headers={"content-type": "application/json"}),
+         None),
+        (httpx.post(url, json={**ok, "temperature": "hot"}), "temperature"),
+        (httpx.post(url, json={**ok, "max_tokens": -1}), "max_tokens"),
+        (httpx.post(url, json={**ok, "messages": "hi"}), "messages"),
+        (httpx.post(url, json={**ok, "messages": []}), "messages"),
+        (httpx.post(url, json={**ok, "messages": [{"role": "wizard", "content": "x"}]}), "messages"),
+        (httpx.post(url, json={**ok, "n": 2}), "n"),
+        (httpx.post(url, json={**ok, "max_tokens": 10_000}), "max_tokens"),
+        (httpx.post(url, json={**ok, "messages": chat("word " * 400)}), "messages"),
+        (httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": [5, 999]}), None),
+    ]
+    for response, param in cases:
+        assert response.status_code == 400, response.text
+        error = error_of(response)
+        assert error["type"] == "invalid_request_error"
+        if param is not None:
+            assert error["param"] == param or error["param"].startswith(param), error
+    too_long = httpx.post(url, json={**ok, "messages": chat("word " * 400)})
+    assert error_of(too_long)["code"] == "context_length_exceeded"
+    assert "n > 1" in error_of(httpx.post(url, json={**ok, "n": 3}))["message"]
+
+    missing = httpx.post(url, json={**ok, "model": "gpt-4"})
+    assert missing.status_code == 404 and error_of(missing)["code"] == "model_not_found"
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4", messages=chat("hi"))
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL, messages=chat("hi"), n=2)
+
+    assert httpx.post(url, json=ok).status_code == 200
+
+
+def test_32_concurrent_greedy_chats_equal_sequential_answers(client):
+    questions = [f"question {i}: " + "why " * (i % 5) for i in range(32)]
+
+    def ask(i: int) -> tuple[str, str]:
+        reply = client.chat.completions.create(model=MODEL, messages=chat(questions[i]), temperature=0,
+                                               max_tokens=8 + 3 * (i % 7))
+        return reply.choices[0].message.content, reply.choices[0].finish_reason
+
+    sequential = [ask(i) for i in range(32)]
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        concurrent_ = list(pool.map(ask, range(32)))
+    assert len(concurrent_) == 32 and all(text is not None for text, _ in concurrent_)
+    same = sum(a == b for a, b in zip(sequential, concurrent_, strict=True))
+    # Batched rows use the masked attention path and batched matmuls: the summation order may
+    # differ from a lone row's, which could flip a near-tie.  The issue allows 2 of 32.
+    assert same >= 30, f"only {same}/32 batched answers equal the sequential ones"
+
+
+@pytest.fixture
+def slow_server(tiny_lm):
+    slow = LM(SlowModel(tiny_lm.model, 0.02), tiny_lm.tokenizer, tiny_lm.config)
+    with ServerThread(slow, ServerConfig(MODEL, max_batch=1, max_queue=1)) as s:
+        yield s
+
+
+def stream_body(tokens: int) -> dict:
+    return {"model": MODEL, "prompt": "x", "max_tokens": tokens, "ignore_eos": True, "stream": True}
+
+
+def test_full_queue_answers_429_and_a_disconnect_frees_the_slot(slow_server):
+    url = slow_server.url + "/v1/completions"
+    engine = slow_server.app.state.engine
+    with httpx.Client(timeout=30) as first, httpx.Client(timeout=30) as second:
+        with first.stream("POST", url, json=stream_body(200)) as running:  # 200 steps: ~4 s
+            lines = running.iter_lines()  # (keep the iterator: dropping it closes the response)
+            next(lines)  # it holds the one slot now
+            with second.stream("POST", url, json=stream_body(3)) as queued:
+                deadline = time.monotonic() + 5
+                while engine.waiting < 1 and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                refused = httpx.post(url, json={**stream_body(3), "stream": False})
+                assert refused.status_code == 429
+                assert error_of(refused)["code"] == "rate_limit_exceeded"
+                with pytest.raises(openai.RateLimitError):
+                    openai.OpenAI(base_url=slow_server.url + "/v1", api_key="none",
+                                  max_retries=0).completions.create(model=MODEL, prompt="x", max_tokens=2)
+                start = time.monotonic()
+                running.close()  # the first client goes away mid-answer
+                lines = [line for line in queued.iter_lines() if line]
+                # The queued request ran as soon as the slot was freed, not after 200 steps.
+                assert time.monotonic() - start < 2.0
+                assert lines[-1] == "data: [DONE]"
+    deadline = time.monotonic() + 5
+    while engine.busy_slots and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.busy_slots == 0 and engine.waiting == 0
+
+
+def test_smollm2_chat(smollm2_gguf):
+    from scratchlm.api import load
+
+    torch.set_num_threads(2)
+    lm = load(smollm2_gguf, device="cpu")
+    with ServerThread(lm, ServerConfig("smollm2")) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        reply = client.chat.completions.create(
+            model="smollm2", messages=[{"role": "user", "content": "What is the capital of France?"}],
+            temperature=0, max_tokens=20)
+    assert "Paris" in reply.choices[0].message.content
+    assert reply.usage.completion_tokens <= 20
