@@ -99,6 +99,36 @@ def test_precision_auto_follows_the_hardware(monkeypatch):
     assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
 
 
+def test_auto_precision_probes_the_cpu(monkeypatch):
+    """On an AMX CPU, 'auto' times both precisions on this model and keeps the faster one."""
+    from scratchlm.training import trainer
+
+    tok, train, _ = char_data()
+    monkeypatch.setattr(trainer, "fast_bf16", lambda device: True)
+    for bf16_seconds, expected in ((0.5, "bf16"), (0.95, "fp32")):
+        monkeypatch.setattr(trainer, "_timed_backward",
+                            lambda model, loss_fn, batch, bf16, device, s=bf16_seconds: s if bf16 else 1.0)
+        model = tiny_model(tok.vocab_size)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        rng = torch.get_rng_state()
+        t = Trainer(model, quiet(batch_size=4, max_steps=1), train)
+        assert t.precision == expected and expected in t._probe_note
+        assert torch.equal(torch.get_rng_state(), rng)
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_precision_probe_leaves_the_model_alone():
+    from scratchlm.training.trainer import _timed_backward
+
+    tok, train, _ = char_data()
+    model = tiny_model(tok.vocab_size)
+    batch = (torch.stack([train[i][0] for i in range(2)]), torch.stack([train[i][1] for i in range(2)]))
+    from scratchlm.training import next_token_loss
+
+    assert _timed_backward(model, next_token_loss, batch, False, torch.device("cpu")) > 0
+    assert all(p.grad is None for p in model.parameters())
+
+
 # --- the loop ---------------------------------------------------------------------------------
 
 

@@ -153,7 +153,7 @@ class LM:
 
 def load(ref: str | Path, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None) -> LM:
-    """Open a model: a run dir, a Hugging Face directory, or a Hugging Face hub id.
+    """Open a model: a run dir, a Hugging Face directory or hub id, or a llama.cpp .gguf file.
 
     ``device`` None picks CUDA when available, else the CPU.  ``dtype`` (``"float32"``,
     ``"bfloat16"``, ``"float16"`` or a torch dtype) None keeps float32.  On the CPU, float16 keeps

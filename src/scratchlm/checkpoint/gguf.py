@@ -301,6 +301,9 @@ def dequantize(raw: np.ndarray, type_name: str, n_elements: int, name: str = "te
                               "the file is damaged; download it again")
     if out is None:
         out = np.empty(n_elements, dtype=np.float32)
+    elif out.dtype != np.float32 or out.size != n_elements or not out.flags.c_contiguous:
+        # a strided out would be reshaped into a copy, and the values would never reach it
+        raise ValueError(f"out must be a contiguous float32 array of {n_elements} values")
     fill(raw.reshape(-1, block_bytes), out.reshape(-1, per_block))
     return out
 

@@ -19,6 +19,8 @@ from scratchlm.errors import UserError
 COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("scratchlm.cli.pretrain", "pretrain a language model (no options: the 5-minute demo)"),
     "generate": ("scratchlm.cli.generate", "continue a prompt, or answer a chat message, streaming"),
+    "chat": ("scratchlm.cli.chat", "chat with a model in the terminal, streaming, with history"),
+    "serve": ("scratchlm.cli.serve", "serve a model over an OpenAI-compatible HTTP API"),
     "eval": ("scratchlm.cli.evaluate", "evaluate a model (perplexity)"),
     "tokenizer": ("scratchlm.cli.tokenizer", "train a BPE tokenizer, encode or decode text"),
     "convert": ("scratchlm.cli.convert", "convert a model: Hugging Face or GGUF <-> scratchlm run dir"),

@@ -21,4 +21,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         intermediate_size=64, norm="rmsnorm", norm_bias=False, norm_eps=1e-6, mlp="swiglu",
         mlp_bias=False, positions="rope", qkv_bias=False, o_bias=False,
     ),
+    # Recurrent LMs (models/rnn.py): hidden size = embedding size, as Burkov's RNN.  The -small ones are
+    # for the 5-minute char-level tinyshakespeare comparison with shakespeare-char: the same windows,
+    # about 1.1M parameters each, a training step about as long as the transformer's.
+    "elman-small": dict(arch="elman", vocab_size=65, context_length=256, n_layer=2, n_embd=512),
+    "lstm-small": dict(arch="lstm", vocab_size=65, context_length=256, n_layer=2, n_embd=256),
+    "tiny-elman": dict(arch="elman", vocab_size=256, context_length=64, n_layer=2, n_embd=32),
+    "tiny-lstm": dict(arch="lstm", vocab_size=256, context_length=64, n_layer=2, n_embd=32),
 }

@@ -35,9 +35,16 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
+        # Under Transformer.empty (meta device) hand the embeddings a weight: nn.Embedding's own
+        # normal_ on a meta tensor imports torch._dynamo (seconds).  Real construction is unchanged.
+        meta = torch.empty(0).is_meta
+        self.embed_tokens = nn.Embedding(
+            config.vocab_size, config.n_embd,
+            _weight=torch.empty(config.vocab_size, config.n_embd) if meta else None)
         if config.positions == "learned":
-            self.embed_positions = nn.Embedding(config.context_length, config.n_embd)
+            self.embed_positions = nn.Embedding(
+                config.context_length, config.n_embd,
+                _weight=torch.empty(config.context_length, config.n_embd) if meta else None)
         else:
             self.embed_positions = None
         self._rope_inv_freq: torch.Tensor | None = None  # fp32 whatever the model dtype; see rope_inv_freq
@@ -58,9 +65,11 @@ class Transformer(nn.Module):
         """
         with torch.device("meta"):
             model = cls(config)
-        model.to_empty(device=device)
-        model.to(dtype)
-        model.tie_weights()  # to_empty gives each parameter its own storage
+        # What to_empty does, with torch.empty for its empty_like: the meta empty_like runs a Python
+        # reference that imports sympy (about a second, on first use); and allocated in dtype at once.
+        model._apply(lambda t: torch.empty(t.shape, device=device,
+                                           dtype=dtype if t.is_floating_point() else t.dtype))
+        model.tie_weights()  # each parameter got its own storage
         return model
 
     def tie_weights(self) -> None:

@@ -1,4 +1,4 @@
-"""Serving: the continuous-batching ``engine``, the OpenAI-compatible ``openai_server``, the terminal ``chat``.
+"""Serving: the continuous-batching ``engine``, the OpenAI-compatible server, the terminal ``chat``.
 
 Importing this package imports nothing heavy; the server module needs ``fastapi`` and ``uvicorn``.
 """

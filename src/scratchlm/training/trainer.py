@@ -179,9 +179,22 @@ def fast_bf16(device: torch.device) -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
+    """``"auto"``: bf16 where the hardware multiplies bf16 fast, else fp32 (``Trainer`` then probes CPUs)."""
     if precision == "auto":
         return "bf16" if fast_bf16(device) else "fp32"
     return precision
+
+
+def _timed_backward(model: torch.nn.Module, loss_fn: LossFn, batch: Any, bf16: bool,
+                    device: torch.device) -> float:
+    t0 = time.perf_counter()
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+        loss, _ = loss_fn(model, batch)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
 
 
 def param_groups(parameters: Iterable[torch.nn.Parameter], weight_decay: float) -> list[dict[str, Any]]:
@@ -252,11 +265,18 @@ class Trainer:
         self.config = config
         self.dist = dist or distributed.DistContext(device=distributed.resolve_device(config.device))
         self.device = self.dist.device
-        self.precision = resolve_precision(config.precision, self.device)
         self.module = model.to(self.device)
         self.model = distributed.wrap(self.module, self.dist)
         self.train_data, self.val_data = train_data, val_data
         self.loss_fn, self.collate = loss_fn, collate
+        self.global_batch = config.batch_size * config.grad_accum * self.dist.world_size
+        if len(train_data) < self.global_batch:
+            raise DataError(f"the training data has {len(train_data)} examples, fewer than one batch of "
+                            f"{self.global_batch}", "lower the batch size (or grad_accum), or use more data")
+        self._probe_note: str | None = None
+        self.precision = resolve_precision(config.precision, self.device)
+        if config.precision == "auto" and self.precision == "bf16" and self.device.type == "cpu":
+            self.precision = self._probe_precision()
         self.params = [p for p in (parameters if parameters is not None else self.module.parameters())
                        if p.requires_grad]
         if not self.params:
@@ -273,10 +293,6 @@ class Trainer:
         self.data_info = data_info
         self.val_tokens_per_char = val_tokens_per_char
         self.callbacks = list(callbacks)
-        self.global_batch = config.batch_size * config.grad_accum * self.dist.world_size
-        if len(train_data) < self.global_batch:
-            raise DataError(f"the training data has {len(train_data)} examples, fewer than one batch of "
-                            f"{self.global_batch}", "lower the batch size (or grad_accum), or use more data")
         # Progress counters (restored on resume).
         self.step = 0
         self.tokens = 0
@@ -293,6 +309,35 @@ class Trainer:
         self._elapsed_at_start = 0.0
         self._progress = Progress(False)
         self.metrics = MetricsLog(self.run_dir / METRICS_FILE) if self.run_dir and self.dist.is_main else None
+
+    def _probe_precision(self) -> str:
+        """On a CPU with AMX: time a few forward/backward passes of this model in fp32 and in bf16.
+
+        AMX makes large bf16 matrix products several times faster, but a small model's products
+        are small and autocast adds casts, so which precision wins depends on the model; this
+        measures it (about a second) instead of guessing.  The probe runs on a copy of the model
+        with the random state restored, so training is unaffected.  Data-parallel ranks vote, and
+        bf16 is used only if every rank found it faster.
+        """
+        import copy
+
+        examples = [self.train_data[i] for i in range(self.config.batch_size)]
+        batch = to_device(self.collate(examples), self.device)
+        probe = copy.deepcopy(self.module).train()
+        best = {False: math.inf, True: math.inf}
+        with torch.random.fork_rng(devices=[]):
+            for bf16 in (False, True):  # warm-up: the first bf16 call builds its kernels
+                _timed_backward(probe, self.loss_fn, batch, bf16, self.device)
+            for _ in range(3):
+                for bf16 in (False, True):
+                    seconds = _timed_backward(probe, self.loss_fn, batch, bf16, self.device)
+                    best[bf16] = min(best[bf16], seconds)
+        vote = torch.tensor([1.0 if best[True] < 0.9 * best[False] else 0.0], device=self.device)
+        distributed.all_reduce_sum(vote, self.dist)
+        choice = "bf16" if int(vote.item()) == self.dist.world_size else "fp32"
+        self._probe_note = (f"precision auto: {choice} (forward+backward {best[False] * 1e3:.0f} ms fp32, "
+                            f"{best[True] * 1e3:.0f} ms bf16)")
+        return choice
 
     # --- state ------------------------------------------------------------------------------------
 
@@ -363,6 +408,8 @@ class Trainer:
                 raise CheckpointError(f"{where}: the model config differs "
                                       f"({k}: run has {saved.get(k)!r}, now {current.get(k)!r})", fix)
         saved_training = payload.get("training") or {}
+        if self.config.precision == "auto" and saved_training.get("precision") in ("fp32", "bf16"):
+            self.precision = saved_training["precision"]  # the run's own resolution of "auto"
         current = self.training_dict()
         for key in TrainConfig.TRAJECTORY:
             if key in saved_training and saved_training[key] != current[key]:
@@ -458,8 +505,8 @@ class Trainer:
         return torch.linspace(0, n - 1, want).round().long().tolist()
 
     @torch.no_grad()
-    def _split_loss(self, dataset: Any) -> float:
-        indices = self._eval_indices(len(dataset))
+    def _split_loss(self, dataset: Any, everything: bool = False) -> float:
+        indices = list(range(len(dataset))) if everything else self._eval_indices(len(dataset))
         b = self.config.batch_size
         batches = [indices[i:i + b] for i in range(0, len(indices), b)]
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
@@ -472,13 +519,17 @@ class Trainer:
         distributed.all_reduce_sum(totals, self.dist)
         return float(totals[0] / totals[1]) if totals[1] > 0 else float("nan")
 
-    def evaluate(self) -> dict[str, Any]:
-        """Train and validation loss on fixed windows; perplexity and nats per character."""
+    def evaluate(self, final: bool = False) -> dict[str, Any]:
+        """Train and validation loss on fixed windows; perplexity and nats per character.
+
+        ``final``: the validation loss covers every validation example (the figure a run is judged
+        by), not just the fixed subset that keeps periodic evaluations cheap.
+        """
         was_training = self.module.training
         self.module.eval()
         try:
             train_loss = self._split_loss(self.train_data)
-            val_loss = self._split_loss(self.val_data) if self.val_data is not None else None
+            val_loss = None if self.val_data is None else self._split_loss(self.val_data, everything=final)
         finally:
             self.module.train(was_training)
         record: dict[str, Any] = {
@@ -489,6 +540,8 @@ class Trainer:
                                   if val_loss is not None and self.val_tokens_per_char else None),
             "lr": self.optimizer.param_groups[0]["lr"],
         }
+        if final:
+            record["final"] = True
         self.last_eval = record
         return record
 
@@ -504,8 +557,8 @@ class Trainer:
         with torch.random.fork_rng(devices=devices):
             return generate(self.module, self.tokenizer, self.config.sample_prompt, params)
 
-    def _eval_and_sample(self) -> None:
-        record = self.evaluate()
+    def _eval_and_sample(self, final: bool = False) -> None:
+        record = self.evaluate(final)
         text = self.sample()
         if not self.dist.is_main:
             return
@@ -567,6 +620,8 @@ class Trainer:
         start_progress = self.progress()
         self._progress = Progress(self.config.progress and self.dist.is_main,
                                   initial=min(1.0, start_progress))
+        if self._probe_note:
+            self._say(self._probe_note)
         if resume:
             self._say(f"resumed {self.run_dir} at step {self.step} "
                       f"({self.tokens:,} tokens, {self.elapsed:.0f} s)")
@@ -588,7 +643,6 @@ class Trainer:
 
     def _loop(self, start_progress: float) -> None:
         cfg = self.config
-        evaluated_at = -1
         rate_tokens, rate_time = 0, 0.0  # for the tokens/s estimate (since the last display)
         last_display = 0.0
         progress = start_progress
@@ -609,9 +663,8 @@ class Trainer:
                 self._progress.update(progress, self.step, loss, rate_tokens / max(rate_time, 1e-9),
                                       self._now(), now - self._session_start, start_progress)
                 rate_tokens, rate_time, last_display = 0, 0.0, now
-            if cfg.eval_every and self.step % cfg.eval_every == 0:
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and progress < 1.0:
                 self._eval_and_sample()
-                evaluated_at = self.step
             if cfg.save_every and self.step % cfg.save_every == 0:
                 self.save()
             for callback in self.callbacks:
@@ -620,6 +673,5 @@ class Trainer:
                 raise KeyboardInterrupt
             progress = self.progress()
         self._progress.close()
-        if evaluated_at != self.step:
-            self._eval_and_sample()
+        self._eval_and_sample(final=True)
         self.save()

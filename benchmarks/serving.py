@@ -1,0 +1,109 @@
+"""Claim: continuous batching serves 8 concurrent clients ≥ 3x faster (aggregate output tokens/s)
+than the same 8 requests sent one after another.
+
+Starts ``scratchlm serve``'s app in this process on 127.0.0.1, sends 8 streaming chat requests
+with the official ``openai`` client (temperature 0, a fixed number of tokens each via
+``ignore_eos``), first one at a time, then all at once, and prints aggregate output tokens/s,
+p50/p95 time to first token and peak resident memory.  The model is SmolLM2-135M-Instruct from
+../shared/models when present, else a tiny random Llama (the report says which).
+
+    .venv/bin/python benchmarks/serving.py [--model REF] [--tokens 64] [--clients 8] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+SMOLLM2 = REPO.parent / "shared" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+QUESTIONS = ["What is the capital of France?", "Name three primary colors.", "How do birds fly?",
+             "Write a haiku about rain.", "What is 12 times 7?", "Why is the sky blue?",
+             "Give me a tip for learning Python.", "What does a compiler do?"]
+
+
+def load_model(ref: str | None):
+    from scratchlm.api import LM, load
+
+    if ref or SMOLLM2.exists():
+        path = ref or str(SMOLLM2)
+        return load(path, device="cpu"), Path(path).name
+    from scratchlm.models import build_model, from_preset
+    from scratchlm.tokenizers.train_bpe import train_bpe
+
+    tokenizer = train_bpe((REPO / "src/scratchlm/generation/generate.py").read_text(), 300,
+                          special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>"))
+    config = from_preset("tiny-llama", vocab_size=300, context_length=512)
+    return LM(build_model(config), tokenizer, config), "tiny-llama (random weights; SmolLM2 GGUF absent)"
+
+
+def one_request(client, question: str, tokens: int) -> tuple[float, float, int]:
+    """(time to first token, end time, completion tokens) of one streaming chat request."""
+    start = time.perf_counter()
+    first = None
+    usage = 0
+    stream = client.chat.completions.create(
+        model="bench", messages=[{"role": "user", "content": question}], temperature=0, max_tokens=tokens,
+        stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    for chunk in stream:
+        if first is None and chunk.choices and chunk.choices[0].delta.content:
+            first = time.perf_counter() - start
+        if chunk.usage is not None:
+            usage = chunk.usage.completion_tokens
+    return first or 0.0, time.perf_counter(), usage
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="model ref; None = SmolLM2 GGUF if present")
+    parser.add_argument("--tokens", type=int, default=64, help="output tokens per request")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads; None = torch's default")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import openai
+
+    from scratchlm.serving.openai_server import ServerConfig, ServerThread
+
+    lm, name = load_model(args.model)
+    questions = (QUESTIONS * (args.clients // len(QUESTIONS) + 1))[:args.clients]
+    with ServerThread(lm, ServerConfig("bench", max_batch=args.clients)) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=600)
+        one_request(client, "warm up", 4)
+        start = time.perf_counter()
+        sequential = [one_request(client, q, args.tokens) for q in questions]
+        seq_time = time.perf_counter() - start
+        start = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(args.clients) as pool:
+            together = list(pool.map(lambda q: one_request(client, q, args.tokens), questions))
+        conc_time = time.perf_counter() - start
+    seq_tps = sum(t for _, _, t in sequential) / seq_time
+    conc_tps = sum(t for _, _, t in together) / conc_time
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def pct(values: list[float], q: int) -> float:
+        if len(values) == 1:
+            return values[0]
+        return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+
+    print(f"model: {name}; {args.clients} requests × {args.tokens} tokens; "
+          f"torch threads {torch.get_num_threads()}")
+    print(f"{'':<12}{'tokens/s':>10}{'TTFT p50 ms':>13}{'TTFT p95 ms':>13}{'wall s':>9}")
+    for label, rows, tps, wall in (("sequential", sequential, seq_tps, seq_time),
+                                   ("concurrent", together, conc_tps, conc_time)):
+        ttft = [r[0] * 1000 for r in rows]
+        print(f"{label:<12}{tps:>10.1f}{pct(ttft, 50):>13.0f}{pct(ttft, 95):>13.0f}{wall:>9.2f}")
+    print(f"speed-up (aggregate tokens/s, concurrent / sequential): {conc_tps / seq_tps:.2f}x (target ≥ 3x)")
+    print(f"peak resident memory: {peak_mib:.0f} MiB")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

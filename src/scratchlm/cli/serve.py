@@ -1,0 +1,55 @@
+"""Serve a model over an OpenAI-compatible HTTP API, batching concurrent requests.
+
+Point any OpenAI client at http://HOST:PORT/v1 (the api key is ignored): POST /v1/completions and
+/v1/chat/completions (streaming too), GET /v1/models, /health and /openapi.json.  Requests join a
+running batch between decode steps; beyond --max-batch running and --max-queue waiting requests
+the server answers 429.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, default=argparse.SUPPRESS,
+                        help="run dir, Hugging Face model directory or hub id, or a .gguf file")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on; 0.0.0.0 exposes the server to the network")
+    parser.add_argument("--port", type=int, default=8000, help="port to listen on")
+    parser.add_argument("--model-name", default=None,
+                        help="the id clients pass as 'model'; None = the model file or directory name")
+    parser.add_argument("--max-batch", type=int, default=16, help="most requests decoded together")
+    parser.add_argument("--max-queue", type=int, default=64,
+                        help="most requests waiting for a slot; more are refused with HTTP 429")
+    parser.add_argument("--max-tokens-limit", type=int, default=None,
+                        help="the largest max_tokens a request may ask for; None = the context length")
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda, cuda:1, ...; None = cuda if available, else cpu")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="weight precision; None = float32")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from scratchlm.errors import UserError
+
+    try:
+        import uvicorn
+
+        from scratchlm.serving.openai_server import ServerConfig, create_app
+    except ImportError as err:
+        raise UserError(f"the server needs {err.name}, which is not installed",
+                        "pip install fastapi uvicorn") from err
+    from scratchlm.api import load
+
+    if args.max_batch < 1 or args.max_queue < 0:
+        raise UserError("--max-batch must be ≥ 1 and --max-queue ≥ 0", "pass positive sizes")
+    lm = load(args.model, device=args.device, dtype=args.dtype)
+    name = args.model_name or Path(str(args.model).rstrip("/")).stem
+    config = ServerConfig(name, max_batch=args.max_batch, max_queue=args.max_queue,
+                          max_tokens_limit=args.max_tokens_limit)
+    print(f"serving {name!r} at http://{args.host}:{args.port}/v1", flush=True)
+    uvicorn.run(create_app(lm, config), host=args.host, port=args.port, log_level="info")
+    return 0

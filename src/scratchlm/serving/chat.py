@@ -1,0 +1,109 @@
+"""A terminal chat: read a message, stream the model's answer through its chat template, repeat.
+
+The whole conversation (and the ``--system`` message) is sent every turn, so the model sees the
+history.  Ctrl-C while an answer streams stops that answer (what was shown stays in the history)
+and returns to the prompt; Ctrl-D at the prompt quits.  Lines starting with ``/`` are commands.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+from scratchlm.generation import SamplingParams
+
+HELP = """commands:
+  /reset       forget the conversation (the system message stays)
+  /save FILE   write the conversation to FILE as JSON (a list of role/content messages)
+  /help        show this help
+  /quit        quit (so does Ctrl-D); Ctrl-C stops an answer"""
+
+
+class ChatSession:
+    """The conversation so far and how to answer the next message; the REPL is ``run``."""
+
+    def __init__(self, lm: Any, params: SamplingParams, system: str | None = None,
+                 out: TextIO = sys.stdout):
+        self.lm = lm
+        self.params = params
+        self.system = system
+        self.out = out
+        self.messages: list[dict[str, str]] = []
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+
+    def save(self, path: str) -> Path:
+        target = Path(path).expanduser()
+        target.write_text(json.dumps(self.messages, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        return target
+
+    def answer(self, text: str) -> str:
+        """Stream the reply to ``text``; on Ctrl-C keep what was shown and return it."""
+        self.messages.append({"role": "user", "content": text})
+        pieces: list[str] = []
+        try:
+            for piece in self.lm.chat_stream(self.messages, self.params):
+                if not pieces:
+                    piece = piece.lstrip()  # the template's newline after the role is not the answer
+                pieces.append(piece)
+                self.out.write(piece)
+                self.out.flush()
+        except KeyboardInterrupt:
+            self.out.write(" [stopped]")
+        self.out.write("\n")
+        self.out.flush()
+        reply = "".join(pieces).strip()
+        self.messages.append({"role": "assistant", "content": reply})
+        return reply
+
+    def command(self, line: str) -> bool:
+        """Run a ``/command``; False when it asks to quit."""
+        name, _, arg = line.partition(" ")
+        if name in ("/quit", "/exit"):
+            return False
+        if name == "/reset":
+            self.reset()
+            self.out.write("(conversation cleared)\n")
+        elif name == "/save":
+            if not arg.strip():
+                self.out.write("usage: /save FILE\n")
+            else:
+                try:
+                    self.out.write(f"(saved {len(self.messages)} messages to {self.save(arg.strip())})\n")
+                except OSError as err:
+                    self.out.write(f"error: cannot write {arg.strip()}: {err.strerror}\n")
+        elif name == "/help":
+            self.out.write(HELP + "\n")
+        else:
+            self.out.write(f"unknown command {name}; /help lists them\n")
+        self.out.flush()
+        return True
+
+    def run(self, prompt: str = ">>> ") -> None:
+        """The read-answer loop, until Ctrl-D or /quit."""
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+        self.out.write("chat: /help for commands, Ctrl-C stops an answer, Ctrl-D quits\n")
+        while True:
+            try:
+                line = input(prompt)
+            except EOFError:
+                self.out.write("\n")
+                return
+            except KeyboardInterrupt:  # at the prompt: drop the line, stay
+                self.out.write("\n")
+                continue
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("/"):
+                if not self.command(line):
+                    return
+                continue
+            self.answer(line)
