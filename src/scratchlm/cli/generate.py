@@ -10,47 +10,20 @@ from __future__ import annotations
 import argparse
 import sys
 
+from scratchlm.cli.options import add_model_options, add_sampling_options, sampling_from_args
 from scratchlm.errors import UserError
-from scratchlm.generation.sampling import SamplingParams
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    d = SamplingParams()  # one source of defaults for the CLI, the API and the server
-    # (SUPPRESS: a required option has no default worth printing.)
-    parser.add_argument("--model", required=True, default=argparse.SUPPRESS,
-                        help="run dir, Hugging Face model directory, or hub id (e.g. openai-community/gpt2)")
+    add_model_options(parser)
     parser.add_argument("--prompt", default=None, help="text to continue; None = read standard input")
     parser.add_argument("--chat", default=None, metavar="TEXT",
                         help="answer TEXT as a user message, through the model's chat template "
                         "(ChatML when it has none), stopping at the end of the turn")
     parser.add_argument("--system", default=None, metavar="TEXT",
                         help="with --chat: a system message before it; None = the template's default")
-    parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
-                        help="most tokens to generate")
-    parser.add_argument("--temperature", type=float, default=d.temperature,
-                        help="softmax temperature; 0 = greedy (always the most likely token)")
-    parser.add_argument("--top-k", type=int, default=d.top_k,
-                        help="sample only among the k most likely tokens; None = off")
-    parser.add_argument("--top-p", type=float, default=d.top_p,
-                        help="sample only among the most likely tokens that together reach this probability")
-    parser.add_argument("--frequency-penalty", type=float, default=d.frequency_penalty,
-                        help="subtract this × (times the token was generated) from its logit")
-    parser.add_argument("--presence-penalty", type=float, default=d.presence_penalty,
-                        help="subtract this from the logit of every token generated already")
-    parser.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty,
-                        help="divide (positive) or multiply (negative) the logits of tokens seen already; "
-                        "1 = off")
-    parser.add_argument("--seed", type=int, default=d.seed,
-                        help="random seed, for a reproducible sample; None = a fresh one")
-    parser.add_argument("--stop", action="append", default=argparse.SUPPRESS, metavar="TEXT",
-                        help="end the text before this string (repeatable; none by default)")
-    parser.add_argument("--ignore-eos", action="store_true",
-                        help="keep generating past the end-of-text token")
+    add_sampling_options(parser)
     parser.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
-    parser.add_argument("--device", default=None,
-                        help="cpu, cuda, cuda:1, ...; None = cuda if available, else cpu")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                        help="weight precision; None = float32")
     parser.set_defaults(func=run)
 
 
@@ -64,12 +37,7 @@ def run(args: argparse.Namespace) -> int:
         if sys.stdin is None or sys.stdin.isatty():
             raise UserError("no prompt given", "pass --prompt TEXT, or pipe the prompt into standard input")
         prompt = sys.stdin.read()
-    params = SamplingParams(
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
-        repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
-        stop=getattr(args, "stop", []), ignore_eos=args.ignore_eos, seed=args.seed,
-    )
+    params = sampling_from_args(args)
     from scratchlm.api import load
 
     lm = load(args.model, device=args.device, dtype=args.dtype)

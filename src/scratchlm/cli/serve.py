@@ -11,10 +11,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from scratchlm.cli.options import add_model_options
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, default=argparse.SUPPRESS,
-                        help="run dir, Hugging Face model directory or hub id, or a .gguf file")
+    add_model_options(parser)
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on; 0.0.0.0 exposes the server to the network")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
@@ -25,10 +26,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="most requests waiting for a slot; more are refused with HTTP 429")
     parser.add_argument("--max-tokens-limit", type=int, default=None,
                         help="the largest max_tokens a request may ask for; None = the context length")
-    parser.add_argument("--device", default=None,
-                        help="cpu, cuda, cuda:1, ...; None = cuda if available, else cpu")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                        help="weight precision; None = float32")
     parser.set_defaults(func=run)
 
 

@@ -1,0 +1,59 @@
+"""Options shared by the commands that load a model and sample from it (generate, chat, serve).
+
+One place for their names, help texts and defaults, so the CLI, the API and the server agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from scratchlm.generation.sampling import SamplingParams
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """--model, --device, --dtype: what ``scratchlm.load`` takes."""
+    # (SUPPRESS: a required option has no default worth printing.)
+    parser.add_argument("--model", required=True, default=argparse.SUPPRESS,
+                        help="run dir, Hugging Face model directory or hub id, or a .gguf file")
+    parser.add_argument("--device", default=None,
+                        help="cpu, cuda, cuda:1, ...; None = cuda if available, else cpu")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="weight precision; None = float32")
+
+
+def add_sampling_options(parser: argparse.ArgumentParser, *, temperature: float | None = None,
+                         top_p: float | None = None, stop: bool = True) -> None:
+    """The ``SamplingParams`` fields as options; defaults come from SamplingParams unless given."""
+    d = SamplingParams()
+    parser.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
+                        help="most tokens to generate")
+    temperature = d.temperature if temperature is None else temperature
+    parser.add_argument("--temperature", type=float, default=temperature,
+                        help="softmax temperature; 0 = greedy (always the most likely token)")
+    parser.add_argument("--top-k", type=int, default=d.top_k,
+                        help="sample only among the k most likely tokens; None = off")
+    parser.add_argument("--top-p", type=float, default=d.top_p if top_p is None else top_p,
+                        help="sample only among the most likely tokens that together reach this probability")
+    parser.add_argument("--frequency-penalty", type=float, default=d.frequency_penalty,
+                        help="subtract this × (times the token was generated) from its logit")
+    parser.add_argument("--presence-penalty", type=float, default=d.presence_penalty,
+                        help="subtract this from the logit of every token generated already")
+    parser.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty,
+                        help="divide (positive) or multiply (negative) the logits of tokens seen already; "
+                        "1 = off")
+    parser.add_argument("--seed", type=int, default=d.seed,
+                        help="random seed, for a reproducible sample; None = a fresh one")
+    if stop:
+        parser.add_argument("--stop", action="append", default=argparse.SUPPRESS, metavar="TEXT",
+                            help="end the text before this string (repeatable; none by default)")
+    parser.add_argument("--ignore-eos", action="store_true",
+                        help="keep generating past the end-of-text (or end-of-turn) token")
+
+
+def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        frequency_penalty=args.frequency_penalty, presence_penalty=args.presence_penalty,
+        repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
+        stop=getattr(args, "stop", []), ignore_eos=args.ignore_eos, seed=args.seed,
+    )
