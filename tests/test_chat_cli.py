@@ -78,6 +78,7 @@ def test_ctrl_c_stops_the_answer_but_not_the_chat(run_dir, tmp_path):
     try:
         child.expect_exact(">>> ")
         child.sendline("tell me a long story")
+        child.expect_exact("tell me a long story")  # the terminal's echo of the line
         child.expect(r"\S{3}")  # the answer is streaming
         child.sendintr()  # Ctrl-C
         child.expect_exact("[stopped]")
@@ -88,7 +89,7 @@ def test_ctrl_c_stops_the_answer_but_not_the_chat(run_dir, tmp_path):
         child.sendline("/quit")
         child.expect(pexpect.EOF)
         child.close()
-        assert child.exitstatus == 0, child.signalstatus
+        assert child.exitstatus == 0, (child.signalstatus, child.before)
     finally:
         if child.isalive():
             child.close(force=True)

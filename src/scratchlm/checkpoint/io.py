@@ -329,7 +329,7 @@ def save_run(run_dir: str | Path, model: torch.nn.Module, config: ModelConfig, t
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "scratchlm_version": __version__,
-        "architecture": "transformer",
+        "architecture": getattr(config, "arch", "transformer"),
         "model": config.to_dict(),
     }
     if training is not None:
@@ -395,12 +395,12 @@ def load_run(run_dir: str | Path,
     The tokenizer is None when the run dir has none.  A missing, damaged or foreign file is a
     one-line ``CheckpointError``.
     """
-    from scratchlm.models.transformer import Transformer
+    from scratchlm.models import build_empty_model
 
     run_dir = Path(run_dir)
     payload = read_run_config(run_dir)
     config = run_model_config(payload)
-    model = Transformer.empty(config, device=device)
+    model = build_empty_model(config, device=device)
     load_weights_into(model, run_dir / WEIGHTS_FILE)
     model.eval()
     tokenizer = None

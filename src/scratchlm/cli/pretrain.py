@@ -32,22 +32,24 @@ DEFAULTS: dict[str, Any] = {
     "max_time": 300.0,
     "max_tokens": None,
     "epochs": None,
-    "batch_size": 32,
+    "batch_size": 6,
     "grad_accum": 1,
     "context_length": None,  # None: the preset's
     "lr": 3e-3,
     "min_lr": None,  # None: lr / 10
-    "warmup_steps": 50,
+    "warmup_steps": 100,
     "weight_decay": 0.1,
+    "beta2": 0.99,
     "dropout": 0.0,
-    "eval_every": 100,
+    "eval_every": 250,
     "eval_batches": 8,
     "save_every": 0,
     "seed": 1337,
     "device": "cpu",
+    "threads": 0,  # 0: PyTorch's default (one per core)
     "precision": "auto",
     "prompt": "\n",
-    "sample_tokens": 300,
+    "sample_tokens": 150,
 }
 VAL_FRACTION = 0.1  # the last 10% of the text, as nanoGPT's shakespeare_char
 # Every position starts a training window: nanoGPT's random offsets, drawn without replacement.
@@ -55,7 +57,7 @@ STRIDE = 1
 
 # Options that may differ when resuming: they do not change the trajectory (or they extend it).
 RESUME_FREE = {"max_steps", "max_time", "max_tokens", "epochs", "eval_every", "eval_batches", "save_every",
-               "device", "prompt", "sample_tokens", "out", "resume"}
+               "device", "threads", "prompt", "sample_tokens", "out", "resume"}
 BUDGETS = ("max_steps", "max_time", "max_tokens", "epochs")
 
 
@@ -64,12 +66,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     # SUPPRESS: an option is absent unless given, so that --resume can tell what the user changed.
     s = argparse.SUPPRESS
 
-    def opt(group: Any, flag: str, help_: str, **kw: Any) -> None:
+    def opt(group: Any, flag: str, help_: str, shown: Any = None, **kw: Any) -> None:
         key = flag.lstrip("-").replace("-", "_")
         default = d.get(key)
-        shown = "off" if default in (None, 0) else (repr(default) if isinstance(default, str) else default)
-        if key == "context_length":
-            shown = "the preset's"
+        if shown is None:
+            shown = "off" if default in (None, 0) else default
+            shown = repr(default) if isinstance(default, str) else shown
         group.add_argument(flag, default=s, help=f"{help_} (default: {shown})", **kw)
 
     g = parser.add_argument_group("model and data")
@@ -77,7 +79,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     opt(g, "--data", "training text: a UTF-8 file or builtin:NAME", metavar="PATH")
     opt(g, "--tokenizer", "'char', 'bpe:N' (train N tokens), or a tokenizer path", metavar="SPEC")
     opt(g, "--context-length", "tokens per training window, at most the preset's positions",
-        type=int, metavar="N")
+        shown="the preset's", type=int, metavar="N")
     opt(g, "--dropout", "dropout probability", type=float, metavar="P")
     g = parser.add_argument_group("budget (training stops at the first one reached)")
     g.add_argument("--max-time", type=float, default=s, metavar="SECONDS",
@@ -90,13 +92,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     opt(g, "--batch-size", "windows per step and process", type=int, metavar="N")
     opt(g, "--grad-accum", "micro-batches accumulated per step", type=int, metavar="N")
     opt(g, "--lr", "peak learning rate (AdamW)", type=float)
-    opt(g, "--min-lr", "final learning rate of the cosine decay; off = lr/10", type=float)
+    opt(g, "--min-lr", "final learning rate of the cosine decay", shown="lr/10", type=float)
     opt(g, "--warmup-steps", "linear warmup steps", type=int, metavar="N")
     opt(g, "--weight-decay", "AdamW weight decay on matrices", type=float)
+    opt(g, "--beta2", "AdamW's second-moment decay (0.99 suits small models and batches)", type=float)
     opt(g, "--seed", "random seed (initialisation, data order, dropout)", type=int)
     opt(g, "--precision", "fp32, bf16 (autocast, fp32 master weights), or auto: bf16 where it is fast "
         "(CUDA, CPUs with AMX)", choices=["fp32", "bf16", "auto"])
     opt(g, "--device", "cpu, cuda, cuda:1, or auto", metavar="DEVICE")
+    opt(g, "--threads", "CPU threads; on cores shared with other jobs, 1 can be much faster than 2",
+        shown="one per core", type=int, metavar="N")
     g = parser.add_argument_group("evaluation and output")
     opt(g, "--eval-every", "steps between evaluations (each with a text sample)", type=int, metavar="N")
     opt(g, "--eval-batches", "batches per split and evaluation", type=int, metavar="N")
@@ -126,7 +131,7 @@ def _saved_settings(payload: dict[str, Any]) -> dict[str, Any]:
         "prompt": training.get("sample_prompt"),
     }
     for key in ("max_steps", "max_time", "max_tokens", "batch_size", "grad_accum", "lr", "min_lr",
-                "warmup_steps", "weight_decay", "eval_every", "eval_batches", "save_every", "seed",
+                "warmup_steps", "weight_decay", "beta2", "eval_every", "eval_batches", "save_every", "seed",
                 "precision", "device", "sample_tokens"):
         settings[key] = training.get(key)
     return settings
@@ -228,7 +233,7 @@ def _train_config(settings: dict[str, Any]) -> Any:
     return TrainConfig(
         batch_size=settings["batch_size"], grad_accum=settings["grad_accum"], lr=settings["lr"],
         min_lr=settings["min_lr"], warmup_steps=settings["warmup_steps"],
-        weight_decay=settings["weight_decay"], max_steps=settings["max_steps"],
+        weight_decay=settings["weight_decay"], beta2=settings["beta2"], max_steps=settings["max_steps"],
         max_epochs=settings["epochs"], max_tokens=settings["max_tokens"], max_time=settings["max_time"],
         eval_every=settings["eval_every"], eval_batches=settings["eval_batches"],
         save_every=settings["save_every"], sample_prompt=settings["prompt"],
@@ -276,6 +281,8 @@ def run(args: argparse.Namespace) -> int:
     train = SlidingWindowDataset(train_ids, ctx, STRIDE)
     val = SlidingWindowDataset(val_ids, ctx, ctx)  # disjoint windows spread over the whole split
 
+    if settings["threads"]:
+        torch.set_num_threads(settings["threads"])
     dist = distributed.from_env(settings["device"])
     torch.manual_seed(settings["seed"])
     model = build_model(config)
