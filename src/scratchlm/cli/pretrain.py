@@ -42,7 +42,7 @@ DEFAULTS: dict[str, Any] = {
     "beta2": 0.99,
     "dropout": 0.0,
     "eval_every": 250,
-    "eval_batches": 8,
+    "eval_batches": 16,
     "save_every": 0,
     "seed": 1337,
     "device": "cpu",

@@ -81,9 +81,13 @@ def plot_losses(records: Iterable[dict[str, Any]], path: str | Path, title: str 
     if train:
         ax.plot(*zip(*train, strict=True), color="tab:blue", alpha=0.3, lw=0.8, label="train (batch)")
     for key, color, label in (("train_loss", "tab:blue", "train"), ("val_loss", "tab:orange", "validation")):
-        points = [(r["step"], r[key]) for r in evals if r.get(key) is not None]
+        points = [(r["step"], r[key]) for r in evals if r.get(key) is not None and not r.get("final")]
         if points:
             ax.plot(*zip(*points, strict=True), "o-", color=color, ms=3, lw=1.5, label=label)
+    # The final evaluation scores the whole validation split (the others a fixed subset): its own marker.
+    final = [(r["step"], r["val_loss"]) for r in evals if r.get("final") and r.get("val_loss") is not None]
+    if final:
+        ax.plot(*zip(*final, strict=True), "*", color="tab:red", ms=10, label="validation, whole split")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats per token)")
     ax.grid(alpha=0.3)

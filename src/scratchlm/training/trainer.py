@@ -307,6 +307,7 @@ class Trainer:
         self._stop_requested = False
         self._session_start = 0.0
         self._elapsed_at_start = 0.0
+        self._shared_elapsed = 0.0  # data-parallel: the ranks' mean clock at the last step (see progress)
         self._progress = Progress(False)
         self.metrics = MetricsLog(self.run_dir / METRICS_FILE) if self.run_dir and self.dist.is_main else None
 
@@ -350,7 +351,10 @@ class Trainer:
         return self.epoch + self.position / len(self.train_data)
 
     def progress(self) -> float:
-        return self.budget.progress(self.step, self.epochs, self.tokens, self._now())
+        """Fraction of the budget spent.  Data-parallel ranks use the clock they agreed on at the last
+        step, so that they compute the same learning rate and stop after the same step."""
+        elapsed = self._shared_elapsed if self.dist.enabled else self._now()
+        return self.budget.progress(self.step, self.epochs, self.tokens, elapsed)
 
     def _now(self) -> float:
         return self._elapsed_at_start + (time.perf_counter() - self._session_start)
@@ -476,10 +480,12 @@ class Trainer:
                 loss.backward()
             loss_sum += loss.detach().double()
             count += n.detach().double() if isinstance(n, torch.Tensor) else float(n)
-        stop = 1.0 if self._stop_requested else 0.0
-        totals = torch.stack([loss_sum, count, torch.tensor(stop, dtype=torch.float64, device=self.device)])
+        flags = torch.tensor([1.0 if self._stop_requested else 0.0, self._now()], dtype=torch.float64,
+                             device=self.device)
+        totals = torch.cat([loss_sum[None], count[None], flags])
         distributed.all_reduce_sum(totals, self.dist)
-        total_loss, total_count, stops = totals.tolist()
+        total_loss, total_count, stops, clocks = totals.tolist()
+        self._shared_elapsed = clocks / self.dist.world_size
         if total_count <= 0:
             raise DataError("a training batch has no target tokens", "check the data and its masking")
         # DDP averaged the summed gradients over ranks; turn that into the gradient of the global mean.
@@ -612,7 +618,7 @@ class Trainer:
                 if (self.run_dir / SAMPLES_FILE).exists():
                     with open(self.run_dir / SAMPLES_FILE, "a", encoding="utf-8") as f:
                         f.write(f"=== resumed at step {self.step} ===\n\n")
-        self._elapsed_at_start = self.elapsed
+        self._elapsed_at_start = self._shared_elapsed = self.elapsed
         self._session_start = time.perf_counter()
         previous_handler = None
         if threading.current_thread() is threading.main_thread():
