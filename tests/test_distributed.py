@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import time
+
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -29,21 +32,34 @@ def config(batch_size: int, grad_accum: int) -> TrainConfig:
                        eval_batches=2, warmup_steps=1, lr=1e-2, sample_tokens=0, progress=False, device="cpu")
 
 
-def _worker(rank: int, world: int, init_file: str, run_dir: str) -> None:
+def _worker(rank: int, world: int, init_file: str, run_dir: str, max_time: float | None = None) -> None:
     torch.set_num_threads(1)
     ctx = distributed.init(rank, world, device="cpu", init_method=f"file://{init_file}")
     try:
         data = dataset()
-        Trainer(model(), config(batch_size=2, grad_accum=2), data, val_data=data, run_dir=run_dir,
-                dist=ctx).fit()
+        cfg = config(batch_size=2, grad_accum=2)
+        if max_time is not None:
+            cfg = cfg.replace(max_steps=None, max_time=max_time, eval_every=0)
+        Trainer(model(), cfg, data, val_data=data, run_dir=run_dir, dist=ctx).fit()
     finally:
         distributed.shutdown(ctx)
+
+
+def spawn(*args, timeout: float = 120.0) -> None:
+    """Run 2 workers; fail (instead of hanging) if they do not finish in time."""
+    context = mp.start_processes(_worker, args=args, nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the data-parallel workers did not finish (ranks out of step?)")
 
 
 @pytest.mark.slow
 def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
     run_dir = tmp_path / "ddp"
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(run_dir)), nprocs=2, join=True)
+    spawn(2, str(tmp_path / "init"), str(run_dir))
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -62,10 +78,17 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
         # the data would differ by the size of the updates themselves (~1e-2 here).
         moved = (value - initial[name]).abs().max()
         torch.testing.assert_close(ddp_model.state_dict()[name], value, rtol=0, atol=max(1e-4, 0.01 * moved))
-    import json
-
     evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in evals if r["kind"] == "eval"]
     assert len(evals) == 1 and evals[0]["tokens"] == result.tokens == 3 * 8 * CONTEXT
     assert evals[0]["val_loss"] == pytest.approx(result.last_eval["val_loss"], rel=1e-4)
     assert read_run_config(run_dir)["training"]["batch_size"] == 2
+
+
+@pytest.mark.slow
+def test_a_time_budget_stops_every_rank_after_the_same_step(tmp_path):
+    """Each rank has its own clock; they agree on one at every step, so none waits for a missing peer."""
+    run_dir = tmp_path / "ddp"
+    spawn(2, str(tmp_path / "init"), str(run_dir), 1.5)
+    info = json.loads((run_dir / "train_state.json").read_text())
+    assert info["step"] >= 1 and info["world_size"] == 2
