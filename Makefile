@@ -20,7 +20,7 @@ demo: $(STAMP)
 	$(BIN)/scratchlm pretrain
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 --durations=15
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2 --durations=15
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
