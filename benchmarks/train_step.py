@@ -13,6 +13,10 @@ Variants:
   ours fp32           our Transformer, AdamW(fused=True)
   ours bf16           the same under torch.autocast("cpu", dtype=torch.bfloat16), fp32 master weights
   ours compiled fp32  torch.compile(model) (with --compile; compile time printed)
+  GEMM floor          not a model: the step's floating-point work (matrix products and attention,
+                      forward and backward) done as 1024-square fp32 matmuls, the fastest shape
+                      on this CPU.  Its ratio is the most any fp32 implementation could gain over
+                      transformers here: the roofline the 1.5x target has to fit under.
 
 Sizes: ``demo`` (nanoGPT's shakespeare_char: 4 layers, 4 heads, 128 wide, context 64, batch 12,
 vocabulary 65) and ``124m`` (gpt2-124m, context 256, batch 2).
@@ -87,6 +91,30 @@ def make_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch
     return step
 
 
+def step_flops(n_layer: int, n_embd: int, vocab: int, context: int, batch: int) -> float:
+    """Multiply-add FLOPs of one GPT-2 training step: forward 2 per weight per token (the twelve
+    d×d blocks of a layer, and the output head), attention 4·T·d per token per layer (QKᵀ and AV,
+    as if unmasked), and backward twice the forward."""
+    tokens = batch * context
+    weights = 2 * tokens * (12 * n_layer * n_embd**2 + vocab * n_embd)
+    forward = weights + 4 * n_layer * tokens * context * n_embd
+    return 3.0 * forward
+
+
+def make_gemm_floor(flops: float, n: int = 1024) -> Callable[[], float]:
+    """A closure returning the seconds ``flops`` of work take as n×n fp32 matmuls (measured)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    reps = max(1, round(flops / (2 * n**3)))
+
+    def step() -> float:
+        start = time.perf_counter()
+        for _ in range(reps):
+            torch.mm(a, b)
+        return (time.perf_counter() - start) * flops / (reps * 2 * n**3)
+
+    return step
+
+
 def bench_size(size: str, steps: int, warmup: int, use_compile: bool, bf16_mode: str) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -125,6 +153,9 @@ def bench_size(size: str, steps: int, warmup: int, use_compile: bool, bf16_mode:
         print(f"  torch.compile: first step (compilation) took {time.perf_counter() - start:.1f} s")
         variants.append(Variant("ours compiled fp32", step, []))
 
+    flops = step_flops(n_layer, n_embd, vocab, context, batch)
+    variants.append(Variant("GEMM floor", make_gemm_floor(flops), []))
+
     for _ in range(warmup):
         for v in variants:
             v.step()
@@ -144,6 +175,11 @@ def bench_size(size: str, steps: int, warmup: int, use_compile: bool, bf16_mode:
         paired = statistics.median(b / t for b, t in zip(base, v.times, strict=True))
         print(f"  {v.name:<21}{med * 1e3:>10.1f}{tokens / med:>10.0f}{statistics.median(base) / med:>7.2f}x"
               f"{best * 1e3:>10.1f}{min(base) / best:>7.2f}x{paired:>7.2f}x")
+    floor = statistics.median(variants[-1].times)
+    print(f"  one step is {flops / 1e9:.1f} GFLOP; at the GEMM floor's {flops / floor / 1e9:.0f} GFLOP/s it "
+          f"takes {floor * 1e3:.0f} ms, so transformers runs at {floor / statistics.median(base):.0%} of "
+          f"this CPU's fp32 matmul speed and 1.5x transformers would need "
+          f"{1.5 * floor / statistics.median(base):.0%}")
     if skip_bf16:
         print("  ours bf16 autocast: skipped — this CPU has no native bf16 matmul (no AMX / AVX512-BF16), "
               "so torch emulates it and it is far slower than fp32; --bf16 always runs it anyway")

@@ -41,3 +41,11 @@ def run_cli(capsys):
         return code, out, err
 
     return _run
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Test models are tiny: one thread is faster, and immune to OpenMP spinning on shared cores."""
+    import torch
+
+    torch.set_num_threads(1)

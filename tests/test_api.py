@@ -15,15 +15,6 @@ from scratchlm.models import build_model, from_preset
 from scratchlm.tokenizers.char import CharTokenizer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on busy shared cores OpenMP spinning costs 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory, gpt2_files_module):
     """A tiny random GPT-2 saved by transformers, with GPT-2's tokenizer files beside it."""

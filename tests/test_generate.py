@@ -88,14 +88,6 @@ def run_stream(text_script: list[int], prompt: str = "p", **options):
     return pieces, s.completion
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on busy shared cores OpenMP spinning costs 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # ----- cached decoding ----------------------------------------------------------------------------
 

@@ -16,13 +16,6 @@ from scratchlm.models.rnn import LSTM, ElmanRNN, RecurrentLM, RecurrentState
 TORCH = {ElmanRNN: torch.nn.RNN, LSTM: torch.nn.LSTM}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def random_lm(preset: str, **overrides) -> RecurrentLM:
     """A tiny recurrent LM with weights large enough that greedy decoding does not just repeat."""

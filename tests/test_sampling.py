@@ -29,14 +29,6 @@ def probs(logits: list[float], **options) -> list[float]:
     return torch.softmax(out, dim=-1).tolist()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on busy shared cores OpenMP spinning costs 10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 # ----- Raschka ch. 5 ------------------------------------------------------------------------------
 

@@ -264,29 +264,44 @@ SAVED_FILE = "scratchlm-tokenizer.json"
 SAVED_FORMAT = "scratchlm-tokenizer"
 
 
-def save_vocab(directory: str | Path, kind: str, vocab: list[str], tok: Tokenizer) -> None:
-    """Write a word/char tokenizer to ``directory/scratchlm-tokenizer.json``."""
-    write_json(Path(directory) / SAVED_FILE, {
-        "format": SAVED_FORMAT, "version": 1, "type": kind, "vocab": vocab,
-        "special_tokens": tok.special_tokens, "eos_token": tok.eos_token, "bos_token": tok.bos_token,
-        "chat_template": tok.chat_template,
-    })
+class ListVocabTokenizer(Tokenizer):
+    """Base of the word and char tokenizers: ordinary tokens are a list of strings, id = position.
 
+    A subclass fills ``_ids`` (token → id, in vocabulary order) and takes ``(vocab, special_tokens)``
+    in its constructor; saving and loading that list as JSON lives here, once.
+    """
 
-def load_saved_vocab(payload: dict, path: Path) -> tuple[list[str], dict[str, int], tuple]:
-    """``(vocab, special_tokens, (eos_token, bos_token, chat_template))`` from a parsed saved file."""
-    vocab, specials = payload.get("vocab"), payload.get("special_tokens", {})
-    if not isinstance(vocab, list) or not all(isinstance(t, str) for t in vocab):
-        raise DataError(f"{path}: 'vocab' must be a list of strings", "re-save the tokenizer with scratchlm")
-    if not isinstance(specials, dict) or not all(
-        isinstance(k, str) and type(v) is int and v >= 0 for k, v in specials.items()
-    ):
-        raise DataError(f"{path}: 'special_tokens' must map names to non-negative ids",
-                        "re-save the tokenizer with scratchlm")
-    ids = sorted(specials.values())
-    if len(set(ids)) != len(ids) or (ids and ids[0] < len(vocab)):
-        raise DataError(f"{path}: special-token ids must be distinct and follow the "
-                        f"{len(vocab)} vocabulary entries",
-                        "re-save the tokenizer with scratchlm")
-    extra = (payload.get("eos_token"), payload.get("bos_token"), payload.get("chat_template"))
-    return vocab, specials, extra
+    _ids: dict[str, int]
+
+    def _lookup(self, token: str) -> int | None:
+        return self._ids.get(token)
+
+    def save(self, directory: str | Path) -> None:
+        """Write ``directory/scratchlm-tokenizer.json``."""
+        write_json(Path(directory) / SAVED_FILE, {
+            "format": SAVED_FORMAT, "version": 1, "type": self.name, "vocab": list(self._ids),
+            "special_tokens": self.special_tokens, "eos_token": self.eos_token,
+            "bos_token": self.bos_token, "chat_template": self.chat_template,
+        })
+
+    @classmethod
+    def load(cls, payload: dict, path: Path) -> ListVocabTokenizer:
+        """The tokenizer of a parsed saved file, its contents checked."""
+        vocab, specials = payload.get("vocab"), payload.get("special_tokens", {})
+        if not isinstance(vocab, list) or not all(isinstance(t, str) for t in vocab):
+            raise DataError(f"{path}: 'vocab' must be a list of strings",
+                            "re-save the tokenizer with scratchlm")
+        if not isinstance(specials, dict) or not all(
+            isinstance(k, str) and type(v) is int and v >= 0 for k, v in specials.items()
+        ):
+            raise DataError(f"{path}: 'special_tokens' must map names to non-negative ids",
+                            "re-save the tokenizer with scratchlm")
+        ids = sorted(specials.values())
+        if len(set(ids)) != len(ids) or (ids and ids[0] < len(vocab)):
+            raise DataError(f"{path}: special-token ids must be distinct and follow the "
+                            f"{len(vocab)} vocabulary entries",
+                            "re-save the tokenizer with scratchlm")
+        tok = cls(vocab, specials)
+        tok.eos_token, tok.bos_token, tok.chat_template = (
+            payload.get("eos_token"), payload.get("bos_token"), payload.get("chat_template"))
+        return tok

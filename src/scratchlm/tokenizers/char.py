@@ -9,13 +9,12 @@ represent it, and silently dropping text would corrupt training data.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
 
 from scratchlm.errors import DataError, UserError
-from scratchlm.tokenizers.base import Tokenizer, load_saved_vocab, save_vocab
+from scratchlm.tokenizers.base import ListVocabTokenizer
 
 
-class CharTokenizer(Tokenizer):
+class CharTokenizer(ListVocabTokenizer):
     """``chars[i]`` has id ``i``; specials follow."""
 
     name = "char"
@@ -73,16 +72,3 @@ class CharTokenizer(Tokenizer):
     @property
     def vocab_size(self) -> int:
         return len(self._bytes)
-
-    def _lookup(self, token: str) -> int | None:
-        return self._ids.get(token)
-
-    def save(self, directory: str | Path) -> None:
-        save_vocab(directory, "char", self.chars, self)
-
-    @classmethod
-    def load(cls, payload: dict, path: Path) -> CharTokenizer:
-        chars, specials, extra = load_saved_vocab(payload, path)
-        tok = cls(chars, specials)
-        tok.eos_token, tok.bos_token, tok.chat_template = extra
-        return tok

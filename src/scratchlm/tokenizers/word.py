@@ -9,10 +9,9 @@ so ``decode(encode(x))`` normalises whitespace rather than reproducing ``x``.
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 from scratchlm.errors import DataError
-from scratchlm.tokenizers.base import StreamDecoder, Tokenizer, load_saved_vocab, save_vocab
+from scratchlm.tokenizers.base import ListVocabTokenizer, StreamDecoder
 
 SPLIT = re.compile(r'([,.:;?_!"()\']|--|\s)')
 NO_SPACE_BEFORE = re.compile(r'\s+([,.?!"()\'])')
@@ -24,7 +23,7 @@ def split_words(text: str) -> list[str]:
     return [piece for piece in SPLIT.split(text) if piece.strip()]
 
 
-class RegexWordTokenizer(Tokenizer):
+class RegexWordTokenizer(ListVocabTokenizer):
     """Words from a fixed vocabulary; unknown words map to ``<|unk|>``."""
 
     name = "word"
@@ -69,23 +68,10 @@ class RegexWordTokenizer(Tokenizer):
     def vocab_size(self) -> int:
         return len(self._tokens)
 
-    def _lookup(self, token: str) -> int | None:
-        return self._ids.get(token)
-
     def _word(self, token_id: int) -> str:
         if not isinstance(token_id, int) or not 0 <= token_id < len(self._tokens):
             raise self._bad_id_error([token_id])
         return self._tokens[token_id]
-
-    def save(self, directory: str | Path) -> None:
-        save_vocab(directory, "word", self.vocab, self)
-
-    @classmethod
-    def load(cls, payload: dict, path: Path) -> RegexWordTokenizer:
-        vocab, specials, extra = load_saved_vocab(payload, path)
-        tok = cls(vocab, specials)
-        tok.eos_token, tok.bos_token, tok.chat_template = extra
-        return tok
 
 
 class _WordStream(StreamDecoder):
