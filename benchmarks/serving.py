@@ -7,13 +7,19 @@ with the official ``openai`` client (temperature 0, a fixed number of tokens eac
 p50/p95 time to first token and peak resident memory.  The model is SmolLM2-135M-Instruct from
 ../shared/models when present, else a tiny random Llama (the report says which).
 
+On a shared machine the load changes from minute to minute: ``--rounds N`` alternates the two
+phases N times and reports the median speed-up too, and the load average is printed beside the
+figures.
+
     .venv/bin/python benchmarks/serving.py [--model REF] [--tokens 64] [--clients 8] [--threads N]
+                                           [--rounds 1]
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import os
 import resource
 import statistics
 import sys
@@ -66,6 +72,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="output tokens per request")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None, help="torch threads; None = torch's default")
+    parser.add_argument("--rounds", type=int, default=1, help="times to run both phases, alternating")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -75,18 +82,19 @@ def main() -> None:
 
     lm, name = load_model(args.model)
     questions = (QUESTIONS * (args.clients // len(QUESTIONS) + 1))[:args.clients]
+    load_before = os.getloadavg()[0]
+    rounds = []
     with ServerThread(lm, ServerConfig("bench", max_batch=args.clients)) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=600)
         one_request(client, "warm up", 4)
-        start = time.perf_counter()
-        sequential = [one_request(client, q, args.tokens) for q in questions]
-        seq_time = time.perf_counter() - start
-        start = time.perf_counter()
-        with concurrent.futures.ThreadPoolExecutor(args.clients) as pool:
-            together = list(pool.map(lambda q: one_request(client, q, args.tokens), questions))
-        conc_time = time.perf_counter() - start
-    seq_tps = sum(t for _, _, t in sequential) / seq_time
-    conc_tps = sum(t for _, _, t in together) / conc_time
+        for _ in range(args.rounds):
+            start = time.perf_counter()
+            sequential = [one_request(client, q, args.tokens) for q in questions]
+            seq_time = time.perf_counter() - start
+            start = time.perf_counter()
+            with concurrent.futures.ThreadPoolExecutor(args.clients) as pool:
+                together = list(pool.map(lambda q: one_request(client, q, args.tokens), questions))
+            rounds.append(((sequential, seq_time), (together, time.perf_counter() - start)))
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     def pct(values: list[float], q: int) -> float:
@@ -95,13 +103,23 @@ def main() -> None:
         return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
     print(f"model: {name}; {args.clients} requests × {args.tokens} tokens; "
-          f"torch threads {torch.get_num_threads()}")
+          f"torch threads {torch.get_num_threads()}; load average (1 min) {load_before:.2f} before, "
+          f"{os.getloadavg()[0]:.2f} after")
     print(f"{'':<12}{'tokens/s':>10}{'TTFT p50 ms':>13}{'TTFT p95 ms':>13}{'wall s':>9}")
-    for label, rows, tps, wall in (("sequential", sequential, seq_tps, seq_time),
-                                   ("concurrent", together, conc_tps, conc_time)):
-        ttft = [r[0] * 1000 for r in rows]
-        print(f"{label:<12}{tps:>10.1f}{pct(ttft, 50):>13.0f}{pct(ttft, 95):>13.0f}{wall:>9.2f}")
-    print(f"speed-up (aggregate tokens/s, concurrent / sequential): {conc_tps / seq_tps:.2f}x (target ≥ 3x)")
+    speedups = []
+    for number, phases in enumerate(rounds, 1):
+        if len(rounds) > 1:
+            print(f"round {number}")
+        tps = []
+        for label, (rows, wall) in zip(("sequential", "concurrent"), phases, strict=True):
+            tps.append(sum(t for _, _, t in rows) / wall)
+            ttft = [r[0] * 1000 for r in rows]
+            print(f"{label:<12}{tps[-1]:>10.1f}{pct(ttft, 50):>13.0f}{pct(ttft, 95):>13.0f}{wall:>9.2f}")
+        speedups.append(tps[1] / tps[0])
+        print(f"speed-up (aggregate tokens/s, concurrent / sequential): {speedups[-1]:.2f}x (target ≥ 3x)")
+    if len(rounds) > 1:
+        print(f"median speed-up over {len(rounds)} rounds: {statistics.median(speedups):.2f}x "
+              f"(each: {', '.join(f'{x:.2f}' for x in speedups)})")
     print(f"peak resident memory: {peak_mib:.0f} MiB")
 
 

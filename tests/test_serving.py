@@ -8,6 +8,7 @@ optional test serves SmolLM2 from ../shared/models.
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 import time
 from pathlib import Path
 
@@ -19,7 +20,9 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from scratchlm.api import LM  # noqa: E402
+from scratchlm.generation import SamplingParams  # noqa: E402
 from scratchlm.models import build_model, from_preset  # noqa: E402
+from scratchlm.serving.engine import Engine, StreamEvent  # noqa: E402
 from scratchlm.serving.openai_server import ServerConfig, ServerThread  # noqa: E402
 from scratchlm.tokenizers.train_bpe import train_bpe  # noqa: E402
 
@@ -248,19 +251,192 @@ def test_full_queue_answers_429_and_a_disconnect_frees_the_slot(slow_server):
     assert engine.busy_slots == 0 and engine.waiting == 0
 
 
-def test_smollm2_chat(smollm2_gguf):
+class Recorder(torch.nn.Module):
+    """A model that logs ("forward", batch, tokens) for every forward pass into ``log``."""
+
+    def __init__(self, model: torch.nn.Module, log: list):
+        super().__init__()
+        self.inner, self.config, self.log = model, model.config, log
+
+    def forward(self, input_ids, **kwargs):
+        self.log.append(("forward", *input_ids.shape))
+        return self.inner(input_ids, **kwargs)
+
+    def new_cache(self, *args, **kwargs):
+        return self.inner.new_cache(*args, **kwargs)
+
+    @property
+    def lm_head(self):
+        return self.inner.lm_head
+
+
+def widest_decode(log: list) -> int:
+    """The largest batch of one-token (decode) forward passes in a ``Recorder`` log."""
+    return max((batch for kind, batch, tokens, *_ in log if kind == "forward" and tokens == 1), default=0)
+
+
+class TracedEngine(Engine):
+    """An engine that adds ("token", request) to the model's log for every token it samples."""
+
+    def __init__(self, lm: LM, log: list, **options):
+        super().__init__(Recorder(lm.model, log), lm.tokenizer, **options)
+        self.log = log
+        self.capacities: list[int] = []  # the cache's room after each rebuild
+
+    def _advance(self, row, token):
+        self.log.append(("token", row.request))
+        return super()._advance(row, token)
+
+    def _rebuild(self, blocks, rows):
+        super()._rebuild(blocks, rows)
+        self.capacities.append(self._cache.max_length)
+
+
+def run_engine(engine: Engine, prompts: list[list[int]], params: SamplingParams, *, start: bool = True,
+               close: bool = True):
+    """Submit every prompt, then start the engine (so the first turn sees them all); their results."""
+    results: list = [None] * len(prompts)
+    done = [threading.Event() for _ in prompts]
+
+    def deliver(i: int):
+        def on_event(event: StreamEvent) -> None:
+            if event.completion is not None or event.error is not None:
+                results[i] = event.completion or event.error
+                done[i].set()
+        return on_event
+
+    requests = [engine.submit(ids, params, deliver(i)) for i, ids in enumerate(prompts)]
+    if start:
+        engine.start()
+    try:
+        assert all(event.wait(60) for event in done)
+    finally:
+        if close:
+            engine.close()
+    return requests, results
+
+
+def ids_of(lm: LM, *texts: str) -> list[list[int]]:
+    return [lm.tokenizer.encode(text) for text in texts]
+
+
+def prefills(log: list) -> list[int]:
+    """Positions in the log of the forward passes that read prompts (more than one token)."""
+    return [i for i, entry in enumerate(log) if entry[0] == "forward" and entry[2] > 1]
+
+
+def test_engine_streams_each_first_token_right_after_its_own_prefill(tiny_lm):
+    prompts = ids_of(tiny_lm, "def stream(model, tokenizer", "return self.cache", "import torch as t")
+    log: list = []
+    # A prefill holds one prompt: each newcomer is read in a turn of its own.
+    engine = TracedEngine(tiny_lm, log, prefill_tokens=max(map(len, prompts)))
+    params = SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True)
+    requests, results = run_engine(engine, prompts, params)
+    reads = prefills(log)
+    assert [log[i][1] for i in reads] == [1, 1, 1]
+    for i, request in zip(reads, requests, strict=True):
+        assert log[i + 1] == ("token", request)  # its first token, before anything else runs
+    for a, b in zip(reads, reads[1:], strict=False):  # running rows decode between two newcomers
+        assert any(entry[0] == "forward" and entry[2] == 1 for entry in log[a:b])
+    expected = [tiny_lm.complete([ids], params)[0] for ids in prompts]
+    assert [r.token_ids for r in results] == [e.token_ids for e in expected]
+
+
+def test_engine_prefills_waiting_newcomers_together(tiny_lm):
+    prompts = ids_of(tiny_lm, "x", "def stream(model, tokenizer, prompt", "return ", "class TokenGenerator:")
+    log: list = []
+    params = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True)
+    requests, results = run_engine(TracedEngine(tiny_lm, log, prefill_tokens=256), prompts, params)
+    reads = prefills(log)
+    assert [log[i][1:] for i in reads] == [(4, max(map(len, prompts)))]  # one padded, masked pass
+    assert [entry[1] for entry in log[reads[0] + 1:reads[0] + 5]] == requests
+    expected = [tiny_lm.complete([ids], params)[0] for ids in prompts]
+    assert [r.token_ids for r in results] == [e.token_ids for e in expected]
+
+
+def test_engine_reads_a_long_prompt_in_chunks_between_decode_steps(tiny_lm):
+    short, long = ids_of(tiny_lm, "x = ", "def stream(model, tokenizer, prompt, params=None):\n" * 4)
+    assert len(long) > 40
+    log: list = []
+    engine = TracedEngine(tiny_lm, log, prefill_tokens=16)
+    params = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
+    _, results = run_engine(engine, [short, long], params)
+    reads = prefills(log)
+    chunks = [log[i][2] for i in reads[1:]]
+    assert [log[reads[0]][2], *chunks] == [len(short), *([16] * (len(long) // 16)), len(long) % 16]
+    for chunk in reads[1:-1]:  # the short request keeps decoding meanwhile
+        assert log[chunk + 1] == ("forward", 1, 1)
+    expected = [tiny_lm.complete([ids], params)[0] for ids in (short, long)]
+    assert [r.token_ids for r in results] == [e.token_ids for e in expected]
+
+
+def test_engine_cache_grows_as_needed_with_the_same_answer(tiny_lm):
+    prompt = ids_of(tiny_lm, "def stream(")[0]
+    log: list = []
+    engine = TracedEngine(tiny_lm, log)
+    params = SamplingParams(temperature=0, max_new_tokens=200, ignore_eos=True)  # most of the context
+    _, [result] = run_engine(engine, [prompt], params)
+    # Room for 64 tokens at first, not 200, then doubling: three rebuilds in 200 tokens.
+    assert engine.capacities[0] == len(prompt) + 64
+    assert len(engine.capacities) == 3 and engine.capacities[-1] <= tiny_lm.config.context_length
+    assert result.token_ids == tiny_lm.complete([prompt], params)[0].token_ids
+
+
+class FailingPrefill(Recorder):
+    """The tiny model, whose first prompt-reading forward pass raises."""
+
+    def forward(self, input_ids, **kwargs):
+        if input_ids.shape[1] > 1 and not self.log:
+            self.log.append("failed")
+            raise RuntimeError("out of memory (simulated)")
+        return super().forward(input_ids, **kwargs)
+
+
+def test_engine_fails_the_requests_of_a_failed_prefill_and_keeps_serving(tiny_lm):
+    engine = Engine(FailingPrefill(tiny_lm.model, []), tiny_lm.tokenizer)
+    params = SamplingParams(temperature=0, max_new_tokens=3)
+    first, second = ids_of(tiny_lm, "def stream(", "import torch")
+    # Both prompts are read in the one forward pass that fails: both requests get the error.
+    _, [failed, admitted] = run_engine(engine, [first, second], params, close=False)
+    assert failed == admitted == "generation failed: out of memory (simulated)"
+    assert engine.busy_slots == 0
+    _, [result] = run_engine(engine, [first], params, start=False)
+    assert result.token_ids == tiny_lm.complete([first], params)[0].token_ids
+
+
+def test_smollm2_served(smollm2_gguf):
+    """The real chat model through the server: an answer, streaming, and a batch equal to one at a time."""
     from scratchlm.api import load
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     lm = load(smollm2_gguf, device="cpu")
-    with ServerThread(lm, ServerConfig("smollm2")) as server:
+    log: list = []
+    lm = LM(Recorder(lm.model, log), lm.tokenizer, lm.config, lm.chat_template)
+    with ServerThread(lm, ServerConfig("smollm2", max_batch=4)) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=120)
-        reply = client.chat.completions.create(
-            model="smollm2", messages=[{"role": "user", "content": "What is the capital of France?"}],
-            temperature=0, max_tokens=20)
-    assert "Paris" in reply.choices[0].message.content
-    assert reply.usage.completion_tokens <= 20
 
+        def ask(question: str, max_tokens: int, **options):
+            return client.chat.completions.create(
+                model="smollm2", messages=[{"role": "user", "content": question}], temperature=0,
+                max_tokens=max_tokens, **options)
+
+        reply = ask("What is the capital of France?", 12)
+        assert "Paris" in reply.choices[0].message.content
+        assert reply.usage.completion_tokens <= 12
+        chunks = list(ask("What is the capital of France?", 12, stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
+            reply.choices[0].message.content
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == reply.choices[0].finish_reason
+
+        # Prompts of different lengths, so the batch is padded and masked.
+        questions = ["Name three primary colors.", "What is 12 times 7?", "Why is the sky blue?",
+                     "Give me one tip for learning the Python programming language."]
+        one_at_a_time = [ask(q, 6).choices[0].message.content for q in questions]
+        assert widest_decode(log) == 1
+        with concurrent.futures.ThreadPoolExecutor(len(questions)) as pool:
+            together = list(pool.map(lambda q: ask(q, 6).choices[0].message.content, questions))
+    assert widest_decode(log) > 1, "the concurrent requests were never decoded as one batch"
+    assert together == one_at_a_time
 
 
 def test_openapi_schema_fuzzing_finds_no_server_error(server):

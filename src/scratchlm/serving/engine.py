@@ -2,25 +2,37 @@
 
 ``generation.TokenGenerator`` decodes a batch fixed at the start: a request arriving one step
 later would wait for the whole batch to finish.  The ``Engine`` keeps one batch running in a
-thread of its own and, between two decode steps,
+thread of its own.  Requests are **admitted** into free slots (up to ``max_batch`` rows, prompts
+read or not) and every turn of its loop does two things:
 
-1. **admits** waiting requests (up to ``max_batch`` rows): each newcomer's prompt is prefilled
-   *alone*, so its prompt computation is exactly what it would be without company, and its keys
-   and values are spliced into the running cache;
-2. **samples** one token per row, each with the request's own ``generation.Sampler`` (its own
-   temperature, penalties and seeded generator: a seed reproduces a completion whatever else is
-   in the batch), and applies stop strings through the same ``_RowText`` as ``generation.stream``;
-3. **removes** rows that finished or whose client went away (``cancel``), which frees the slot
-   for the next request at once;
-4. feeds the sampled tokens through the model in **one forward pass** for the whole batch.
+1. **prefill** the next newcomers, in arrival order: as many as fit in ``prefill_tokens`` tokens
+   padded to the longest of them, in one forward pass (left-padded and masked, as
+   ``TokenGenerator`` does), or one ``prefill_tokens`` chunk of a longer prompt, which is read
+   over several turns into a cache of its own.  A newcomer's first token is sampled and streamed
+   as soon as its own prompt is read, and its keys and values are spliced into the running cache;
+2. **decode** one step: feed every running row's newest token through the model in one forward
+   pass, sample each row's next token, and remove the rows that finished or whose client went
+   away (``cancel``), which frees their slots for the next turn.
+
+So running rows wait for at most one prefill of ``prefill_tokens`` tokens between two of their
+tokens, however many newcomers arrive or however long their prompts are.
+
+Each row samples with its request's own ``generation.Sampler`` (its temperature, penalties and
+seeded generator: a seed reproduces a completion whatever else is in the batch), except that rows
+that are greedy without penalties, whose token is the arg-max of the logits, share one ``argmax``.
+Stop strings go through the same ``_RowText`` as ``generation.stream``.
 
 The cache layout is the one ``TokenGenerator`` uses: rows are right-aligned (each row's newest
 token in the last filled column), the attention mask hides the left padding and the position ids
-count each row's real tokens, so every row computes what it would compute alone.  Rows of
-different lengths share one ``KVCache``; when a row joins or leaves, the cache is rebuilt with the
-columns no row uses cut off the left, so its width stays the longest row's length (never more than
-the context window) and attention does not run over dead padding.  A rebuild copies the cache
-once, as ``KVCache.select`` does when ``TokenGenerator`` drops a finished row.
+count each row's real tokens, so every row computes what it would compute alone (up to the
+summation order of batched matrix products).  When rows join or leave, the cache is rebuilt with
+the columns no row uses cut off the left, so its width stays the longest row's length and
+attention does not run over dead padding.  The room left for new tokens grows by doubling (at
+least ``_MIN_ROOM`` columns), not to every row's ``max_tokens`` at once, which for a request
+without one is the whole context window.  A rebuild copies the cache once, as ``KVCache.select``
+does when ``TokenGenerator`` drops a finished row.  Measured on SmolLM2-135M (one CPU thread, batch
+8), everything outside the model's forward pass — rebuilds, sampling, text, events — takes about
+1% of a decode step; matrix products take almost 80% of the forward pass.
 
 Only the engine thread touches the model; callers talk to it through ``submit`` and ``cancel``,
 which are thread-safe, and receive ``StreamEvent``s through a callback run on the engine thread.
@@ -43,6 +55,8 @@ if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
+
+_MIN_ROOM = 64  # fewest free columns a cache rebuild leaves for the tokens to come
 
 
 class QueueFull(UserError):
@@ -85,32 +99,50 @@ class _Row:
     def remaining(self) -> int:
         return self.limit - len(self.tokens)
 
+    @property
+    def argmax(self) -> bool:
+        """Greedy without penalties: its next token is the arg-max of the raw logits."""
+        params = self.sampler.params
+        return params.greedy and not params.uses_counts and not params.uses_seen
+
+
+@dataclass(eq=False)
+class _Reading:
+    """A prompt longer than ``prefill_tokens``, read one chunk per turn into a cache of its own."""
+
+    request: Request
+    cache: Any
+    done: int = 0  # prompt tokens in the cache
+
 
 @dataclass
 class _Block:
-    """Right-aligned cache columns of some rows: keys/values [L, b, H, w, d], mask [b, w], logits [b, V]."""
+    """Right-aligned cache columns of some rows: keys/values [L, b, H, w, d], mask [b, w]."""
 
     keys: torch.Tensor
     values: torch.Tensor
     mask: torch.Tensor
-    logits: torch.Tensor
 
 
 class Engine:
     """A continuous-batching scheduler over one model and THE sampler (see the module docstring).
 
     ``max_batch`` rows decode together; up to ``max_queue`` more requests wait for a slot, and
-    ``submit`` raises ``QueueFull`` beyond that.  Call ``start()`` once and ``close()`` at the end.
+    ``submit`` raises ``QueueFull`` beyond that.  ``prefill_tokens`` bounds one turn's prefill
+    (newcomers' prompts, padded): larger reads more prompts per forward pass, smaller lets the
+    running rows decode more often.  Call ``start()`` once and ``close()`` at the end.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, *, max_batch: int = 16, max_queue: int = 64):
-        if max_batch < 1 or max_queue < 0:
-            raise UserError(f"max_batch must be ≥ 1 and max_queue ≥ 0, got {max_batch} and {max_queue}",
-                            "pass a positive batch size")
+    def __init__(self, model: Any, tokenizer: Any, *, max_batch: int = 16, max_queue: int = 64,
+                 prefill_tokens: int = 256):
+        if max_batch < 1 or max_queue < 0 or prefill_tokens < 1:
+            raise UserError(f"max_batch and prefill_tokens must be ≥ 1 and max_queue ≥ 0, got "
+                            f"{max_batch}, {prefill_tokens} and {max_queue}", "pass positive sizes")
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_queue = max_queue
+        self.prefill_tokens = prefill_tokens
         self.context_length: int = model.config.context_length
         self.vocab_size: int = model.config.vocab_size
         self.eos_id: int | None = getattr(tokenizer, "eos_id", None)
@@ -118,11 +150,16 @@ class Engine:
         self._wakeup = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
-        # The running batch (engine thread only).
+        # Admitted requests (engine thread only): prompts not read yet, in arrival order; the one
+        # being read in chunks; those whose prompt is being read or just was (until they join the
+        # batch or finish); and the running batch.
+        self._pending: list[Request] = []
+        self._reading: _Reading | None = None
+        self._joining: list[Request] = []
         self._rows: list[_Row] = []
         self._cache: Any = None
         self._mask: torch.Tensor | None = None  # [B, cache.max_length]: 1 real or future token, 0 padding
-        self._logits: torch.Tensor | None = None  # [B, V] next-token logits of each row
+        self._device: torch.device | None = None
 
     # ----- the caller's side (any thread) -------------------------------------------------------
 
@@ -170,8 +207,8 @@ class Engine:
 
     @property
     def busy_slots(self) -> int:
-        """Rows decoding now (read without a lock: a snapshot, for admission and metrics)."""
-        return len(self._rows)
+        """Admitted requests, prefilling or decoding (read without a lock: a snapshot)."""
+        return len(self._rows) + len(self._pending) + len(self._joining) + (self._reading is not None)
 
     @property
     def waiting(self) -> int:
@@ -179,6 +216,7 @@ class Engine:
 
     def start(self) -> Engine:
         self.model.eval()
+        self._device = next(self.model.parameters()).device
         self._thread = threading.Thread(target=self._loop, name="scratchlm-engine", daemon=True)
         self._thread.start()
         return self
@@ -190,10 +228,10 @@ class Engine:
             self._wakeup.notify()
         if self._thread is not None:
             self._thread.join(timeout)
-        for request in [*self._waiting, *(row.request for row in self._rows)]:
+        for request in [*self._waiting, *self._admitted()]:
             self._emit(request, StreamEvent("", error="the server is shutting down"))
         self._waiting.clear()
-        self._rows = []
+        self._reset()
 
     # ----- the engine thread --------------------------------------------------------------------
 
@@ -203,49 +241,139 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._wakeup:
-                    while not self._closed and not self._waiting and not self._rows:
+                    while not self._closed and not self._waiting and not self.busy_slots:
                         self._wakeup.wait()
                     if self._closed:
                         return
-                    newcomers = self._admit()
+                    self._admit()
                 try:
-                    self._step(newcomers)
+                    self._prefill()
+                    self._decode()
                 except Exception as err:  # a bug or out of memory: fail these requests, keep serving
-                    log.exception("decode step failed")
-                    for request in {*(r.request for r in self._rows), *newcomers}:
+                    log.exception("engine step failed")
+                    for request in self._admitted():
                         self._emit(request, StreamEvent("", error=f"generation failed: {err}"))
                     self._reset()
 
-    def _admit(self) -> list[Request]:
-        """Take waiting requests into free slots (called with the lock held)."""
-        taken: list[Request] = []
-        while self._waiting and len(self._rows) + len(taken) < self.max_batch:
+    def _admit(self) -> None:
+        """Move waiting requests into free slots (called with the lock held)."""
+        while self._waiting and self.busy_slots < self.max_batch:
             request = self._waiting.popleft()
             if not request.cancelled:
-                taken.append(request)
-        return taken
+                self._pending.append(request)
 
-    def _step(self, newcomers: list[Request]) -> None:
-        if newcomers:
-            self._join(newcomers)
-        if not self._rows:
+    def _admitted(self) -> list[Request]:
+        reading = [self._reading.request] if self._reading is not None else []
+        return [*reading, *self._joining, *self._pending, *(row.request for row in self._rows)]
+
+    def _prefill(self) -> None:
+        """Read the next newcomers' prompts (at most ``prefill_tokens``); they get their first token."""
+        self._pending = [request for request in self._pending if not request.cancelled]
+        if self._reading is not None and self._reading.request.cancelled:
+            self._reading = None
+        if self._reading is None and self._pending and len(self._pending[0].prompt_ids) > self.prefill_tokens:
+            request = self._pending.pop(0)
+            self._reading = _Reading(request, self.model.new_cache(1, len(request.prompt_ids)))
+        if self._reading is not None:
+            read = self._read_chunk()
+        elif self._pending:
+            read = self._read_group()
+        else:
             return
-        keep: list[int] = []
-        next_tokens: list[int] = []
-        for j, row in enumerate(self._rows):
-            if row.request.cancelled:
-                continue
-            token = int(row.sampler(self._logits[j:j + 1])[0])
-            if self._advance(row, token):
-                keep.append(j)
-                next_tokens.append(token)
-        if len(keep) < len(self._rows):
-            self._keep(keep)
+        if read is None:
+            return
+        block, logits = read
+        rows = [self._new_row(request) for request in self._joining]
+        keep = self._sample(rows, logits)
+        if keep:
+            if len(keep) < len(rows):
+                block = _select(block, keep)
+            live = [self._live_block()] if self._rows else []
+            self._rebuild([*live, block], [*self._rows, *(rows[j] for j in keep)])
+        self._joining = []
+
+    def _new_row(self, request: Request) -> _Row:
+        prompt = request.prompt_ids
+        return _Row(request, Sampler(request.params, self.vocab_size, [prompt], self._device),
+                    _RowText(self.tokenizer, request.params.stop),
+                    min(request.params.max_new_tokens, self.context_length - len(prompt)), fed=len(prompt))
+
+    def _read_group(self) -> tuple[_Block, torch.Tensor]:
+        """Prefill the first pending prompts that fit in ``prefill_tokens`` (padded) in one pass."""
+        import torch
+
+        group, width = self._pending[:1], len(self._pending[0].prompt_ids)
+        for request in self._pending[1:]:
+            wider = max(width, len(request.prompt_ids))
+            if (len(group) + 1) * wider > self.prefill_tokens:
+                break
+            group.append(request)
+            width = wider
+        self._joining, self._pending = group, self._pending[len(group):]
+        ids = torch.zeros(len(group), width, dtype=torch.long)
+        mask = torch.zeros(len(group), width, dtype=torch.long)
+        for i, request in enumerate(group):
+            n = len(request.prompt_ids)
+            ids[i, width - n:] = torch.tensor(request.prompt_ids, dtype=torch.long)
+            mask[i, width - n:] = 1
+        ids, mask = ids.to(self._device), mask.to(self._device)
+        padded = any(len(request.prompt_ids) < width for request in group)
+        cache = self.model.new_cache(len(group), width)
+        hidden = self.model(ids, cache=cache, attention_mask=mask if padded else None,
+                            position_ids=(mask.cumsum(-1) - 1).clamp(min=0) if padded else None,
+                            return_hidden=True)
+        logits = self.model.lm_head(hidden[:, -1])  # only the last position's logits are needed
+        return _Block(cache.keys, cache.values, mask), logits
+
+    def _read_chunk(self) -> tuple[_Block, torch.Tensor] | None:
+        """Read the next ``prefill_tokens`` of the long prompt; None until it is all in."""
+        import torch
+
+        reading = self._reading
+        prompt = reading.request.prompt_ids
+        chunk = prompt[reading.done:reading.done + self.prefill_tokens]
+        hidden = self.model(torch.tensor([chunk], dtype=torch.long, device=self._device),
+                            cache=reading.cache, return_hidden=True)
+        reading.done += len(chunk)
+        if reading.done < len(prompt):
+            return None
+        logits = self.model.lm_head(hidden[:, -1])
+        self._joining, self._reading = [reading.request], None
+        mask = torch.ones(1, len(prompt), dtype=torch.long, device=self._device)
+        return _Block(reading.cache.keys, reading.cache.values, mask), logits
+
+    def _decode(self) -> None:
+        """One step for the running batch: feed each row's newest token, sample its next one."""
+        import torch
+
+        live = [j for j, row in enumerate(self._rows) if not row.request.cancelled]
+        if len(live) < len(self._rows):
+            self._keep(live)
         if not self._rows:
             return
         if self._cache.length + 1 > self._cache.max_length:
             self._rebuild([self._live_block()], self._rows)
-        self._decode(next_tokens)
+        ids = torch.tensor([row.tokens[-1] for row in self._rows], dtype=torch.long, device=self._device)
+        positions = torch.tensor([row.fed for row in self._rows], dtype=torch.long, device=self._device)
+        logits = self.model(ids[:, None], cache=self._cache, position_ids=positions[:, None],
+                            attention_mask=self._mask[:, :self._cache.length + 1])
+        for row in self._rows:
+            row.fed += 1
+        keep = self._sample(self._rows, logits[:, -1])
+        if len(keep) < len(self._rows):
+            self._keep(keep)
+
+    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
+        """Sample and send one token per row from logits [B, V]; the indices of the rows that go on."""
+        argmax = logits.argmax(-1).tolist() if any(row.argmax for row in rows) else None
+        keep = []
+        for j, row in enumerate(rows):
+            if row.request.cancelled:
+                continue
+            token = argmax[j] if row.argmax else int(row.sampler(logits[j:j + 1])[0])
+            if self._advance(row, token):
+                keep.append(j)
+        return keep
 
     def _advance(self, row: _Row, token: int) -> bool:
         """Record one sampled token and send its text; False when the row is finished."""
@@ -282,60 +410,33 @@ class Engine:
 
     # ----- the batch's cache --------------------------------------------------------------------
 
-    def _join(self, newcomers: list[Request]) -> None:
-        """Prefill each newcomer alone, then splice its cache into the running batch."""
-        import torch
-
-        device = next(self.model.parameters()).device
-        blocks = [self._live_block()] if self._rows else []
-        rows = list(self._rows)
-        for request in newcomers:
-            prompt = request.prompt_ids
-            cache = self.model.new_cache(1, len(prompt))
-            ids = torch.tensor([prompt], dtype=torch.long, device=device)
-            hidden = self.model(ids, cache=cache, return_hidden=True)
-            logits = self.model.lm_head(hidden[:, -1])  # only the last position's logits are needed
-            mask = torch.ones(1, len(prompt), dtype=torch.long, device=device)
-            blocks.append(_Block(cache.keys, cache.values, mask, logits))
-            rows.append(_Row(request, Sampler(request.params, self.vocab_size, [prompt], device),
-                             _RowText(self.tokenizer, request.params.stop),
-                             min(request.params.max_new_tokens, self.context_length - len(prompt)),
-                             fed=len(prompt)))
-        self._rebuild(blocks, rows)
-
     def _live_block(self) -> _Block:
         """The running batch's columns that some row uses (the dead left padding cut off)."""
         length = self._cache.length
         start = length - max(row.fed for row in self._rows)
         return _Block(self._cache.keys[:, :, :, start:length], self._cache.values[:, :, :, start:length],
-                      self._mask[:, start:length], self._logits)
+                      self._mask[:, start:length])
 
     def _keep(self, keep: list[int]) -> None:
         """Drop every row not in ``keep`` (finished or cancelled) and compact the cache."""
-        import torch
-
         rows = [self._rows[j] for j in keep]
-        if not rows:
-            self._reset()
-            return
-        index = torch.tensor(keep, device=self._logits.device)
-        self._rows = rows
-        block = self._live_block()
-        self._rebuild([_Block(block.keys[:, index], block.values[:, index], block.mask[index],
-                              block.logits[index])], rows)
+        if rows:
+            self._rebuild([_select(self._live_block(), keep)], rows)
+        else:
+            self._rows, self._cache, self._mask = [], None, None
 
     def _rebuild(self, blocks: list[_Block], rows: list[_Row]) -> None:
         """One right-aligned cache for ``blocks`` (stacked in order) with room for the rows' next tokens."""
         import torch
 
         width = max(block.mask.shape[1] for block in blocks)
-        # Room for every token still to be fed; never past the context window (learned position
-        # tables end there), which always holds width + 1 since width ≤ the longest row < context.
-        capacity = min(self.context_length, width + max(row.remaining for row in rows))
-        capacity = max(capacity, width + 1)
+        # Room for the tokens to come, doubling the width at most; never past the context window
+        # (learned position tables end there), which always holds width + 1 since every row is
+        # shorter than the context.
+        room = min(max(row.remaining for row in rows), max(_MIN_ROOM, width))
+        capacity = max(min(self.context_length, width + room), width + 1)
         cache = self.model.new_cache(len(rows), capacity)
-        device = blocks[0].logits.device
-        mask = torch.zeros(len(rows), capacity, dtype=torch.long, device=device)
+        mask = torch.zeros(len(rows), capacity, dtype=torch.long, device=self._device)
         mask[:, width:] = 1
         start = 0
         for block in blocks:
@@ -346,20 +447,15 @@ class Engine:
             start += n
         cache.length = width
         self._cache, self._mask, self._rows = cache, mask, rows
-        self._logits = torch.cat([block.logits for block in blocks])
-
-    def _decode(self, tokens: list[int]) -> None:
-        """Feed each row's newest token through the model: one forward pass for the batch."""
-        import torch
-
-        device = self._logits.device
-        ids = torch.tensor(tokens, dtype=torch.long, device=device)[:, None]
-        positions = torch.tensor([row.fed for row in self._rows], dtype=torch.long, device=device)[:, None]
-        logits = self.model(ids, cache=self._cache, attention_mask=self._mask[:, :self._cache.length + 1],
-                            position_ids=positions)
-        self._logits = logits[:, -1]
-        for row in self._rows:
-            row.fed += 1
 
     def _reset(self) -> None:
-        self._rows, self._cache, self._mask, self._logits = [], None, None, None
+        self._pending, self._reading, self._joining = [], None, []
+        self._rows, self._cache, self._mask = [], None, None
+
+
+def _select(block: _Block, rows: list[int]) -> _Block:
+    """The given rows of a block."""
+    import torch
+
+    index = torch.tensor(rows, device=block.mask.device)
+    return _Block(block.keys[:, index], block.values[:, index], block.mask[index])
