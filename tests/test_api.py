@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
 
 import pytest
@@ -95,6 +96,96 @@ def test_packed_model_decodes_with_the_cache_and_batches():
     pack_fp16(model)
     batched = generate_ids(model, prompts, params)
     assert [r.token_ids for r in batched] == [generate_ids(model, [p], params)[0].token_ids for p in prompts]
+
+
+def random_llama(**overrides) -> torch.nn.Module:
+    """tiny-llama (grouped-query attention) with weights large enough for clear greedy margins."""
+    torch.manual_seed(0)
+    model = build_model(from_preset("tiny-llama", **overrides))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2) if p.dim() >= 2 else p.add_(torch.randn_like(p) * 0.2)
+    return model.eval()
+
+
+def fp16_rounded(model: torch.nn.Module) -> torch.nn.Module:
+    """What fp16 packing computes, as a plain fp32 model: every linear weight rounded to fp16."""
+    rounded = copy.deepcopy(model)
+    with torch.no_grad():
+        for module in rounded.modules():
+            if isinstance(module, torch.nn.Linear):  # a new Parameter also unties the LM head
+                module.weight = torch.nn.Parameter(module.weight.half().float())
+    return rounded
+
+
+# The fp16 mode against the fp32 model it came from.  Packing computes exactly (up to fp32 summation
+# order, 1e-4) the fp32 model with its linear weights rounded to fp16; that rounding (relative error
+# ≤ 2⁻¹¹ per weight) moves these tiny models' logits (|logit| up to ~5) by ~0.005, 4x under this bound.
+FP16_LOGITS_ATOL = 0.02
+
+
+@pytest.mark.skipif(not fp16_packing_available(), reason="needs FBGEMM (x86 torch builds)")
+@pytest.mark.parametrize("overrides", [{}, {"qkv_bias": True}, {"qk_norm": True, "head_dim": 16}],
+                         ids=["llama", "qwen2-biases", "qwen3-qk-norm"])
+def test_fp16_mode_stacks_projections_and_stays_close_to_fp32(overrides):
+    from scratchlm.generation.packed import PackedLinear
+
+    model = random_llama(**overrides)
+    reference, rounded = copy.deepcopy(model), fp16_rounded(model)
+    pack_fp16(model)
+    attn, mlp = model.layers[0].self_attn, model.layers[0].mlp
+    assert isinstance(attn.qkv_proj, PackedLinear) and attn.q_proj is None and attn.k_proj is None
+    assert isinstance(mlp.gate_up_proj, PackedLinear) and mlp.gate_proj is None
+    assert isinstance(model.lm_head, PackedLinear)  # the LM head too: the largest matrix of small models
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        packed, exact, fp32 = model(ids), rounded(ids), reference(ids)
+        torch.testing.assert_close(packed, exact, atol=1e-4, rtol=1e-4)
+        assert (packed - fp32).abs().max().item() <= FP16_LOGITS_ATOL
+        # cached decoding in the packed model equals its own full recompute
+        cache = model.new_cache(2, 12)
+        steps = [model(ids[:, :8], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(8, 12)]
+        torch.testing.assert_close(torch.cat(steps, dim=1), packed, atol=1e-4, rtol=1e-4)
+    params = SamplingParams(temperature=0, max_new_tokens=12)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9]]
+    greedy = [r.token_ids for r in generate_ids(model, prompts, params)]
+    assert greedy == [r.token_ids for r in generate_ids(rounded, prompts, params)]
+    for prompt, tokens in zip(prompts, greedy, strict=True):
+        # fp32's greedy path, and how far ahead its best token is at each step: where that margin
+        # is wider than 2 × the tolerance, fp16 must pick the same token.
+        ids, margins = list(prompt), []
+        with torch.no_grad():
+            for _ in range(12):
+                logits = reference(torch.tensor([ids]))[0, -1]
+                top = logits.topk(2).values
+                margins.append((top[0] - top[1]).item())
+                ids.append(int(logits.argmax()))
+        sure = next((i for i, m in enumerate(margins) if m < 2 * FP16_LOGITS_ATOL), len(margins))
+        assert sure >= 3 and tokens[:sure] == ids[len(prompt):][:sure]
+
+
+@pytest.mark.skipif(not fp16_packing_available(), reason="needs FBGEMM (x86 torch builds)")
+def test_cli_dtype_float16_generates_what_fp32_does(run_cli, hf_dir):
+    args = ["generate", "--model", hf_dir, "--prompt", "Every effort moves you", "--device", "cpu",
+            "--temperature", "0", "--max-new-tokens", "8", "--ignore-eos"]
+    code, fp32, err = run_cli(*args)
+    assert code == 0, err
+    code, fp16, err = run_cli(*args, "--dtype", "float16")
+    assert code == 0, err
+    assert fp16 == fp32 and fp16
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4", torch.qint8])
+def test_quantized_dtypes_are_refused_in_one_line(run_cli, hf_dir, dtype):
+    with pytest.raises(ConfigError, match="weights are not offered.*use float16") as info:
+        scratchlm.load(hf_dir, device="cpu", dtype=dtype)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ConfigError, match="unknown dtype torch.int32 — use one of float32, bfloat16"):
+        scratchlm.load(hf_dir, device="cpu", dtype=torch.int32)
+    if isinstance(dtype, str):
+        code, out, err = run_cli("generate", "--model", hf_dir, "--prompt", "hi", "--dtype", dtype)
+        assert code == 2 and out == ""
+        assert err.startswith(f"error: {dtype} weights are not offered") and err.count("\n") == 1
 
 
 def test_run_dir_round_trip(tmp_path):

@@ -94,6 +94,29 @@ def test_export_round_trip(saved, tmp_path):
         assert max_diff(theirs(IDS).logits, expected) <= 1e-4
 
 
+def test_export_writes_the_tokenizers_bos_and_eos(tmp_path):
+    """generation_config.json (and config.json) carry the bos/eos ids the tokenizer knows."""
+    from scratchlm.models import build_model, from_preset
+    from scratchlm.tokenizers.train_bpe import train_bpe
+
+    tokenizer = train_bpe("a tiny corpus for a tiny tokenizer, tiny and fine. " * 10, 270,
+                          special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>"))
+    tokenizer.bos_token, tokenizer.eos_token = "<|im_start|>", "<|im_end|>"
+    bos, eos = tokenizer.special_tokens["<|im_start|>"], tokenizer.special_tokens["<|im_end|>"]
+    assert bos != eos and 0 not in (bos, eos)
+    config = from_preset("tiny-llama", vocab_size=300)
+    model = build_model(config).eval()
+    save_hf(model, config, tmp_path / "with", tokenizer=tokenizer)
+    for name in ("config.json", "generation_config.json"):
+        data = json.loads((tmp_path / "with" / name).read_text())
+        assert (data["bos_token_id"], data["eos_token_id"]) == (bos, eos), name
+    generation = transformers.GenerationConfig.from_pretrained(tmp_path / "with")
+    assert (generation.bos_token_id, generation.eos_token_id) == (bos, eos)
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "with").eos_token_id == eos
+    save_hf(model, config, tmp_path / "without")  # no tokenizer: no ids are made up
+    assert "eos_token_id" not in json.loads((tmp_path / "without" / "generation_config.json").read_text())
+
+
 def test_v4_config_form(saved, tmp_path):
     """transformers v4 wrote rope_theta + rope_scaling (and torch_dtype) instead of rope_parameters."""
     model_type, path, expected = saved

@@ -648,13 +648,18 @@ def save_hf(model: Transformer, config: ModelConfig, out_dir: str | Path,
             tokenizer: Tokenizer | None = None) -> Path:
     """Write ``config.json``, ``model.safetensors``, ``generation_config.json`` (+ tokenizer files).
 
-    ``transformers``' ``from_pretrained`` loads the directory with the same logits.
+    ``transformers``' ``from_pretrained`` loads the directory with the same logits.  The bos and eos
+    token ids the tokenizer knows go into both JSON files (``generate`` stops at that eos).
     """
     from safetensors.torch import save_file
 
     family = family_for_config(config)
     hf_config = family.config_to_hf(config)
     hf_config["torch_dtype"] = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
+    for key, token_id in (("bos_token_id", getattr(tokenizer, "bos_id", None)),
+                          ("eos_token_id", getattr(tokenizer, "eos_id", None))):
+        if token_id is not None and 0 <= token_id < config.vocab_size:
+            hf_config[key] = token_id
     tensors = {name: t.cpu() for name, t in export_weights(family, model).items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

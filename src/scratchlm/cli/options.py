@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+from scratchlm.api import DTYPES
 from scratchlm.generation.sampling import SamplingParams
 
 
@@ -17,8 +18,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="run dir, Hugging Face model directory or hub id, or a .gguf file")
     parser.add_argument("--device", default=None,
                         help="cpu, cuda, cuda:1, ...; None = cuda if available, else cpu")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                        help="weight precision; None = float32")
+    parser.add_argument("--dtype", default=None, metavar="{" + ",".join(DTYPES) + "}",
+                        help="weight precision; None = float32.  On the CPU, float16 is the fast "
+                        "inference mode: fp16 weights, fp32 arithmetic")
 
 
 def add_sampling_options(parser: argparse.ArgumentParser, *, temperature: float | None = None,

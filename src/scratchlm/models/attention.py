@@ -20,8 +20,9 @@ from scratchlm.models.rope import apply_rope
 class KVCache:
     """Keys and values of every layer for a batch, preallocated to ``max_length`` positions.
 
-    ``length`` is how many positions are filled; the model advances it once per forward pass,
-    after every layer has appended its new keys and values.
+    ``keys`` / ``values`` are [n_layer, B, Hkv, max_length, hd]; ``length`` is how many positions
+    are filled.  The model advances it once per forward pass, after every layer has appended its
+    new keys and values.  Appending copies into the preallocated tensors (no ``torch.cat``).
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_length: int,
@@ -32,14 +33,33 @@ class KVCache:
         self.max_length = max_length
         self.length = 0
 
+    # Per-layer views, made once: indexing [layer, :, :, a:b] on every append costs more than the copy.
+    @property
+    def keys(self) -> torch.Tensor:
+        return self._keys
+
+    @keys.setter
+    def keys(self, tensor: torch.Tensor) -> None:
+        self._keys, self._layer_keys = tensor, tensor.unbind(0)
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self._values
+
+    @values.setter
+    def values(self, tensor: torch.Tensor) -> None:
+        self._values, self._layer_values = tensor, tensor.unbind(0)
+
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's k, v [B, Hkv, T, hd] for `layer`; return all keys and values so far."""
-        end = self.length + k.shape[2]
+        start, t = self.length, k.shape[2]
+        end = start + t
         if end > self.max_length:
             raise ValueError(f"KV cache full: {end} positions > {self.max_length}")
-        self.keys[layer, :, :, self.length:end] = k
-        self.values[layer, :, :, self.length:end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+        keys, values = self._layer_keys[layer], self._layer_values[layer]
+        keys.narrow(2, start, t).copy_(k)
+        values.narrow(2, start, t).copy_(v)
+        return keys.narrow(2, 0, end), values.narrow(2, 0, end)
 
     def advance(self, steps: int) -> None:
         self.length += steps
@@ -68,7 +88,11 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
 
 
 class Attention(nn.Module):
-    """Multi-head causal self-attention with separate q/k/v/o projections (HF names)."""
+    """Multi-head causal self-attention with separate q/k/v/o projections (HF names).
+
+    ``generation.packed`` may replace q/k/v_proj by one ``qkv_proj`` (their weights stacked, for
+    inference): one matrix product per token instead of three, and one RoPE call for q and k.
+    """
 
     def __init__(self, config: ModelConfig, layer_index: int):
         super().__init__()
@@ -80,6 +104,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.n_kv_head * self.head_dim, bias=config.qkv_bias)
         self.v_proj = nn.Linear(d, self.n_kv_head * self.head_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, d, bias=config.o_bias)
+        self.qkv_proj: nn.Module | None = None
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
             self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
@@ -90,24 +115,38 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                 mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)
+        h, hkv, hd = self.n_head, self.n_kv_head, self.head_dim
+        if self.qkv_proj is not None:
+            qkv = self.qkv_proj(x).view(b, t, h + 2 * hkv, hd).transpose(1, 2)
+            if rope is not None and self.q_norm is None:  # q and k rotated together
+                q, k = apply_rope(qkv[:, :h + hkv], *rope).split((h, hkv), dim=1)
+                rope = None
+            else:
+                q, k = qkv[:, :h], qkv[:, h:h + hkv]
+            v = qkv[:, h + hkv:]
+        else:
+            q = self.q_proj(x).view(b, t, h, hd).transpose(1, 2)
+            k = self.k_proj(x).view(b, t, hkv, hd).transpose(1, 2)
+            v = self.v_proj(x).view(b, t, hkv, hd).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
             k, v = cache.append(self.layer_index, k, v)
-        if self.n_kv_head != self.n_head:
-            repeat = self.n_head // self.n_kv_head
-            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         dropout = self.dropout if self.training else 0.0
+        # Grouped-query attention: SDPA reads each kv head for its group of query heads
+        # (enable_gqa) without copying.  On CUDA only flash attention does that, and it takes no
+        # mask, so a masked call there (and the naive path) repeats the kv heads instead.
+        gqa = hkv != h
+        if gqa and (self.use_naive or (mask is not None and q.device.type != "cpu")):
+            k, v = k.repeat_interleave(h // hkv, dim=1), v.repeat_interleave(h // hkv, dim=1)
+            gqa = False
         if self.use_naive:
             y = naive_attention(q, k, v, mask, dropout, self.training)
         elif mask is None:
             # Plain causal attention; a single new query (cached decoding) may see every key.
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=t > 1)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=t > 1, enable_gqa=gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        return self.o_proj(y.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)
+        return self.o_proj(y.transpose(1, 2).reshape(b, t, h * hd))

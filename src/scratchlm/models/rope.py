@@ -41,14 +41,22 @@ def _llama3_scaling(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
-    """cos and sin of shape [B, 1, T, head_dim] for integer positions [B, T]."""
+    """cos and *signed* sin, both [B, 1, T, head_dim], for integer positions [B, T].
+
+    The sin's first half is negated: rotate_half(x) · sin equals roll(x, head_dim/2) · that
+    signed sin, which ``apply_rope`` computes in two ops instead of five (decoding runs it twice
+    per layer per token).  The angles are the checkpoint's: position · θ_i in fp32.
+    """
     angles = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device)  # [B, T, hd/2]
+    sin = angles.sin()
     angles = torch.cat((angles, angles), dim=-1)[:, None]
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    return angles.cos().to(dtype), torch.cat((-sin, sin), dim=-1)[:, None].to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate [B, H, T, hd] by the angles in cos/sin (rotate-half pairing)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    """Rotate [B, H, T, hd] by the angles in cos / signed sin (rotate-half pairing).
+
+    x · cos + rotate_half(x) · sin, with rotate_half(x) = (−x₂, x₁) written as roll(x) = (x₂, x₁)
+    times the signed sin (−sin, sin) of ``rope_cos_sin``: the same products, so the same numbers.
+    """
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
