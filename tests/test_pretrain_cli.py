@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from scratchlm.checkpoint import io
 from scratchlm.tokenizers import CharTokenizer
@@ -15,13 +14,6 @@ TEXT = ("ROMEO:\nBut soft, what light through yonder window breaks?\nIt is the e
 TINY = ["--preset", "tiny-gpt2", "--context-length", "16", "--batch-size", "4", "--eval-every", "2",
         "--eval-batches", "1", "--sample-tokens", "8"]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -113,6 +105,46 @@ def test_train_resume_and_evaluate(run_cli, tmp_path, corpus):
         float(values["loss"].split()[0]), rel=1e-3)  # char level: nats per token = nats per char
     code, _, err = run_cli("eval", "perplexity", "--model", run, "--data", corpus, "--context-length", "99")
     one_line_error(code, err, "exceeds the model's 16 positions")
+
+
+def test_raschka_ch5_options(run_cli, tmp_path, corpus):
+    """Disjoint windows, epochs, a constant rate, no clipping, the book's model flags, and per-epoch
+    evaluation on every window from the untrained model on (benchmarks/reproduce_raschka_ch5.py)."""
+    run = tmp_path / "run"
+    book = ["--preset", "tiny-gpt2", "--context-length", "16", "--stride", "16", "--batch-size", "8",
+            "--epochs", "2", "--lr", "0.004", "--min-lr", "0.004", "--warmup-steps", "0", "--grad-clip", "0",
+            "--beta2", "0.999", "--dropout", "0.1", "--no-qkv-bias", "--no-tie-embeddings",
+            "--init", "pytorch", "--eval-every", "epoch", "--eval-batches", "0", "--eval-at-start",
+            "--log-every", "1", "--sample-tokens", "4", "--data", corpus]
+    code, _, err = run_cli("pretrain", *book, "--out", run)
+    assert code == 0, err
+    payload = json.loads((run / "config.json").read_text())
+    model, training, data = payload["model"], payload["training"], payload["data"]
+    assert (model["qkv_bias"], model["tie_embeddings"], model["dropout"]) == (False, False, 0.1)
+    assert model["init"] == "pytorch"
+    assert training["grad_clip"] is None and training["eval_every"] == "epoch" and training["eval_at_start"]
+    assert data["stride"] == 16
+    windows = (data["train_tokens"] - 1) // 16
+    per_epoch = windows // 8
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [(r["step"], r["epochs"]) for r in evals] == [(0, 0), (per_epoch, 1), (2 * per_epoch, 2)]
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, 2 * per_epoch + 1))
+    assert {r["lr"] for r in train} == {0.004}
+
+    before = snapshot(run)
+    for flag, value in (("--stride", "8"), ("--grad-clip", "1.0"), ("--qkv-bias", None), ("--init", "gpt2")):
+        given = [flag, value] if value else [flag]
+        code, _, err = run_cli("pretrain", "--resume", run, "--epochs", "3", *given)
+        one_line_error(code, err, f"{flag} {value or True} differs")
+    code, _, err = run_cli("pretrain", *book, "--stride", "0", "--out", tmp_path / "other")
+    one_line_error(code, err, "--stride must be positive")
+    assert snapshot(run) == before and not (tmp_path / "other").exists()
+    code, _, err = run_cli("pretrain", "--resume", run, "--epochs", "3")
+    assert code == 0, err
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epochs"] for r in evals if r["kind"] == "eval"] == [0, 1, 2, 3]  # no second step-0 eval
 
 
 def test_a_tokenizer_bigger_than_the_model_is_refused(run_cli, tmp_path, corpus):

@@ -20,14 +20,6 @@ TEXT = ("To be, or not to be, that is the question:\nWhether 'tis nobler in the 
         "The slings and arrows of outrageous fortune,\nOr to take arms against a sea of troubles\n") * 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is faster (and immune to OpenMP stalls when the cores are shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def quiet(**kw) -> TrainConfig:
     """A fast config for tests: no progress bar, no samples unless asked."""
@@ -204,6 +196,43 @@ def test_epoch_and_token_budgets():
     assert (t.epoch, t.position) == (2, 0)
     t = Trainer(tiny_model(tok.vocab_size), quiet(batch_size=4, max_tokens=4 * 16 * 3, eval_every=0), train)
     assert t.fit().step == 3
+
+
+def test_eval_per_epoch_on_every_window_and_before_training(tmp_path):
+    """Raschka ch. 5's figures: losses over the whole train and validation splits, the untrained
+    model first, then after every epoch; a constant rate (min_lr = lr, no warmup), no clipping."""
+    tok, train, val = char_data()
+    coarse = SlidingWindowDataset(train.ids, 16, 16)
+    per_epoch = len(coarse) // 8
+    model = tiny_model(tok.vocab_size, dropout=0.1)
+    cfg = quiet(batch_size=8, max_epochs=3, eval_every="epoch", eval_batches=0, eval_at_start=True,
+                lr=3e-3, min_lr=3e-3, warmup_steps=0, grad_clip=None)
+    result = Trainer(model, cfg, coarse, val_data=val, run_dir=tmp_path / "run").fit()
+    assert result.step == 3 * per_epoch
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [(r["step"], r["epochs"]) for r in evals] == [(k * per_epoch, k) for k in range(4)]
+    assert {r["lr"] for r in records if r["kind"] == "train"} == {3e-3}  # constant
+    assert evals[0]["tokens"] == 0
+    assert evals[0]["train_loss"] == pytest.approx(math.log(tok.vocab_size), abs=0.2)  # untrained
+    assert evals[-1] == {**result.last_eval, "final": True}
+
+    # "Every window": the evaluation equals the mean token loss over the whole splits, computed here.
+    model.eval()
+    with torch.no_grad():
+        for data, key in ((coarse, "train_loss"), (val, "val_loss")):
+            x = torch.stack([data[i][0] for i in range(len(data))])
+            y = torch.stack([data[i][1] for i in range(len(data))])
+            want = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
+            assert result.last_eval[key] == pytest.approx(want, rel=1e-5)
+
+
+def test_eval_every_and_eval_batches_are_checked():
+    with pytest.raises(ConfigError, match="'epoch'"):
+        TrainConfig(max_steps=1, eval_every="weekly")
+    with pytest.raises(ConfigError, match="eval_batches"):
+        TrainConfig(max_steps=1, eval_batches=-1)
+    assert TrainConfig(max_steps=1, eval_batches=0, eval_every="epoch").eval_batches == 0
 
 
 def test_time_budget_stops_and_decays_to_min_lr():

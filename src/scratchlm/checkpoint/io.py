@@ -153,7 +153,14 @@ def unique_state(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[
 
 
 def load_weights_into(model: torch.nn.Module, path: Path) -> None:
-    """Copy the tensors of ``path`` into ``model`` in place; every parameter must be there, in its shape."""
+    """Copy the tensors of ``path`` into ``model`` in place; every parameter must be there, in its shape.
+
+    A model with a ``load_tensors`` method (the n-gram: its count tables' sizes come from the
+    training text, not the config) is handed the tensors to rebuild itself from instead.
+    """
+    if hasattr(model, "load_tensors"):
+        model.load_tensors(_read_tensors(path, "model weights")[0])
+        return
     tensors = _read_tensors(path, "model weights", device=next(model.parameters()).device)[0]
     expected, aliases = unique_state(model)
     missing = sorted(set(expected) - set(tensors))

@@ -1,7 +1,9 @@
 """List the named model presets: layers, heads, width, context, vocabulary and parameter count.
 
 Counts are computed from each config alone (tied embeddings counted once), so listing even the
-largest preset neither imports torch nor allocates a weight.
+largest preset neither imports torch nor allocates a weight.  Count-based n-gram presets show
+"-" for parameters (a fitted model stores one count per distinct n-gram of its training text:
+ngram-kn5 on tinyshakespeare, 194,505) and, as context, the N-1 tokens they read.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ def format_table(names: list[str]) -> str:
     rows = [header]
     for name in names:
         c = from_preset(name)
-        attention = getattr(c, "arch", "transformer") == "transformer"  # recurrent LMs have no heads
+        if c.arch == "ngram":  # no layers or widths; it reads N-1 tokens; its counts come from the data
+            rows.append((name, "-", "-", "-", "-", str(c.ngram_order - 1), str(c.vocab_size), "-"))
+            continue
+        attention = c.arch == "transformer"  # recurrent LMs have no heads
         heads = (str(c.n_head), str(c.kv_heads)) if attention else ("-", "-")
         rows.append((name, str(c.n_layer), *heads, str(c.n_embd),
                      str(c.context_length), str(c.vocab_size), f"{c.num_parameters():,}"))

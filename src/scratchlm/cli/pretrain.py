@@ -10,6 +10,10 @@ so runs with different tokenizers compare.
 
 Data-parallel: torchrun --nproc_per_node=N -m scratchlm pretrain ... (--batch-size is per process).
 Ctrl-C saves a checkpoint; --resume RUN_DIR continues it exactly.
+
+Count-based presets (ngram-kn5, ngram-laplace3) fit an n-gram model on the same split in one
+counting pass and report the same validation nats/char; they take --data, --tokenizer, --seed,
+--prompt, --sample-tokens and --out, ignore --device and --threads, and reject the other options.
 """
 
 from __future__ import annotations
@@ -35,14 +39,22 @@ DEFAULTS: dict[str, Any] = {
     "batch_size": 6,
     "grad_accum": 1,
     "context_length": None,  # None: the preset's
+    # Every position starts a training window: nanoGPT's random offsets, drawn without replacement.
+    "stride": 1,
+    "qkv_bias": None,  # None: the preset's
+    "tie_embeddings": None,  # None: the preset's
+    "init": None,  # None: the preset's (GPT-2's N(0, 0.02))
     "lr": 3e-3,
     "min_lr": None,  # None: lr / 10
     "warmup_steps": 100,
     "weight_decay": 0.1,
     "beta2": 0.99,
+    "grad_clip": 1.0,
     "dropout": 0.0,
     "eval_every": 250,
     "eval_batches": 16,
+    "eval_at_start": False,
+    "log_every": 10,
     "save_every": 0,
     "seed": 1337,
     "device": "cpu",
@@ -52,13 +64,20 @@ DEFAULTS: dict[str, Any] = {
     "sample_tokens": 150,
 }
 VAL_FRACTION = 0.1  # the last 10% of the text, as nanoGPT's shakespeare_char
-# Every position starts a training window: nanoGPT's random offsets, drawn without replacement.
-STRIDE = 1
 
 # Options that may differ when resuming: they do not change the trajectory (or they extend it).
-RESUME_FREE = {"max_steps", "max_time", "max_tokens", "epochs", "eval_every", "eval_batches", "save_every",
-               "device", "threads", "prompt", "sample_tokens", "out", "resume"}
+RESUME_FREE = {"max_steps", "max_time", "max_tokens", "epochs", "eval_every", "eval_batches", "eval_at_start",
+               "log_every", "save_every", "device", "threads", "prompt", "sample_tokens", "out", "resume"}
 BUDGETS = ("max_steps", "max_time", "max_tokens", "epochs")
+
+
+def _eval_every(value: str) -> int | str:
+    if value == "epoch":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of steps or 'epoch', got {value!r}") from None
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -80,7 +99,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
     opt(g, "--tokenizer", "'char', 'bpe:N' (train N tokens), or a tokenizer path", metavar="SPEC")
     opt(g, "--context-length", "tokens per training window, at most the preset's positions",
         shown="the preset's", type=int, metavar="N")
+    opt(g, "--stride", "tokens between the starts of consecutive training windows (the context "
+        "length: disjoint windows, as Raschka ch. 5; validation windows are always disjoint)",
+        type=int, metavar="N")
     opt(g, "--dropout", "dropout probability", type=float, metavar="P")
+    g.add_argument("--qkv-bias", action=argparse.BooleanOptionalAction, default=s,
+                   help="biases on the query/key/value projections (default: the preset's)")
+    g.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=s,
+                   help="share the token embedding and output matrices (default: the preset's)")
+    g.add_argument("--init", choices=["gpt2", "pytorch"], default=s,
+                   help="initial weights: 'gpt2' (N(0, 0.02), residual projections scaled down) or "
+                        "'pytorch' (each layer's default, embeddings N(0, 1): Raschka's GPTModel) "
+                        "(default: gpt2)")
     g = parser.add_argument_group("budget (training stops at the first one reached)")
     g.add_argument("--max-time", type=float, default=s, metavar="SECONDS",
                    help=f"wall-clock seconds, evaluation included; 0 = none (default: {d['max_time']:g}, "
@@ -92,10 +122,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     opt(g, "--batch-size", "windows per step and process", type=int, metavar="N")
     opt(g, "--grad-accum", "micro-batches accumulated per step", type=int, metavar="N")
     opt(g, "--lr", "peak learning rate (AdamW)", type=float)
-    opt(g, "--min-lr", "final learning rate of the cosine decay", shown="lr/10", type=float)
+    opt(g, "--min-lr", "final learning rate of the cosine decay (= --lr, with --warmup-steps 0: a "
+        "constant rate)", shown="lr/10", type=float)
     opt(g, "--warmup-steps", "linear warmup steps", type=int, metavar="N")
     opt(g, "--weight-decay", "AdamW weight decay on matrices", type=float)
     opt(g, "--beta2", "AdamW's second-moment decay (0.99 suits small models and batches)", type=float)
+    opt(g, "--grad-clip", "maximum global gradient norm; 0 = no clipping", type=float, metavar="NORM")
     opt(g, "--seed", "random seed (initialisation, data order, dropout)", type=int)
     opt(g, "--precision", "fp32, bf16 (autocast, fp32 master weights), or auto: bf16 where it is fast "
         "(CUDA, CPUs with AMX)", choices=["fp32", "bf16", "auto"])
@@ -103,8 +135,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     opt(g, "--threads", "CPU threads; on cores shared with other jobs, 1 can be much faster than 2",
         shown="one per core", type=int, metavar="N")
     g = parser.add_argument_group("evaluation and output")
-    opt(g, "--eval-every", "steps between evaluations (each with a text sample)", type=int, metavar="N")
-    opt(g, "--eval-batches", "batches per split and evaluation", type=int, metavar="N")
+    opt(g, "--eval-every", "steps between evaluations (each with a text sample), or 'epoch': at the end "
+        "of every pass over the training windows", type=_eval_every, metavar="N|epoch")
+    opt(g, "--eval-batches", "batches per split and evaluation; 0 = every window of both splits",
+        type=int, metavar="N")
+    g.add_argument("--eval-at-start", action="store_true", default=s,
+                   help="also evaluate the untrained model, before the first update (default: off)")
+    opt(g, "--log-every", "steps between training-loss lines in metrics.jsonl", type=int, metavar="N")
     opt(g, "--save-every", "steps between checkpoints (one is always written at the end and on Ctrl-C)",
         type=int, metavar="N")
     opt(g, "--prompt", "prompt of the text samples", metavar="TEXT")
@@ -127,13 +164,17 @@ def _saved_settings(payload: dict[str, Any]) -> dict[str, Any]:
     settings = {
         "preset": data.get("preset", model.get("name")), "data": data.get("data"),
         "tokenizer": data.get("tokenizer"), "context_length": model.get("context_length"),
-        "dropout": model.get("dropout"), "epochs": training.get("max_epochs"),
+        "stride": data.get("stride"), "dropout": model.get("dropout"), "qkv_bias": model.get("qkv_bias"),
+        "tie_embeddings": model.get("tie_embeddings"), "init": model.get("init") or "gpt2",
+        "epochs": training.get("max_epochs"),
         "prompt": training.get("sample_prompt"),
     }
     for key in ("max_steps", "max_time", "max_tokens", "batch_size", "grad_accum", "lr", "min_lr",
-                "warmup_steps", "weight_decay", "beta2", "eval_every", "eval_batches", "save_every", "seed",
-                "precision", "device", "sample_tokens"):
+                "warmup_steps", "weight_decay", "beta2", "grad_clip", "eval_every", "eval_batches",
+                "eval_at_start", "log_every", "save_every", "seed", "precision", "device", "sample_tokens"):
         settings[key] = training.get(key)
+    if "grad_clip" in training and training["grad_clip"] is None:
+        settings["grad_clip"] = 0.0  # saved as None: no clipping, which the option spells 0
     return settings
 
 
@@ -211,7 +252,9 @@ def _model_config(settings: dict[str, Any], tokenizer: Any, payload: dict[str, A
         raise ConfigError(f"context length {ctx} is longer than the {base.context_length} positions of "
                           f"preset {settings['preset']}",
                           f"pass --context-length {base.context_length} or less")
-    return base.replace(vocab_size=tokenizer.vocab_size, context_length=ctx, dropout=settings["dropout"])
+    flags = {k: settings[k] for k in ("qkv_bias", "tie_embeddings", "init") if settings[k] is not None}
+    return base.replace(vocab_size=tokenizer.vocab_size, context_length=ctx, dropout=settings["dropout"],
+                        **flags)
 
 
 def _check_ids(config: Any, train_ids: list[int], val_ids: list[int], data: str) -> None:
@@ -233,9 +276,11 @@ def _train_config(settings: dict[str, Any]) -> Any:
     return TrainConfig(
         batch_size=settings["batch_size"], grad_accum=settings["grad_accum"], lr=settings["lr"],
         min_lr=settings["min_lr"], warmup_steps=settings["warmup_steps"],
-        weight_decay=settings["weight_decay"], beta2=settings["beta2"], max_steps=settings["max_steps"],
+        weight_decay=settings["weight_decay"], beta2=settings["beta2"],
+        grad_clip=settings["grad_clip"] or None, max_steps=settings["max_steps"],
         max_epochs=settings["epochs"], max_tokens=settings["max_tokens"], max_time=settings["max_time"],
         eval_every=settings["eval_every"], eval_batches=settings["eval_batches"],
+        eval_at_start=bool(settings["eval_at_start"]), log_every=settings["log_every"],
         save_every=settings["save_every"], sample_prompt=settings["prompt"],
         sample_tokens=settings["sample_tokens"], seed=settings["seed"], precision=settings["precision"],
         device=settings["device"],
@@ -244,12 +289,19 @@ def _train_config(settings: dict[str, Any]) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     given = {k: v for k, v in vars(args).items() if k != "func"}
+    from scratchlm.cli import pretrain_ngram
+
+    if pretrain_ngram.wanted(given):  # a count-based preset: one counting pass, no training loop
+        return pretrain_ngram.run(given)
     payload = None
     if "resume" in given:
         settings, run_dir, payload = _resume_settings(given)
     else:
         settings, run_dir = _new_settings(given)
     tc = _train_config(settings)  # validates the numbers before any slow work
+    if settings["stride"] < 1:
+        raise ConfigError(f"--stride must be positive, got {settings['stride']}",
+                          "pass 1 for every offset, or the context length for disjoint windows")
 
     import torch
 
@@ -276,9 +328,9 @@ def run(args: argparse.Namespace) -> int:
         tokenizer.encode(settings["prompt"])  # a prompt the tokenizer cannot encode fails now, not mid-run
     ctx = config.context_length
     data_info = {"data": settings["data"], "tokenizer": settings["tokenizer"], "preset": settings["preset"],
-                 "val_fraction": VAL_FRACTION, "stride": STRIDE, "train_tokens": len(train_ids),
+                 "val_fraction": VAL_FRACTION, "stride": settings["stride"], "train_tokens": len(train_ids),
                  "val_tokens": len(val_ids), "val_chars": len(val_text)}
-    train = SlidingWindowDataset(train_ids, ctx, STRIDE)
+    train = SlidingWindowDataset(train_ids, ctx, settings["stride"])
     val = SlidingWindowDataset(val_ids, ctx, ctx)  # disjoint windows spread over the whole split
 
     if settings["threads"]:

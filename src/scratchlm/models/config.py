@@ -18,8 +18,15 @@ NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
 POSITIONS = ("learned", "rope")
 ROPE_SCALINGS = (None, "default", "linear", "llama3")  # rope.inverse_frequencies implements these
-ARCHS = ("transformer", "elman", "lstm")  # elman, lstm: models/rnn.py
+ARCHS = ("transformer", "elman", "lstm", "ngram")  # elman, lstm: models/rnn.py; ngram: models/ngram_module.py
 RNN_BIASES = ("two", "one", "none")  # b_ih + b_hh as torch.nn.RNN/LSTM; one b per layer (Burkov); none
+# Transformer initialisations: None or "gpt2" (N(0, 0.02), residual projections scaled down), or
+# "pytorch": every layer's own default, as Raschka's GPTModel leaves them (nn.Embedding N(0, 1)).
+INITS = (None, "gpt2", "pytorch")
+# The NGramLM smoothings that give a probability distribution after every context (what a language
+# model behind the sampler and a loss in nats needs): not mle (zeros), backoff or stupid-backoff (scores).
+NGRAM_SMOOTHINGS = ("kneser-ney", "laplace", "add-k")
+NGRAM_FIELDS = ("ngram_order", "ngram_smoothing", "ngram_k", "ngram_discount")
 
 
 @dataclass
@@ -52,12 +59,20 @@ class ModelConfig:
     qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k before RoPE
     tie_embeddings: bool = True
     dropout: float = 0.0
+    init: str | None = None  # see INITS; None: "gpt2"
     name: str = field(default="custom", compare=False)
     # Recurrent LMs (models/rnn.py) use vocab_size, context_length (training window and generation
     # limit), n_layer, n_embd (embedding size), dropout and tie_embeddings, plus these.
     arch: str = "transformer"  # "transformer", or "elman" / "lstm" for a recurrent LM
     rnn_hidden: int | None = None  # hidden size of each recurrent layer; None: n_embd (Burkov)
     rnn_bias: str = "two"  # see RNN_BIASES; "two" copies to and from torch.nn.RNN/LSTM unchanged
+    # Count-based LMs (arch "ngram", models/ngram_module.py) use vocab_size and context_length (the
+    # longest prompt + generation; the model itself reads only the last ngram_order - 1 tokens) plus
+    # these, passed to models.ngram.NGramLM.  None elsewhere.
+    ngram_order: int | None = None  # N: each token is predicted from the N - 1 before it
+    ngram_smoothing: str | None = None  # one of NGRAM_SMOOTHINGS
+    ngram_k: float | None = None  # add-k's k (None: 1)
+    ngram_discount: float | None = None  # Kneser-Ney: a fixed discount (nltk's); None: modified KN
 
     def __post_init__(self) -> None:
         self.validate()
@@ -76,6 +91,16 @@ class ModelConfig:
         return self.intermediate_size or 4 * self.n_embd
 
     def validate(self) -> None:
+        if self.init not in INITS:
+            raise ConfigError(f"unknown init {self.init!r}", "use 'gpt2' or 'pytorch'")
+        if self.arch != "ngram":
+            given = [k for k in NGRAM_FIELDS if getattr(self, k) is not None]
+            if given:
+                raise ConfigError(f"{given[0]} is set but arch is {self.arch!r}",
+                                  "the ngram_* fields configure arch 'ngram' only")
+        if self.arch == "ngram":
+            self._validate_ngram()
+            return
         if self.arch != "transformer":
             self._validate_recurrent()
             return
@@ -132,7 +157,14 @@ class ModelConfig:
         return dataclasses.replace(self, **overrides)
 
     def num_parameters(self) -> int:
-        """Parameter count computed from the config alone (no torch); tied embeddings count once."""
+        """Parameter count computed from the config alone (no torch); tied embeddings count once.
+
+        An n-gram model has none to count here: its size is its number of distinct n-grams, which
+        the training text decides (``NGramModel.num_parameters()`` once fitted).
+        """
+        if self.arch == "ngram":
+            raise ConfigError("an n-gram model's size is the number of distinct n-grams in its training text",
+                              "fit it first and count model.num_parameters()")
         if self.arch != "transformer":
             return self._recurrent_parameters()
         d, hd, f = self.n_embd, self.head_size, self.ffn_size
@@ -179,6 +211,27 @@ class ModelConfig:
                 f"({self.n_embd})",
                 "set tie_embeddings=False, or rnn_hidden=None",
             )
+
+    def _validate_ngram(self) -> None:
+        for key in ("vocab_size", "context_length"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{key} must be a positive integer, got {value!r}", "fix the model config")
+        order = self.ngram_order
+        if isinstance(order, bool) or not isinstance(order, int) or order < 1:
+            raise ConfigError(f"ngram_order must be an integer >= 1, got {order!r}",
+                              "e.g. ngram_order=5 for a 5-gram model")
+        if self.ngram_smoothing not in NGRAM_SMOOTHINGS:
+            raise ConfigError(f"ngram_smoothing {self.ngram_smoothing!r} cannot drive a language model",
+                              f"use one of {', '.join(NGRAM_SMOOTHINGS)} (the others are not distributions)")
+        if self.ngram_smoothing == "kneser-ney" and order < 2:
+            raise ConfigError("Kneser-Ney needs ngram_order >= 2", "use ngram_order >= 2, or laplace")
+        if self.ngram_k is not None and not (isinstance(self.ngram_k, (int, float)) and self.ngram_k > 0):
+            raise ConfigError(f"ngram_k must be > 0, got {self.ngram_k!r}", "e.g. ngram_k=0.1 (1 = Laplace)")
+        d = self.ngram_discount
+        if d is not None and not (isinstance(d, (int, float)) and 0 <= d <= 1):
+            raise ConfigError(f"ngram_discount must be in [0, 1], got {d!r}",
+                              "e.g. 0.1 (nltk's), or None for modified Kneser-Ney")
 
     def _recurrent_parameters(self) -> int:
         """Embedding V·E + per layer G·H·(in + H + biases) (G = 1 Elman, 4 LSTM) + head H·V (untied) + V."""

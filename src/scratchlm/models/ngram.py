@@ -56,7 +56,10 @@ Kneser-Ney model in the standard ARPA backoff format (KenLM, SRILM) as well.
 
 API: ``fit(sentences)``; ``score``/``logscore(word, context)`` and their vectorised ``scores``/
 ``logscores(ngrams)``; ``distribution(context)`` over ``vocab``; ``token_logscores``/``perplexity``
-of sentences; ``predict``; ``sample`` (seeded); ``count(ngram)``; ``save``/``load``.
+of sentences; ``predict``; ``sample`` (seeded); ``count(ngram)``; ``save``/``load``; ``next_scores`` (the
+distributions after many contexts at once) and ``tables``/``from_tables``, through which
+``scratchlm.models.ngram_module.NGramModel`` puts a model behind the transformer's interface (the
+sampler, run dirs, ``scratchlm pretrain --preset ngram-kn5``).
 """
 
 from __future__ import annotations
@@ -462,6 +465,24 @@ class NGramLM:
         row = np.array([-1] * (L - len(c)) + c, dtype=np.int64)
         return self._score_ids(np.broadcast_to(row, (V, L)), np.arange(V, dtype=np.int64))
 
+    def next_scores(self, contexts: np.ndarray) -> np.ndarray:
+        """Vectorised ``distribution``: scores (M, |V|) of every vocabulary word after each of M contexts.
+
+        ``contexts`` (M, N-1) holds vocabulary indices (``vocab.index(word)``), left-padded with -1
+        where a context is shorter than N-1 words.
+        """
+        self._require_fitted()
+        L, V = self.order - 1, len(self.vocab)
+        ctx = np.asarray(contexts, dtype=np.int64).reshape(-1, L)
+        words = np.tile(np.arange(V, dtype=np.int64), len(ctx))
+        return self._score_ids(np.repeat(ctx, V, axis=0), words).reshape(len(ctx), V)
+
+    @property
+    def num_counts(self) -> int:
+        """Stored counts: one per distinct n-gram of each order 1..N (the model's "parameters")."""
+        self._require_fitted()
+        return sum(len(self._counts[k]) for k in range(1, self.order + 1))
+
     def token_logscores(self, sentences: Iterable[Sequence[str]]) -> np.ndarray:
         """log2 P of every word of every sentence and of one ``</s>`` ending each, in order.
 
@@ -555,16 +576,21 @@ class NGramLM:
         return {"order": self.order, "smoothing": self.smoothing, "k": self.k, "discount": self.discount,
                 "alpha": self.alpha, "unk_cutoff": self.unk_cutoff, "pad": self.pad}
 
-    def save(self, path: str | Path) -> Path:
-        """Write the model to one ``.safetensors`` file (format in the module docstring)."""
-        from safetensors.numpy import save_file
-
+    def tables(self) -> dict[str, np.ndarray]:
+        """The count tables as named arrays: ``keys.K`` and ``counts.K`` (int64, K = 1..N)."""
         self._require_fitted()
-        path = Path(path)
         tensors = {}
         for k in range(1, self.order + 1):
             tensors[f"keys.{k}"] = np.ascontiguousarray(self._keys[k])
             tensors[f"counts.{k}"] = np.ascontiguousarray(self._counts[k])
+        return tensors
+
+    def save(self, path: str | Path) -> Path:
+        """Write the model to one ``.safetensors`` file (format in the module docstring)."""
+        from safetensors.numpy import save_file
+
+        path = Path(path)
+        tensors = self.tables()
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "config": json.dumps(self._config()),
                 "vocab": json.dumps(self.vocab, ensure_ascii=False)}
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -596,19 +622,29 @@ class NGramLM:
         except (SafetensorError, OSError, ValueError, KeyError) as err:
             raise CheckpointError(f"cannot read n-gram model {path}: {err}",
                                   "the file is damaged; save the model again") from None
-        lm = cls(cfg["order"], cfg["smoothing"], k=cfg["k"], discount=cfg["discount"], alpha=cfg["alpha"],
-                 unk_cutoff=cfg["unk_cutoff"], pad=cfg["pad"])
-        lm._set_vocab(vocab)
+        return cls.from_tables(arrays, cfg, vocab, where=str(path))
+
+    @classmethod
+    def from_tables(cls, tables: dict[str, np.ndarray], config: dict, vocab: list[str],
+                    where: str = "n-gram model") -> NGramLM:
+        """A fitted model from ``tables()``, ``config`` (as saved: order, smoothing, k, discount, alpha,
+        unk_cutoff, pad) and ``vocab``; malformed tables are a ``CheckpointError``."""
+        cfg = config
+        lm = cls(cfg["order"], cfg["smoothing"], k=cfg.get("k", 1.0), discount=cfg.get("discount"),
+                 alpha=cfg.get("alpha", 0.4), unk_cutoff=cfg.get("unk_cutoff", 1), pad=cfg.get("pad", True))
+        lm._set_vocab(list(vocab))
         lm._keys, lm._counts = [None], [None]
         prev_size = 1  # rows of the order-(k-1) table; the empty context has one
         for k in range(1, lm.order + 1):
-            keys, counts = arrays.get(f"keys.{k}"), arrays.get(f"counts.{k}")
+            keys, counts = tables.get(f"keys.{k}"), tables.get(f"counts.{k}")
+            keys = None if keys is None else np.asarray(keys)
+            counts = None if counts is None else np.asarray(counts)
             ok = (keys is not None and counts is not None and keys.dtype == np.int64
                   and counts.dtype == np.int64 and keys.ndim == 1 and keys.shape == counts.shape
                   and len(keys) > 0 and bool(np.all(keys[1:] > keys[:-1])) and bool(np.all(counts > 0))
                   and keys[0] >= 0 and keys[-1] < prev_size * len(vocab))
             if not ok:
-                raise CheckpointError(f"{path}: count table of order {k} is missing or malformed",
+                raise CheckpointError(f"{where}: count table of order {k} is missing or malformed",
                                       "the file is damaged; save the model again")
             lm._keys.append(keys)
             lm._counts.append(counts)

@@ -33,4 +33,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "lstm-small": dict(arch="lstm", vocab_size=65, context_length=128, n_layer=2, n_embd=192),
     "tiny-elman": dict(arch="elman", vocab_size=256, context_length=64, n_layer=2, n_embd=32),
     "tiny-lstm": dict(arch="lstm", vocab_size=256, context_length=64, n_layer=2, n_embd=32),
+    # Count-based LMs (models/ngram_module.py over models/ngram.py): fitted in one pass over the
+    # training tokens, no budget.  context_length is only the longest prompt + generation.
+    "ngram-laplace3": dict(arch="ngram", ngram_order=3, ngram_smoothing="laplace", vocab_size=65,
+                           context_length=1024),
+    "ngram-kn5": dict(arch="ngram", ngram_order=5, ngram_smoothing="kneser-ney", vocab_size=65,
+                      context_length=1024),
 }

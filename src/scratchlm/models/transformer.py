@@ -27,8 +27,11 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, rope=None, mask=None, cache=None):
-        x = x + self.dropout(self.self_attn(self.input_layernorm(x), rope, mask, cache))
-        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+        if self.training and self.dropout.p > 0:
+            x = x + self.dropout(self.self_attn(self.input_layernorm(x), rope, mask, cache))
+            return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)  # (dropout is the identity)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Transformer(nn.Module):
@@ -91,9 +94,18 @@ class Transformer(nn.Module):
         return self._rope_inv_freq
 
     def reset_parameters(self) -> None:
-        """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/√(2·n_layer), zero biases."""
+        """GPT-2 initialisation: N(0, 0.02), residual projections scaled by 1/√(2·n_layer), zero biases.
+
+        ``config.init == "pytorch"``: every layer's own PyTorch default instead, as Raschka's GPTModel
+        keeps them (embeddings N(0, 1), linear weights and biases U(±1/√fan_in), norms 1 and 0).
+        """
         if self.embed_tokens.weight.is_meta:
             # Transformer.empty: no data to fill, and normal_ on meta tensors imports torch._dynamo (seconds)
+            return
+        if self.config.init == "pytorch":
+            for module in self.modules():
+                if module is not self and hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
             return
         std = 0.02
         for name, p in self.named_parameters():

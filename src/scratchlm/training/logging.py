@@ -4,8 +4,9 @@
 
 * ``"train"`` (every ``log_every`` steps): ``step``, ``tokens``, ``elapsed``, ``loss`` (that
   step's batch), ``lr``, ``grad_norm``, ``tokens_per_s``;
-* ``"eval"``: ``step``, ``tokens``, ``elapsed``, ``train_loss`` and ``val_loss`` (mean over a
-  fixed set of windows), ``val_perplexity``, ``val_nats_per_char``, ``lr``.
+* ``"eval"``: ``step``, ``tokens``, ``epochs`` (passes over the training data so far),
+  ``elapsed``, ``train_loss`` and ``val_loss`` (mean over a fixed set of windows, or all of
+  them), ``val_perplexity``, ``val_nats_per_char``, ``lr``.
 
 JSON lines are appendable (a crash loses at most the line being written) and every tool reads
 them; a resumed run first drops the lines written after the checkpoint it resumes from, so the

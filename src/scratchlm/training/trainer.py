@@ -10,8 +10,9 @@ so everything a run needs lives here once:
 * gradient clipping and gradient accumulation (exact: losses are sums divided by the global
   token count once per step, see ``losses.py``);
 * bf16 autocast (float32 master weights and optimizer state) where the device does bf16 fast;
-* evaluation every ``eval_every`` steps on fixed windows of both splits (train and validation
-  loss, perplexity, validation nats per character) with a text sample;
+* evaluation every ``eval_every`` steps (or at the end of every epoch) on fixed windows of both
+  splits, or on all of them (train and validation loss, perplexity, validation nats per
+  character) with a text sample, optionally once before the first update too;
 * budgets in steps, epochs, tokens or wall-clock seconds, whichever comes first;
 * the run dir (``checkpoint.io``): checkpoints every ``save_every`` steps and at the end,
   a last one on Ctrl-C, and exact resumption (weights, optimizer, schedule, RNG, data position);
@@ -81,8 +82,9 @@ class TrainConfig:
     max_epochs: float | None = None
     max_tokens: int | None = None
     max_time: float | None = None  # seconds, evaluation and checkpoints included
-    eval_every: int | None = 250  # steps; None or 0: evaluate only at the end
-    eval_batches: int = 8  # global batches of each split per evaluation (fixed windows, same every time)
+    eval_every: int | str | None = 250  # steps, or "epoch"; None or 0: evaluate only at the end
+    eval_batches: int = 8  # global batches of each split per evaluation (fixed windows); 0: every window
+    eval_at_start: bool = False  # also evaluate the untrained model (step 0) of a new run
     save_every: int | None = None  # steps; None or 0: save only at the end (and on Ctrl-C)
     log_every: int = 10  # steps between "train" lines in metrics.jsonl
     sample_prompt: str = "\n"
@@ -102,15 +104,21 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        for key in ("batch_size", "grad_accum", "eval_batches", "log_every"):
+        for key in ("batch_size", "grad_accum", "log_every"):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{key} must be a positive integer, got {value!r}",
                                   f"pass a positive {key}")
+        if not isinstance(self.eval_batches, int) or self.eval_batches < 0:
+            raise ConfigError(f"eval_batches must be a non-negative integer, got {self.eval_batches!r}",
+                              "pass 0 to evaluate on every window")
         for key in ("eval_every", "save_every"):
             value = getattr(self, key)
+            if key == "eval_every" and value == "epoch":
+                continue
             if value is not None and (not isinstance(value, int) or value < 0):
-                raise ConfigError(f"{key} must be a non-negative integer, got {value!r}",
+                what = " or 'epoch'" if key == "eval_every" else ""
+                raise ConfigError(f"{key} must be a non-negative integer{what}, got {value!r}",
                                   "pass 0 to turn it off")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}", f"use one of {', '.join(PRECISIONS)}")
@@ -506,7 +514,11 @@ class Trainer:
     # --- evaluation -------------------------------------------------------------------------------
 
     def _eval_indices(self, n: int) -> list[int]:
-        """Fixed, evenly spread examples: the same windows at every evaluation, so curves are smooth."""
+        """Fixed, evenly spread examples: the same windows at every evaluation, so curves are smooth.
+
+        ``eval_batches`` 0: every example."""
+        if self.config.eval_batches == 0:
+            return list(range(n))
         want = min(n, self.config.eval_batches * self.global_batch)
         return torch.linspace(0, n - 1, want).round().long().tolist()
 
@@ -529,7 +541,8 @@ class Trainer:
         """Train and validation loss on fixed windows; perplexity and nats per character.
 
         ``final``: the validation loss covers every validation example (the figure a run is judged
-        by), not just the fixed subset that keeps periodic evaluations cheap.
+        by), not just the fixed subset that keeps periodic evaluations cheap.  With ``eval_batches``
+        0 every evaluation covers every example of both splits.
         """
         was_training = self.module.training
         self.module.eval()
@@ -539,7 +552,8 @@ class Trainer:
         finally:
             self.module.train(was_training)
         record: dict[str, Any] = {
-            "kind": "eval", "step": self.step, "tokens": self.tokens, "elapsed": round(self._now(), 3),
+            "kind": "eval", "step": self.step, "tokens": self.tokens, "epochs": round(self.epochs, 6),
+            "elapsed": round(self._now(), 3),
             "train_loss": train_loss, "val_loss": val_loss,
             "val_perplexity": math.exp(val_loss) if val_loss is not None and val_loss < 700 else None,
             "val_nats_per_char": (val_loss * self.val_tokens_per_char
@@ -652,8 +666,11 @@ class Trainer:
         rate_tokens, rate_time = 0, 0.0  # for the tokens/s estimate (since the last display)
         last_display = 0.0
         progress = start_progress
+        if cfg.eval_at_start and self.step == 0:
+            self._eval_and_sample()
         while progress < 1.0:
             lr = self.schedule(self.step, progress)
+            epoch = self.epoch
             t0 = time.perf_counter()
             loss, norm, tokens = self._train_step(lr)
             dt = time.perf_counter() - t0
@@ -669,7 +686,9 @@ class Trainer:
                 self._progress.update(progress, self.step, loss, rate_tokens / max(rate_time, 1e-9),
                                       self._now(), now - self._session_start, start_progress)
                 rate_tokens, rate_time, last_display = 0, 0.0, now
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and progress < 1.0:
+            due = self.epoch != epoch if cfg.eval_every == "epoch" else bool(
+                cfg.eval_every and self.step % cfg.eval_every == 0)
+            if due and progress < 1.0:
                 self._eval_and_sample()
             if cfg.save_every and self.step % cfg.save_every == 0:
                 self.save()
