@@ -77,15 +77,15 @@ def test_chat_stops_at_end_of_turn(lm):
 
 def test_chat_stop_ids_and_strings(lm):
     specials = lm.tokenizer.special_tokens
-    params = lm._chat_params(None, {"stop_token_ids": [7], "stop": ["zz"]})
+    params = lm.chat_params(None, {"stop_token_ids": [7], "stop": ["zz"]})
     assert params.stop_token_ids == (7, specials["<|im_end|>"], specials["<|endoftext|>"])
     assert params.stop == ("zz",)  # <|im_end|> is a token here, not a string to look for
-    assert lm._chat_params(None, {"ignore_eos": True}).stop_token_ids == ()
+    assert lm.chat_params(None, {"ignore_eos": True}).stop_token_ids == ()
 
     plain = tiny_chat_lm(template=None)
     plain.tokenizer = train_bpe(TEXT, 280)  # no <|im_end|> token: ChatML's marker is plain text
     plain.chat_template = None
-    params = plain._chat_params(None, {})
+    params = plain.chat_params(None, {})
     assert params.stop == ("<|im_end|>",)
     assert params.stop_token_ids == (plain.tokenizer.special_tokens["<|endoftext|>"],)
 

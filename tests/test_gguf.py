@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import shared_path
-from scratchlm.checkpoint.gguf import _unpermute_rows, dequantize, load_gguf, read_gguf
+from scratchlm.checkpoint.gguf import _unpermute_rows, load_gguf
+from scratchlm.checkpoint.gguf_file import dequantize, read_gguf
 from scratchlm.errors import CheckpointError
 from scratchlm.models.config import ModelConfig
 from scratchlm.models.transformer import Transformer

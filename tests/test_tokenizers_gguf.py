@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 
 from conftest import shared_path
 from scratchlm.data.corpora import read_corpus
-from scratchlm.errors import DataError
+from scratchlm.errors import CheckpointError, DataError
 from scratchlm.tokenizers import ByteLevelBPE, load
-from scratchlm.tokenizers.bpe import SMOLLM2_PATTERN, bytes_to_token, read_gguf_metadata
+from scratchlm.tokenizers.bpe import SMOLLM2_PATTERN, bytes_to_token
 from test_tokenizers_bpe import FRAGMENTS, TEXT
 
 gguf = pytest.importorskip("gguf")
@@ -133,14 +133,6 @@ def test_gpt2_vocabulary_in_gguf_encodes_like_gpt2_files(tmp_path):
     assert ours.encode(text, allowed_special="all") == gpt2.encode(text, allowed_special="all")
 
 
-def test_header_reader_agrees_with_gguf_package(tmp_path):
-    path = _write_gguf(tmp_path / "small.gguf", ["a", "b", "ab", "<|endoftext|>"], merges=["a b"],
-                       types=[1, 1, 1, 3])
-    ours = read_gguf_metadata(path)
-    fields = gguf.GGUFReader(str(path)).fields
-    assert ours == {key: field.contents() for key, field in fields.items() if not key.startswith("GGUF.")}
-
-
 def test_sentencepiece_gguf_is_refused(tmp_path):
     path = _write_gguf(tmp_path / "spm.gguf", ["<unk>", "<s>", "</s>", "▁a"], model="llama", pre=None)
     with pytest.raises(DataError, match="tokenizer.ggml.model='llama', not byte-level BPE") as err:
@@ -155,10 +147,11 @@ def test_unknown_pre_tokenizer_is_refused(tmp_path):
 
 
 def test_damaged_gguf(tmp_path):
+    """The tokenizer reads the header with the model loader's reader (checkpoint.gguf_file)."""
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all, just text" * 3)
-    with pytest.raises(DataError, match="not a GGUF file"):
+    with pytest.raises(CheckpointError, match="not a GGUF file"):
         load(tmp_path / "junk.gguf")
     good = _write_gguf(tmp_path / "cut.gguf", ["a", "b"], merges=[])
     (tmp_path / "cut.gguf").write_bytes(good.read_bytes()[:60])
-    with pytest.raises(DataError, match="cannot read the GGUF header"):
+    with pytest.raises(CheckpointError, match="cannot read the GGUF header"):
         load(tmp_path / "cut.gguf")

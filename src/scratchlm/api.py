@@ -109,9 +109,9 @@ class LM:
 
         tokenizer = self._tokenizer()
         prompt = tokenizer.encode(self.chat_prompt(messages), allowed_special="all")
-        return stream(self.model, tokenizer, prompt, self._chat_params(params, sampling))
+        return stream(self.model, tokenizer, prompt, self.chat_params(params, sampling))
 
-    def _chat_params(self, params: SamplingParams | None, sampling: dict[str, Any]) -> SamplingParams:
+    def chat_params(self, params: SamplingParams | None, sampling: dict[str, Any]) -> SamplingParams:
         """``params`` (or the options) plus the end-of-turn stops of this model's chat format.
 
         An end-of-turn token the vocabulary has is a stop id; one the template writes but the

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -200,7 +201,8 @@ def _resume_settings(given: dict[str, Any]) -> tuple[dict[str, Any], Path, dict[
     return settings, run_dir, payload
 
 
-def _new_settings(given: dict[str, Any]) -> tuple[dict[str, Any], Path]:
+def new_settings(given: dict[str, Any], resumable: bool = True) -> tuple[dict[str, Any], Path]:
+    """The options of a new run over the defaults, and its run dir (which must be new or empty)."""
     settings = {**DEFAULTS, **given}
     if any(k in given for k in ("max_steps", "max_tokens", "epochs")) and "max_time" not in given:
         settings["max_time"] = None  # another budget was asked for: no cap at the demo's 5 minutes
@@ -210,7 +212,8 @@ def _new_settings(given: dict[str, Any]) -> tuple[dict[str, Any], Path]:
     out = Path(given["out"]) if "out" in given else Path("runs") / f"{settings['preset']}-{stamp}"
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"{out} already exists",
-                          f"continue that run with --resume {out}, or choose another --out")
+                          f"continue that run with --resume {out}, or choose another --out" if resumable
+                          else "choose another --out (an n-gram run is refitted in seconds, not resumed)")
     return settings, out
 
 
@@ -219,7 +222,8 @@ def _new_settings(given: dict[str, Any]) -> tuple[dict[str, Any], Path]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _tokenizer(spec: str, train_text: str, text: str) -> Any:
+def make_tokenizer(spec: str, train_text: str, text: str) -> Any:
+    """The tokenizer ``--tokenizer`` names: char, bpe:N trained on the training split, or a path."""
     from scratchlm.tokenizers import CharTokenizer
     from scratchlm.tokenizers import load as load_tokenizer
 
@@ -235,6 +239,39 @@ def _tokenizer(spec: str, train_text: str, text: str) -> Any:
 
         return train_bpe(train_text, int(size), progress=False)
     return load_tokenizer(spec)
+
+
+@dataclass
+class Splits:
+    """The corpus as pretraining sees it: the first 90% for training, the last 10% for validation."""
+
+    tokenizer: Any
+    train_ids: list[int]
+    val_ids: list[int]
+    val_chars: int  # validation loss per character is comparable across tokenizers
+
+    def info(self, settings: dict[str, Any]) -> dict[str, Any]:
+        """The run's ``data`` record in config.json."""
+        return {"data": settings["data"], "tokenizer": settings["tokenizer"], "preset": settings["preset"],
+                "val_fraction": VAL_FRACTION, "train_tokens": len(self.train_ids),
+                "val_tokens": len(self.val_ids), "val_chars": self.val_chars}
+
+
+def encode_splits(settings: dict[str, Any], tokenizer_dir: Path | None = None) -> Splits:
+    """Read ``--data``, split it and encode both parts with ``--tokenizer`` (or a run's saved one)."""
+    from scratchlm.data.corpora import read_corpus
+    from scratchlm.tokenizers import load as load_tokenizer
+
+    text = read_corpus(settings["data"])
+    split = int(len(text) * (1 - VAL_FRACTION))
+    train_text, val_text = text[:split], text[split:]
+    if tokenizer_dir is not None:
+        tokenizer = load_tokenizer(tokenizer_dir)
+    else:
+        tokenizer = make_tokenizer(settings["tokenizer"], train_text, text)
+    train_ids = tokenizer.encode(train_text, allowed_special="all")
+    val_ids = tokenizer.encode(val_text, allowed_special="all") if val_text else []
+    return Splits(tokenizer, train_ids, val_ids, len(val_text))
 
 
 def _model_config(settings: dict[str, Any], tokenizer: Any, payload: dict[str, Any] | None) -> Any:
@@ -297,7 +334,7 @@ def run(args: argparse.Namespace) -> int:
     if "resume" in given:
         settings, run_dir, payload = _resume_settings(given)
     else:
-        settings, run_dir = _new_settings(given)
+        settings, run_dir = new_settings(given)
     tc = _train_config(settings)  # validates the numbers before any slow work
     if settings["stride"] < 1:
         raise ConfigError(f"--stride must be positive, got {settings['stride']}",
@@ -305,31 +342,19 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from scratchlm.data.corpora import read_corpus
     from scratchlm.data.windows import SlidingWindowDataset
     from scratchlm.models import build_model
     from scratchlm.training import distributed
     from scratchlm.training.trainer import Trainer
 
-    text = read_corpus(settings["data"])
-    split = int(len(text) * (1 - VAL_FRACTION))
-    train_text, val_text = text[:split], text[split:]
-    if payload is not None:
-        from scratchlm.tokenizers import load as load_tokenizer
-
-        tokenizer = load_tokenizer(run_dir / "tokenizer")
-    else:
-        tokenizer = _tokenizer(settings["tokenizer"], train_text, text)
-    train_ids = tokenizer.encode(train_text, allowed_special="all")
-    val_ids = tokenizer.encode(val_text, allowed_special="all") if val_text else []
+    splits = encode_splits(settings, run_dir / "tokenizer" if payload is not None else None)
+    tokenizer, train_ids, val_ids = splits.tokenizer, splits.train_ids, splits.val_ids
     config = _model_config(settings, tokenizer, payload)
     _check_ids(config, train_ids, val_ids, settings["data"])
     if settings["prompt"]:
         tokenizer.encode(settings["prompt"])  # a prompt the tokenizer cannot encode fails now, not mid-run
     ctx = config.context_length
-    data_info = {"data": settings["data"], "tokenizer": settings["tokenizer"], "preset": settings["preset"],
-                 "val_fraction": VAL_FRACTION, "stride": settings["stride"], "train_tokens": len(train_ids),
-                 "val_tokens": len(val_ids), "val_chars": len(val_text)}
+    data_info = {**splits.info(settings), "stride": settings["stride"]}
     train = SlidingWindowDataset(train_ids, ctx, settings["stride"])
     val = SlidingWindowDataset(val_ids, ctx, ctx)  # disjoint windows spread over the whole split
 
@@ -340,7 +365,7 @@ def run(args: argparse.Namespace) -> int:
     model = build_model(config)
     trainer = Trainer(model, tc, train, val_data=val, run_dir=run_dir, model_config=config,
                       tokenizer=tokenizer, data_info=data_info,
-                      val_tokens_per_char=len(val_ids) / len(val_text), dist=dist)
+                      val_tokens_per_char=len(val_ids) / splits.val_chars, dist=dist)
     if payload is not None:
         info = trainer.check_resumable().info
         epochs = info["epoch"] + info["position"] / len(train)
@@ -361,7 +386,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         distributed.shutdown(dist)
     if dist.is_main:
-        _report(result, settings, run_dir)
+        report(f"{result.step:,} steps, {result.tokens:,} tokens in {result.elapsed:.0f} s", result, settings,
+               run_dir, {"loss plot": run_dir / "loss.png", "checkpoint": run_dir / "model.safetensors"})
     return 0
 
 
@@ -379,19 +405,19 @@ def _announce(settings: dict[str, Any], config: Any, model: Any, trainer: Any, r
           file=sys.stderr)
 
 
-def _report(result: Any, settings: dict[str, Any], run_dir: Path) -> None:
+def report(done: str, result: Any, settings: dict[str, Any], run_dir: Path, files: dict[str, Path]) -> None:
+    """What a finished run prints: the figures, the last sample, where its files are, what next."""
     ev = result.last_eval or {}
-    print(f"\ndone: {result.step:,} steps, {result.tokens:,} tokens in {result.elapsed:.0f} s")
+    print(f"\ndone: {done}")
     if ev.get("val_loss") is not None:
-        nats = ev.get("val_nats_per_char")
         print(f"validation loss {ev['val_loss']:.4f} (perplexity {ev['val_perplexity']:.2f}"
-              + (f", {nats:.4f} nats/char)" if nats is not None else ")"))
+              + (f", {nats:.4f} nats/char)" if (nats := ev.get("val_nats_per_char")) is not None else ")"))
     if result.sample:
         print(f"\n--- sample (prompt {settings['prompt']!r}) ---")
         print(settings["prompt"] + result.sample)
         print("---")
     prompt = "ROMEO:" if settings["data"] == "builtin:tinyshakespeare" else "TEXT"
-    print(f"run dir:    {run_dir}\nloss plot:  {run_dir / 'loss.png'}\n"
-          f"checkpoint: {run_dir / 'model.safetensors'}\nsamples:    {run_dir / 'samples.txt'}\n"
-          f"metrics:    {run_dir / 'metrics.jsonl'}\n"
-          f"continue:   scratchlm generate --model {run_dir} --prompt \"{prompt}\"")
+    for label, path in {"run dir": run_dir, **files, "samples": run_dir / "samples.txt",
+                        "metrics": run_dir / "metrics.jsonl"}.items():
+        print(f"{label + ':':<12}{path}")
+    print(f"continue:   scratchlm generate --model {run_dir} --prompt \"{prompt}\"")

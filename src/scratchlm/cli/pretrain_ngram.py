@@ -47,76 +47,29 @@ def run(given: dict[str, Any]) -> int:
             f"{flag} means nothing to the count-based preset {preset}",
             "drop it: n-gram presets take --data, --tokenizer, --seed, --prompt, --sample-tokens and --out",
         )
-    out = Path(given["out"]) if "out" in given else None
-    if out is not None and out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(
-            f"{out} already exists", "choose another --out (an n-gram run is refitted, not resumed)"
-        )
-    settings, run_dir = pretrain._new_settings(given)
+    settings, run_dir = pretrain.new_settings(given, resumable=False)
 
-    from scratchlm.data.corpora import read_corpus
     from scratchlm.models.config import from_preset
     from scratchlm.training.counting import count_run
 
-    text = read_corpus(settings["data"])
-    split = int(len(text) * (1 - pretrain.VAL_FRACTION))
-    train_text, val_text = text[:split], text[split:]
-    tokenizer = pretrain._tokenizer(settings["tokenizer"], train_text, text)
-    train_ids = tokenizer.encode(train_text, allowed_special="all")
-    val_ids = tokenizer.encode(val_text, allowed_special="all") if val_text else []
-    for name, ids, part in (("training", train_ids, "first 90%"), ("validation", val_ids, "last 10%")):
+    splits = pretrain.encode_splits(settings)
+    for name, ids, part in (("training", splits.train_ids, "first 90%"),
+                            ("validation", splits.val_ids, "last 10%")):
         if not ids:
-            raise DataError(
-                f"the {name} split ({part} of {settings['data']}) has no tokens", "use a longer text"
-            )
+            raise DataError(f"the {name} split ({part} of {settings['data']}) has no tokens",
+                            "use a longer text")
+    tokenizer = splits.tokenizer
     if settings["prompt"]:
         tokenizer.encode(settings["prompt"])  # a prompt the tokenizer cannot encode fails now
     config = from_preset(settings["preset"]).replace(vocab_size=tokenizer.vocab_size)
-    data_info = {
-        "data": settings["data"],
-        "tokenizer": settings["tokenizer"],
-        "preset": settings["preset"],
-        "val_fraction": pretrain.VAL_FRACTION,
-        "train_tokens": len(train_ids),
-        "val_tokens": len(val_ids),
-        "val_chars": len(val_text),
-    }
-    print(
-        f"counting {config.name}: order-{config.ngram_order} {config.ngram_smoothing} n-gram; "
-        f"{settings['data']}: {len(train_ids):,} train / {len(val_ids):,} validation tokens, "
-        f"tokenizer {settings['tokenizer']} ({tokenizer.vocab_size} ids), run dir {run_dir}",
-        file=sys.stderr,
-    )
-    model, result = count_run(
-        config,
-        tokenizer,
-        train_ids,
-        val_ids,
-        val_chars=len(val_text),
-        run_dir=run_dir,
-        data_info=data_info,
-        seed=settings["seed"],
-        sample_prompt=settings["prompt"],
-        sample_tokens=settings["sample_tokens"],
-    )
-    ev = result.last_eval or {}
-    print(
-        f"\ndone: {model.num_parameters():,} n-gram counts from {result.tokens:,} tokens in "
-        f"{result.elapsed:.1f} s (evaluation included)"
-    )
-    if ev.get("val_loss") is not None:
-        print(
-            f"validation loss {ev['val_loss']:.4f} (perplexity {ev['val_perplexity']:.2f}, "
-            f"{ev['val_nats_per_char']:.4f} nats/char)"
-        )
-    if result.sample:
-        print(f"\n--- sample (prompt {settings['prompt']!r}) ---")
-        print(settings["prompt"] + result.sample)
-        print("---")
-    prompt = "ROMEO:" if settings["data"] == "builtin:tinyshakespeare" else "TEXT"
-    print(
-        f"run dir:    {run_dir}\ncounts:     {run_dir / 'model.safetensors'}\n"
-        f"samples:    {run_dir / 'samples.txt'}\nmetrics:    {run_dir / 'metrics.jsonl'}\n"
-        f'continue:   scratchlm generate --model {run_dir} --prompt "{prompt}"'
-    )
+    print(f"counting {config.name}: order-{config.ngram_order} {config.ngram_smoothing} n-gram; "
+          f"{settings['data']}: {len(splits.train_ids):,} train / {len(splits.val_ids):,} validation tokens, "
+          f"tokenizer {settings['tokenizer']} ({tokenizer.vocab_size} ids), run dir {run_dir}",
+          file=sys.stderr)
+    model, result = count_run(config, tokenizer, splits.train_ids, splits.val_ids, val_chars=splits.val_chars,
+                              run_dir=run_dir, data_info=splits.info(settings), seed=settings["seed"],
+                              sample_prompt=settings["prompt"], sample_tokens=settings["sample_tokens"])
+    pretrain.report(f"{model.num_parameters():,} n-gram counts from {result.tokens:,} tokens in "
+                    f"{result.elapsed:.1f} s (evaluation included)", result, settings, run_dir,
+                    {"counts": run_dir / "model.safetensors"})
     return 0

@@ -255,7 +255,7 @@ def generate_ids(model: Any, prompt_ids: Sequence[Sequence[int]], params: Sampli
 # --------------------------------------------------------------------------------------------
 
 
-class _RowText:
+class StopText:
     """One row's text: stream-decodes its tokens and applies the stop strings.
 
     ``pending`` is decoded text not yet released: the longest tail that could still grow into a
@@ -308,7 +308,7 @@ class _RowText:
         return 0
 
 
-def _encode_prompt(tokenizer: Any, prompt: str | Sequence[int]) -> list[int]:
+def encode_prompt(tokenizer: Any, prompt: str | Sequence[int]) -> list[int]:
     """Token ids of a prompt (text, or ids already); an empty text starts from the eos token if any.
 
     Special-token strings in the prompt become their tokens: the prompt is the caller's own
@@ -325,8 +325,8 @@ def _run_text(model: Any, tokenizer: Any, prompts: Sequence[str | Sequence[int]]
               params: SamplingParams) -> Iterator[tuple[int, str, Completion | None]]:
     """Yield (row, text piece, completion-or-None); a row's last item carries its ``Completion``."""
     eos_id = getattr(tokenizer, "eos_id", None)
-    generator = TokenGenerator(model, [_encode_prompt(tokenizer, p) for p in prompts], params, eos_id)
-    texts = [_RowText(tokenizer, params.stop) for _ in generator.prompts]
+    generator = TokenGenerator(model, [encode_prompt(tokenizer, p) for p in prompts], params, eos_id)
+    texts = [StopText(tokenizer, params.stop) for _ in generator.prompts]
     tokens: list[list[int]] = [[] for _ in generator.prompts]
     for row, token, reason in generator:
         tokens[row].append(token)

@@ -20,7 +20,7 @@ tokens, however many newcomers arrive or however long their prompts are.
 Each row samples with its request's own ``generation.Sampler`` (its temperature, penalties and
 seeded generator: a seed reproduces a completion whatever else is in the batch), except that rows
 that are greedy without penalties, whose token is the arg-max of the logits, share one ``argmax``.
-Stop strings go through the same ``_RowText`` as ``generation.stream``.
+Stop strings go through the same ``StopText`` as ``generation.stream``.
 
 The cache layout is the one ``TokenGenerator`` uses: rows are right-aligned (each row's newest
 token in the last filled column), the attention mask hides the left padding and the position ids
@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 from scratchlm.errors import UserError
 from scratchlm.generation import Completion, Sampler, SamplingParams
-from scratchlm.generation.generate import _RowText
+from scratchlm.generation.generate import StopText
 
 if TYPE_CHECKING:
     import torch
@@ -90,7 +90,7 @@ class _Row:
 
     request: Request
     sampler: Sampler
-    text: _RowText
+    text: StopText
     limit: int  # most tokens it may generate: its max_new_tokens or the rest of the context
     fed: int  # tokens of this row in the cache (= position id of the next token fed)
     tokens: list[int] = field(default_factory=list)
@@ -295,7 +295,7 @@ class Engine:
     def _new_row(self, request: Request) -> _Row:
         prompt = request.prompt_ids
         return _Row(request, Sampler(request.params, self.vocab_size, [prompt], self._device),
-                    _RowText(self.tokenizer, request.params.stop),
+                    StopText(self.tokenizer, request.params.stop),
                     min(request.params.max_new_tokens, self.context_length - len(prompt)), fed=len(prompt))
 
     def _read_group(self) -> tuple[_Block, torch.Tensor]:

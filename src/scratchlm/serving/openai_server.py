@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from scratchlm.errors import UserError
 from scratchlm.generation import Completion, SamplingParams
-from scratchlm.generation.generate import _encode_prompt
+from scratchlm.generation.generate import encode_prompt
 from scratchlm.serving.engine import Engine, QueueFull, StreamEvent
 
 # How often a non-streaming request checks whether its client is still there.
@@ -227,7 +227,7 @@ def create_app(lm: Any, config: ServerConfig) -> FastAPI:
             prompt = prompt[0]
         if body.echo:
             raise APIError(400, "echo is not supported", param="echo", code="unsupported_value")
-        ids = _encode_prompt(lm.tokenizer, prompt)
+        ids = encode_prompt(lm.tokenizer, prompt)
         if not ids:
             raise APIError(400, "the prompt is empty", param="prompt", code="invalid_value")
         params = sampling(body, len(ids), body.max_tokens)
@@ -247,7 +247,7 @@ def create_app(lm: Any, config: ServerConfig) -> FastAPI:
                            param="messages", code="invalid_value") from err
         ids = lm.tokenizer.encode(text, allowed_special="all")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        params = lm._chat_params(sampling(body, len(ids), max_tokens), {})
+        params = lm.chat_params(sampling(body, len(ids), max_tokens), {})
         return await _respond(request, body, ids, params, chat=True)
 
     async def _respond(request: Request, body: _Sampling, ids: list[int], params: SamplingParams,
