@@ -426,3 +426,24 @@ def test_pytorch_init_is_each_layers_default_as_raschkas_gptmodel():
     assert norms and all(torch.all(m.weight == 1) and torch.all(m.bias == 0) for m in norms)
     with pytest.raises(ConfigError, match="unknown init 'xavier'"):
         config.replace(init="xavier")
+
+
+def test_rmsnorm_fused_path_equals_the_formula():
+    """fp32 takes torch's fused rms_norm; it must give HF Llama's x·rsqrt(mean(x²)+ε)·γ, gradients too."""
+    from scratchlm.models.layers import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(48, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(3, 7, 48, requires_grad=True)
+    y = norm(x)
+    reference = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+    torch.testing.assert_close(y, reference, rtol=1e-6, atol=1e-6)
+    grad = torch.randn_like(y)
+    ours = torch.autograd.grad(y, (x, norm.weight), grad)
+    theirs = torch.autograd.grad(reference, (x, norm.weight), grad)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    half = norm.to(torch.bfloat16)(x.detach().to(torch.bfloat16))  # the explicit fp32-inside path
+    torch.testing.assert_close(half.float(), reference.detach(), rtol=2e-2, atol=2e-2)

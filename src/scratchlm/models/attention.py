@@ -40,7 +40,7 @@ class KVCache:
 
     @keys.setter
     def keys(self, tensor: torch.Tensor) -> None:
-        self._keys, self._layer_keys = tensor, tensor.unbind(0)
+        self._keys, self._layer_keys = tensor, _layer_views(tensor)
 
     @property
     def values(self) -> torch.Tensor:
@@ -48,7 +48,7 @@ class KVCache:
 
     @values.setter
     def values(self, tensor: torch.Tensor) -> None:
-        self._values, self._layer_values = tensor, tensor.unbind(0)
+        self._values, self._layer_values = tensor, _layer_views(tensor)
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's k, v [B, Hkv, T, hd] for `layer`; return all keys and values so far."""
@@ -68,6 +68,12 @@ class KVCache:
         """Keep only the batch rows given (e.g. drop finished sequences)."""
         self.keys = self.keys[:, rows]
         self.values = self.values[:, rows]
+
+
+def _layer_views(tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """One view per layer.  Not ``unbind``: its views may not be written in place with autograd on,
+    and a caller may run the model with a cache outside ``torch.no_grad``."""
+    return tuple(tensor[i] for i in range(tensor.shape[0]))
 
 
 def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

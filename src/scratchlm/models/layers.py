@@ -18,6 +18,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.weight.dtype == torch.float32:
+            # torch's fused kernel: the same numbers as below (forward and gradients, tested), in
+            # one op instead of six — a third less time per norm, and decoding runs 2 per layer.
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         dtype = x.dtype
         x32 = x.float()
         # (In place on the fresh mean: one op fewer per norm, and decoding runs 2 per layer per token.)
