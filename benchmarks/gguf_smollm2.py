@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     fresh = {}
     for name in names:
         if args.no_fresh:
-            fresh[name] = {"load_s": float("nan"), "peak_mib": float("nan")}
+            fresh[name] = {}  # not measured: shown as "-"
             continue
         fresh[name] = fresh_process(name, args)
         print(f"{name}: load in a fresh process {fresh[name]['load_s']:.2f} s, "
@@ -222,9 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{'':>15} {'load s':>7} {'decode tok/s':>13} {'end to end':>11} {'per CPU s':>10} "
           f"{'prefill tok/s':>14} {'peak RSS +MiB':>14}")
     for name in names:
-        m = med[name]
-        print(f"{name:>15} {fresh[name]['load_s']:7.2f} {m['decode']:13.1f} {m['e2e']:11.1f} "
-              f"{m['cpu']:10.1f} {m['prefill']:14.0f} {fresh[name]['peak_mib']:14.0f}")
+        m, load_s, peak = med[name], fresh[name].get("load_s"), fresh[name].get("peak_mib")
+        load_s = "-" if load_s is None else f"{load_s:.2f}"
+        peak = "-" if peak is None else f"{peak:.0f}"
+        print(f"{name:>15} {load_s:>7} {m['decode']:13.1f} {m['e2e']:11.1f} {m['cpu']:10.1f} "
+              f"{m['prefill']:14.0f} {peak:>14}")
     first = names[0]
     for name in names[1:]:
         same = sum(a == b for a, b in zip(tokens[first], tokens[name], strict=True))
@@ -234,12 +236,13 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         if name == "transformers":
             continue
-        if name == "scratchlm":
+        if name == "scratchlm" and fresh[name]:
             print(f"scratchlm load {fresh[name]['load_s']:.2f} s (target < 3 s)")
         if "transformers" in names:
             ours, theirs = med[name], med["transformers"]
-            load_ratio = fresh["transformers"]["load_s"] / fresh[name]["load_s"]
-            print(f"{name} vs transformers: load {load_ratio:.1f}x faster, "
+            faster = (f"load {fresh['transformers']['load_s'] / fresh[name]['load_s']:.1f}x faster, "
+                      if fresh[name] else "")
+            print(f"{name} vs transformers: {faster}"
                   f"decode {ours['decode'] / theirs['decode']:.2f}x (target >= 3x; "
                   f"{ours['cpu'] / theirs['cpu']:.2f}x per CPU s), "
                   f"prefill {ours['prefill'] / theirs['prefill']:.2f}x")
