@@ -25,9 +25,14 @@ vocabulary 65) and ``124m`` (gpt2-124m, context 256, batch 2).
     python benchmarks/train_step.py --sizes demo --steps 40
     python benchmarks/train_step.py --sizes 124m --steps 5 --compile
 
-bf16 needs a CPU with native bf16 matmuls (AMX or AVX512-BF16); elsewhere torch emulates them
-and a bf16 step is many times slower, so the bf16 variant is skipped with the reason unless
-``--bf16 always``.
+bf16 needs a CPU with native bf16 matmuls (AMX, or AVX512-BF16 as on Zen 4: the trainer's
+``fast_bf16``); elsewhere torch emulates them and a bf16 step is many times slower, so the bf16
+variant is skipped with the reason unless ``--bf16 always``.
+
+"ours" runs the trainer's loss (``next_token_loss``: the chunked ``cross_entropy_sum``), and, as
+``scratchlm pretrain`` does (``Trainer`` calls it), glibc's malloc keeps freed memory
+(``keep_freed_memory``); that is process-wide, so transformers gets it too (``--malloc default``
+runs every variant without it).
 
 Where the difference comes from (profiles at both sizes): the matrix products cost the same in
 both models (60% of a demo step, 80% at 124M in fp32).  transformers spends the rest on
@@ -51,6 +56,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from scratchlm.training.losses import next_token_loss
+from scratchlm.training.trainer import fast_bf16, keep_freed_memory
+
 SIZES = {
     # name: (n_layer, n_head, n_embd, n_positions, vocab, context, batch, default steps)
     "demo": (4, 4, 128, 64, 65, 64, 12, 30),
@@ -59,12 +67,8 @@ SIZES = {
 
 
 def native_bf16() -> bool:
-    """True when this CPU multiplies bf16 matrices in hardware (AMX or AVX512-BF16)."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return any(flag in flags for flag in (" amx_bf16", " avx512_bf16"))
+    """True when this CPU multiplies bf16 matrices in hardware (AMX or AVX512-BF16): the trainer's test."""
+    return fast_bf16(torch.device("cpu"))
 
 
 @dataclass
@@ -82,8 +86,12 @@ def make_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = model(x, use_cache=False).logits if hf else model(x)
-            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.view(-1))
+            if hf:
+                logits = model(x, use_cache=False).logits
+                loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.view(-1))
+            else:  # the trainer's loss (scratchlm pretrain): summed, divided by the token count
+                loss_sum, count = next_token_loss(model, (x, y))
+                loss = loss_sum / count
         loss.backward()
         optimizer.step()
         return time.perf_counter() - start
@@ -196,11 +204,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(ours)")
     parser.add_argument("--bf16", choices=("auto", "always", "never"), default="auto",
                         help="auto: run the bf16 variant only on CPUs with native bf16 matmuls")
+    parser.add_argument("--malloc", choices=("trainer", "default"), default="trainer",
+                        help="trainer: glibc malloc tuned as the Trainer tunes it (keep_freed_memory), "
+                             "for every variant; default: glibc's defaults")
     args = parser.parse_args(argv)
+    if args.malloc == "trainer":
+        keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     cpu = torch.backends.cpu.get_cpu_capability()
-    print(f"torch {torch.__version__}, CPU capability {cpu}, native bf16: {native_bf16()}")
+    print(f"torch {torch.__version__}, CPU capability {cpu}, native bf16: {native_bf16()}, "
+          f"malloc: {args.malloc}")
     for size in args.sizes.split(","):
         if size not in SIZES:
             print(f"error: unknown size {size!r} — use one of {', '.join(SIZES)}", file=sys.stderr)

@@ -81,6 +81,48 @@ def test_weight_decay_only_on_matrices():
     assert "layers.0.input_layernorm.bias" in {names[id(p)] for p in no_decay}
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk_rows", [None, 3])
+def test_cross_entropy_sum_is_torchs(dtype, chunk_rows):
+    """The chunked cross-entropy gives F.cross_entropy's summed loss and gradient, ignored targets too."""
+    import torch.nn.functional as F
+
+    from scratchlm.training.losses import IGNORE_INDEX, cross_entropy_sum
+
+    torch.manual_seed(0)
+    logits = (torch.randn(37, 101) * 4).to(dtype).requires_grad_()
+    targets = torch.randint(0, 101, (37,))
+    targets[[2, 5, 30]] = IGNORE_INDEX
+    ours = cross_entropy_sum(logits, targets, chunk_rows=chunk_rows)
+    theirs = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-4)
+    (grad,), (reference,) = (torch.autograd.grad(loss * 0.37, logits) for loss in (ours, theirs))
+    assert grad.dtype == dtype and not grad[[2, 5, 30]].any()
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 0, "atol": 0}
+    torch.testing.assert_close(grad, reference, **tol)  # bf16: both round the same float32 gradient
+    with torch.no_grad():  # evaluation: no graph
+        torch.testing.assert_close(cross_entropy_sum(logits, targets, chunk_rows=chunk_rows), theirs.detach())
+
+
+def test_trainer_keeps_freed_memory_on_the_cpu(monkeypatch):
+    """glibc malloc tuning (large blocks reused instead of unmapped): applied by a CPU Trainer, idempotent."""
+    import platform
+    import sys
+
+    from scratchlm.training import trainer
+
+    applied = trainer.keep_freed_memory()
+    assert applied == trainer.keep_freed_memory()
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        assert applied
+    calls = []
+    monkeypatch.setattr(trainer, "keep_freed_memory", lambda: calls.append(1))
+    tok, train, _ = char_data()
+    Trainer(tiny_model(tok.vocab_size), quiet(batch_size=4, max_steps=1, precision="fp32"), train)
+    assert calls == [1]
+
+
 def test_precision_auto_follows_the_hardware(monkeypatch):
     from scratchlm.training import trainer
 
@@ -91,12 +133,29 @@ def test_precision_auto_follows_the_hardware(monkeypatch):
     assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
 
 
+def test_fast_bf16_on_cpus_with_amx_or_avx512_bf16(monkeypatch):
+    """AMX (Sapphire Rapids) or AVX512-BF16 (Zen 4) each make bf16 matmuls fast; neither: fp32."""
+    from scratchlm.training.trainer import fast_bf16
+
+    cpu = torch.device("cpu")
+    for amx, avx512_bf16 in ((False, False), (True, False), (False, True), (True, True)):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v, raising=False)
+        assert fast_bf16(cpu) == (amx or avx512_bf16)
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")  # an older torch without the checks
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    assert fast_bf16(cpu) is False
+
+
 def test_auto_precision_probes_the_cpu(monkeypatch):
-    """On an AMX CPU, 'auto' times both precisions on this model and keeps the faster one."""
+    """On a CPU with fast bf16, 'auto' times both precisions on this model and keeps the faster one."""
     from scratchlm.training import trainer
 
     tok, train, _ = char_data()
     monkeypatch.setattr(trainer, "fast_bf16", lambda device: True)
+    t = Trainer(tiny_model(tok.vocab_size), quiet(batch_size=4, max_steps=1), train)
+    assert t.precision == "fp32" and "not probed" in t._probe_note  # too small to be worth timing
+    monkeypatch.setattr(trainer, "PROBE_MIN_PARAMETERS", 0)
     for bf16_seconds, expected in ((0.5, "bf16"), (0.95, "fp32")):
         monkeypatch.setattr(trainer, "_timed_backward",
                             lambda model, loss_fn, batch, bf16, device, s=bf16_seconds: s if bf16 else 1.0)

