@@ -1,7 +1,8 @@
 """``scratchlm chat`` driven as a terminal program through a pseudo-terminal (pexpect).
 
-A tiny random Llama saved as a run dir; its context is long enough (4096) that an answer with
-``--ignore-eos`` is still streaming when the test presses Ctrl-C.
+A tiny random Llama saved as a run dir; its context is long enough (16,384) that an answer with
+``--ignore-eos`` is still streaming when the test presses Ctrl-C (the model decodes ~4,000 tokens
+a second on a Zen 4 core, so 4,000 was not enough).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 def run_dir(tmp_path_factory) -> Path:
     text = (REPO / "src/scratchlm/generation/generate.py").read_text()
     tokenizer = train_bpe(text, 300, special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>"))
-    config = from_preset("tiny-llama", vocab_size=300, context_length=4096)
+    config = from_preset("tiny-llama", vocab_size=300, context_length=16384)
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("chat") / "run"
     save_run(path, build_model(config), config, tokenizer)
@@ -75,14 +76,14 @@ def test_chat_history_commands_ctrl_c_and_ctrl_d(run_dir, tmp_path):
 
 
 def test_ctrl_c_stops_the_answer_but_not_the_chat(run_dir, tmp_path):
-    child = spawn(run_dir, "--temperature", "0", "--max-new-tokens", "4000", "--ignore-eos")
+    child = spawn(run_dir, "--temperature", "0", "--max-new-tokens", "16000", "--ignore-eos")
     try:
         child.expect_exact(">>> ")
         child.sendline("tell me a long story")
         child.expect_exact("tell me a long story\r\n")  # the terminal's echo of the whole line
-        # The tiny random model's answer is mostly whitespace, 4000 tokens long: a second in, it is
-        # streaming (waiting for visible text could match the next ">>> " prompt instead).
-        time.sleep(1.0)
+        # The tiny random model's answer is mostly whitespace, 16,000 tokens long: half a second in,
+        # it is streaming (waiting for visible text could match the next ">>> " prompt instead).
+        time.sleep(0.5)
         child.sendintr()  # Ctrl-C
         child.expect_exact("[stopped]")
         child.expect_exact(">>> ")
