@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -37,8 +38,11 @@ def run_dir(tmp_path_factory) -> Path:
 
 def spawn(run_dir: Path, *options: str) -> pexpect.spawn:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TERM": "dumb"}
+    # Ctrl-C must reach the child as a user's would: a test run started in the background by a
+    # non-interactive shell ignores SIGINT, and the child would inherit that.
     return pexpect.spawn(sys.executable, ["-m", "scratchlm", "chat", "--model", str(run_dir), *options],
-                         env=env, encoding="utf-8", timeout=30, cwd=str(REPO))
+                         env=env, encoding="utf-8", timeout=30, cwd=str(REPO),
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def test_chat_history_commands_ctrl_c_and_ctrl_d(run_dir, tmp_path):
