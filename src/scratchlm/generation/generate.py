@@ -160,10 +160,10 @@ class TokenGenerator:
             else:
                 state.step(self.model, tokens)
 
-    def _prefill(self, sequences: list[list[int]], active: list[int], device: torch.device) -> _BatchState:
+    def _prefill(self, sequences: list[list[int]], active: list[int], device: torch.device) -> BatchState:
         """Run the rows' whole sequences through the model once, filling a new cache."""
         remaining = max(self.limits[row] - (len(sequences[row]) - len(self.prompts[row])) for row in active)
-        return _BatchState.prefill(self.model, [sequences[row] for row in active], remaining,
+        return BatchState.prefill(self.model, [sequences[row] for row in active], remaining,
                                    self.context_length, device)
 
 
@@ -171,7 +171,7 @@ def _model_device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 
-class _BatchState:
+class BatchState:
     """The cache, attention mask, positions and last logits of the rows being decoded.
 
     Without padding (one prompt, or prompts of one length) the mask and positions are None and
@@ -187,7 +187,7 @@ class _BatchState:
 
     @classmethod
     def prefill(cls, model: Any, rows: list[list[int]], remaining: int, context_length: int,
-                device: torch.device) -> _BatchState:
+                device: torch.device) -> BatchState:
         import torch
 
         lengths = [len(ids) for ids in rows]

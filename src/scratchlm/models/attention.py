@@ -28,27 +28,15 @@ class KVCache:
     def __init__(self, config: ModelConfig, batch_size: int, max_length: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         shape = (config.n_layer, batch_size, config.kv_heads, max_length, config.head_size)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self._set(*(torch.zeros(shape, device=device, dtype=dtype) for _ in range(2)))
         self.max_length = max_length
         self.length = 0
 
-    # Per-layer views, made once: indexing [layer, :, :, a:b] on every append costs more than the copy.
-    @property
-    def keys(self) -> torch.Tensor:
-        return self._keys
-
-    @keys.setter
-    def keys(self, tensor: torch.Tensor) -> None:
-        self._keys, self._layer_keys = tensor, _layer_views(tensor)
-
-    @property
-    def values(self) -> torch.Tensor:
-        return self._values
-
-    @values.setter
-    def values(self, tensor: torch.Tensor) -> None:
-        self._values, self._layer_values = tensor, _layer_views(tensor)
+    def _set(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Hold new key/value tensors, with per-layer views made once: indexing [layer, :, :, a:b]
+        on every append costs more than the copy."""
+        self.keys, self.values = keys, values
+        self._layer_keys, self._layer_values = _layer_views(keys), _layer_views(values)
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's k, v [B, Hkv, T, hd] for `layer`; return all keys and values so far."""
@@ -66,8 +54,7 @@ class KVCache:
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only the batch rows given (e.g. drop finished sequences)."""
-        self.keys = self.keys[:, rows]
-        self.values = self.values[:, rows]
+        self._set(self.keys[:, rows], self.values[:, rows])
 
 
 def _layer_views(tensor: torch.Tensor) -> tuple[torch.Tensor, ...]:

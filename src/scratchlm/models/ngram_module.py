@@ -83,15 +83,10 @@ class NGramModel(nn.Module):
 
     # ------------------------------------------------------------------ building
     @staticmethod
-    def new_ngram(config: ModelConfig) -> NGramLM:
-        """The unfitted ``NGramLM`` a config describes (``pad=False``: one running text of token ids)."""
-        return NGramLM(
-            config.ngram_order,
-            config.ngram_smoothing,
-            k=config.ngram_k or 1.0,
-            discount=config.ngram_discount,
-            pad=False,
-        )
+    def ngram_settings(config: ModelConfig) -> dict:
+        """``NGramLM``'s settings for a config (``pad=False``: one running text of token ids)."""
+        return {"order": config.ngram_order, "smoothing": config.ngram_smoothing,
+                "k": config.ngram_k or 1.0, "discount": config.ngram_discount, "pad": False}
 
     @classmethod
     def fit(cls, config: ModelConfig, token_ids: Sequence[int]) -> NGramModel:
@@ -104,7 +99,7 @@ class NGramModel(nn.Module):
                 f"token id {int(ids.max())} is outside the model's vocabulary of {config.vocab_size}",
                 "size the config to the tokenizer (vocab_size)",
             )
-        ngram = cls.new_ngram(config).fit([list(map(str, ids.tolist()))])
+        ngram = NGramLM(**cls.ngram_settings(config)).fit([list(map(str, ids.tolist()))])
         return cls(config, ngram)
 
     @classmethod
@@ -133,15 +128,7 @@ class NGramModel(nn.Module):
                 "the file is damaged or belongs to another run",
             )
         vocab = [UNK if i < 0 else str(i) for i in vocab_ids.tolist()]
-        c = self.config
-        settings = {
-            "order": c.ngram_order,
-            "smoothing": c.ngram_smoothing,
-            "k": c.ngram_k or 1.0,
-            "discount": c.ngram_discount,
-            "pad": False,
-        }
-        ngram = NGramLM.from_tables(arrays, settings, vocab, where="n-gram weights")
+        ngram = NGramLM.from_tables(arrays, self.ngram_settings(self.config), vocab, where="n-gram weights")
         self._attach(ngram)
 
     def _attach(self, ngram: NGramLM) -> None:
@@ -200,14 +187,14 @@ class NGramModel(nn.Module):
     ) -> torch.Tensor:
         """Logits [B, T, V] (log-probabilities) for token ids [B, T]; with ``return_hidden`` the contexts
         [B, T, N−1] instead.  With ``cache`` the ids continue its rows, and it is updated in place."""
-        from scratchlm.models.rnn import RecurrentLM
+        from scratchlm.models.rnn import new_token_mask
 
         self._fitted()
         b, t = input_ids.shape
         L = self.order - 1
         past = cache.length if cache is not None else 0
         ids = input_ids.detach().cpu().long()
-        mask = RecurrentLM._new_token_mask(attention_mask, past, t)  # the new tokens' columns, or None
+        mask = new_token_mask(attention_mask, past, t)  # the new tokens' columns, or None
         if mask is not None:
             ids = ids.masked_fill(~mask.cpu().bool(), -1)  # left padding: "no token yet"
         before = cache.ids if cache is not None else torch.full((b, L), -1, dtype=torch.long)

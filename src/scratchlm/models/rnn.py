@@ -386,7 +386,7 @@ class RecurrentLM(nn.Module):
         """
         t = input_ids.shape[1]
         past = cache.length if cache is not None else 0
-        mask = self._new_token_mask(attention_mask, past, t)
+        mask = new_token_mask(attention_mask, past, t)
         x = self.dropout(self.embed_tokens(input_ids))
         out, state = self.rnn(x, None if cache is None else cache.state, mask)
         if cache is not None:
@@ -394,23 +394,26 @@ class RecurrentLM(nn.Module):
         out = self.dropout(out)
         return out if return_hidden else self.lm_head(out)
 
-    @staticmethod
-    def _new_token_mask(attention_mask: torch.Tensor | None, past: int, t: int) -> torch.Tensor | None:
-        """The [B, T] columns of ``attention_mask`` for the new tokens, or None when nothing is padded."""
-        if attention_mask is None:
-            return None
-        width = attention_mask.shape[1]
-        if width >= past + t:
-            mask = attention_mask[:, past:past + t]
-        elif width == t:
-            mask = attention_mask
-        else:
-            raise ValueError(f"attention_mask has {width} columns; expected {past + t} (past + new) "
-                             f"or {t} (new)")
-        return None if bool(mask.all()) else mask
-
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())  # tied weights are one parameter
 
 
-__all__ = ["ElmanRNN", "LSTM", "RecurrentLM", "RecurrentStack", "RecurrentState"]
+def new_token_mask(attention_mask: torch.Tensor | None, past: int, t: int) -> torch.Tensor | None:
+    """The [B, T] columns of ``attention_mask`` for the new tokens, or None when nothing is padded.
+
+    For models without attention (recurrent, n-gram) that read the sampler's mask row by row.
+    """
+    if attention_mask is None:
+        return None
+    width = attention_mask.shape[1]
+    if width >= past + t:
+        mask = attention_mask[:, past:past + t]
+    elif width == t:
+        mask = attention_mask
+    else:
+        raise ValueError(f"attention_mask has {width} columns; expected {past + t} (past + new) "
+                         f"or {t} (new)")
+    return None if bool(mask.all()) else mask
+
+
+__all__ = ["ElmanRNN", "LSTM", "RecurrentLM", "RecurrentStack", "RecurrentState", "new_token_mask"]

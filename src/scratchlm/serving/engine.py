@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 from scratchlm.errors import UserError
 from scratchlm.generation import Completion, Sampler, SamplingParams
-from scratchlm.generation.generate import StopText
+from scratchlm.generation.generate import BatchState, StopText
 
 if TYPE_CHECKING:
     import torch
@@ -310,20 +310,12 @@ class Engine:
             group.append(request)
             width = wider
         self._joining, self._pending = group, self._pending[len(group):]
-        ids = torch.zeros(len(group), width, dtype=torch.long)
-        mask = torch.zeros(len(group), width, dtype=torch.long)
-        for i, request in enumerate(group):
-            n = len(request.prompt_ids)
-            ids[i, width - n:] = torch.tensor(request.prompt_ids, dtype=torch.long)
-            mask[i, width - n:] = 1
-        ids, mask = ids.to(self._device), mask.to(self._device)
-        padded = any(len(request.prompt_ids) < width for request in group)
-        cache = self.model.new_cache(len(group), width)
-        hidden = self.model(ids, cache=cache, attention_mask=mask if padded else None,
-                            position_ids=(mask.cumsum(-1) - 1).clamp(min=0) if padded else None,
-                            return_hidden=True)
-        logits = self.model.lm_head(hidden[:, -1])  # only the last position's logits are needed
-        return _Block(cache.keys, cache.values, mask), logits
+        # TokenGenerator's prefill (left padding, mask, positions), with a cache just wide enough
+        state = BatchState.prefill(self.model, [request.prompt_ids for request in group], 0,
+                                   self.context_length, self._device)
+        mask = state.mask if state.mask is not None else torch.ones(
+            len(group), width, dtype=torch.long, device=self._device)
+        return _Block(state.cache.keys, state.cache.values, mask), state.logits
 
     def _read_chunk(self) -> tuple[_Block, torch.Tensor] | None:
         """Read the next ``prefill_tokens`` of the long prompt; None until it is all in."""

@@ -203,9 +203,9 @@ def keep_freed_memory() -> bool:
     kernel) again.  A GPT-2 step allocates and frees several such tensors (logits, the embedding's
     gradient, bf16 copies of the tied matrix): at gpt2-124m (context 256, batch 2) on a 2-core
     Zen 4, 150k-190k page faults a step, and the fp32 step took 2.8-3.0 s against 2.45 s without
-    them, the bf16 one 1.5-1.7 s against 1.4 s.  Served from the heap
-    instead, with the trim threshold raised, freed blocks are reused on the next step; the cost
-    is that the process keeps its peak memory until it exits.  Process-wide; called by
+    them, the bf16 one 1.5-1.7 s against 1.4 s.  Served from the heap instead, with the trim
+    threshold raised, freed blocks are reused on the next step; the cost is that the process
+    keeps its peak memory until it exits.  Process-wide; called by
     ``Trainer`` on the CPU.  Returns whether it applied (Linux with glibc only).
     """
     global _MALLOC_TUNED
