@@ -17,6 +17,8 @@ Variants:
                       forward and backward) done as 1024-square fp32 matmuls, the fastest shape
                       on this CPU.  Its ratio is the most any fp32 implementation could gain over
                       transformers here: the roofline the 1.5x target has to fit under.
+  bf16 GEMM floor     the same work as 1024-square bf16 matmuls (where the bf16 variant runs):
+                      the roofline of any bf16 step, the one the 3x target has to fit under.
 
 Sizes: ``demo`` (nanoGPT's shakespeare_char: 4 layers, 4 heads, 128 wide, context 64, batch 12,
 vocabulary 65) and ``124m`` (gpt2-124m, context 256, batch 2).
@@ -24,6 +26,7 @@ vocabulary 65) and ``124m`` (gpt2-124m, context 256, batch 2).
     python benchmarks/train_step.py                     # both sizes
     python benchmarks/train_step.py --sizes demo --steps 40
     python benchmarks/train_step.py --sizes 124m --steps 5 --compile
+    python benchmarks/train_step.py --sizes demo --breakdown   # where our fp32 step's time goes
 
 bf16 needs a CPU with native bf16 matmuls (AMX, or AVX512-BF16 as on Zen 4: the trainer's
 ``fast_bf16``); elsewhere torch emulates them and a bf16 step is many times slower, so the bf16
@@ -41,17 +44,23 @@ both models (60% of a demo step, 80% at 124M in fp32).  transformers spends the 
 per-tensor loop, where ``fused=True`` updates every parameter in one kernel.  torch.compile
 (``--compile``) took about 2 minutes to compile the demo model on a busy 2-core machine for
 about 7% less per step, so the demo does not use it.
+
+``--breakdown`` times our fp32 step beside copies of itself with one part taken out (the attention
+core, returning v; GELU; the norms; the AdamW step) and prints what each part costs in the step,
+paired round by round: the time a fused kernel for that part could at most win back.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -79,13 +88,18 @@ class Variant:
 
 
 def make_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-              hf: bool, bf16: bool) -> Callable[[], float]:
-    """A closure running one training step; returns its wall time in seconds."""
+              hf: bool, bf16: bool, without: str | None = None) -> Callable[[], float]:
+    """A closure running one training step; returns its wall time in seconds.
+
+    ``without`` (``--breakdown``) takes one part out of the step: a key of ``ABLATIONS``, or
+    "optimizer" (no AdamW step).
+    """
 
     def step() -> float:
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        ablation = ABLATIONS.get(without, contextlib.nullcontext)
+        with ablation(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             if hf:
                 logits = model(x, use_cache=False).logits
                 loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.view(-1))
@@ -93,10 +107,19 @@ def make_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch
                 loss_sum, count = next_token_loss(model, (x, y))
                 loss = loss_sum / count
         loss.backward()
-        optimizer.step()
+        if without != "optimizer":
+            optimizer.step()
         return time.perf_counter() - start
 
     return step
+
+
+# --breakdown: each replaces one torch function our model calls by (nearly) nothing for one step.
+ABLATIONS: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
+    "attention core": lambda: mock.patch.object(F, "scaled_dot_product_attention", lambda q, k, v, **_: v),
+    "GELU": lambda: mock.patch.object(F, "gelu", lambda x, **_: x),
+    "norms": lambda: mock.patch.object(F, "layer_norm", lambda x, *_, **__: x),
+}
 
 
 def step_flops(n_layer: int, n_embd: int, vocab: int, context: int, batch: int) -> float:
@@ -109,9 +132,9 @@ def step_flops(n_layer: int, n_embd: int, vocab: int, context: int, batch: int) 
     return 3.0 * forward
 
 
-def make_gemm_floor(flops: float, n: int = 1024) -> Callable[[], float]:
-    """A closure returning the seconds ``flops`` of work take as n×n fp32 matmuls (measured)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def make_gemm_floor(flops: float, dtype: torch.dtype = torch.float32, n: int = 1024) -> Callable[[], float]:
+    """A closure returning the seconds ``flops`` of work take as n×n matmuls in ``dtype`` (measured)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     reps = max(1, round(flops / (2 * n**3)))
 
     def step() -> float:
@@ -163,6 +186,8 @@ def bench_size(size: str, steps: int, warmup: int, use_compile: bool, bf16_mode:
 
     flops = step_flops(n_layer, n_embd, vocab, context, batch)
     variants.append(Variant("GEMM floor", make_gemm_floor(flops), []))
+    if ours_bf16 is not None:
+        variants.append(Variant("bf16 GEMM floor", make_gemm_floor(flops, torch.bfloat16), []))
 
     for _ in range(warmup):
         for v in variants:
@@ -183,14 +208,55 @@ def bench_size(size: str, steps: int, warmup: int, use_compile: bool, bf16_mode:
         paired = statistics.median(b / t for b, t in zip(base, v.times, strict=True))
         print(f"  {v.name:<21}{med * 1e3:>10.1f}{tokens / med:>10.0f}{statistics.median(base) / med:>7.2f}x"
               f"{best * 1e3:>10.1f}{min(base) / best:>7.2f}x{paired:>7.2f}x")
-    floor = statistics.median(variants[-1].times)
+    floors = {v.name: statistics.median(v.times) for v in variants if v.name.endswith("GEMM floor")}
+    floor = floors["GEMM floor"]
     print(f"  one step is {flops / 1e9:.1f} GFLOP; at the GEMM floor's {flops / floor / 1e9:.0f} GFLOP/s it "
           f"takes {floor * 1e3:.0f} ms, so transformers runs at {floor / statistics.median(base):.0%} of "
           f"this CPU's fp32 matmul speed and 1.5x transformers would need "
           f"{1.5 * floor / statistics.median(base):.0%}")
+    if "bf16 GEMM floor" in floors:
+        floor16 = floors["bf16 GEMM floor"]
+        print(f"  in bf16 matmuls ({flops / floor16 / 1e9:.0f} GFLOP/s) it takes at least "
+              f"{floor16 * 1e3:.0f} ms: 3x transformers fp32 would need "
+              f"{3 * floor16 / statistics.median(base):.0%} of that speed")
     if skip_bf16:
         print("  ours bf16 autocast: skipped — this CPU has no native bf16 matmul (no AMX / AVX512-BF16), "
               "so torch emulates it and it is far slower than fp32; --bf16 always runs it anyway")
+
+
+def bench_breakdown(size: str, steps: int, warmup: int) -> None:
+    """What each part of our fp32 step costs: the step against copies of it with the part taken out."""
+    from scratchlm.models import from_preset
+    from scratchlm.models.transformer import Transformer
+
+    n_layer, n_head, n_embd, n_positions, vocab, context, batch, _ = SIZES[size]
+    torch.manual_seed(0)
+    config = from_preset("gpt2-124m", n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab,
+                         context_length=n_positions)
+    state = Transformer(config).state_dict()
+    x = torch.randint(0, vocab, (batch, context))
+    y = torch.randint(0, vocab, (batch, context))
+    variants = []
+    for without in (None, *ABLATIONS, "optimizer"):
+        model = Transformer(config).train()
+        model.load_state_dict(state)
+        optimizer = torch.optim.AdamW(model.parameters(), 3e-4, weight_decay=0.1, fused=True)
+        name = "ours fp32" if without is None else f"without {without}"
+        step = make_step(model, optimizer, x, y, hf=False, bf16=False, without=without)
+        variants.append(Variant(name, step, []))
+    for round_ in range(warmup + steps):
+        for v in variants:
+            seconds = v.step()
+            if round_ >= warmup:
+                v.times.append(seconds)
+    base = variants[0].times
+    full = statistics.median(base)
+    print(f"\n{size} breakdown: our fp32 step, {steps} rounds, {torch.get_num_threads()} threads")
+    print(f"  {'variant':<26}{'median ms':>10}{'part costs':>12}{'of the step':>13}")
+    for v in variants:
+        saved = statistics.median(b - t for b, t in zip(base, v.times, strict=True))  # paired by round
+        cost = "" if v is variants[0] else f"{saved * 1e3:>10.1f}ms{saved / full:>12.0%}"
+        print(f"  {v.name:<26}{statistics.median(v.times) * 1e3:>10.1f}{cost}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile(ours)")
     parser.add_argument("--bf16", choices=("auto", "always", "never"), default="auto",
                         help="auto: run the bf16 variant only on CPUs with native bf16 matmuls")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="instead: what each part of our fp32 step costs (attention core, GELU, "
+                             "norms, AdamW)")
     parser.add_argument("--malloc", choices=("trainer", "default"), default="trainer",
                         help="trainer: glibc malloc tuned as the Trainer tunes it (keep_freed_memory), "
                              "for every variant; default: glibc's defaults")
@@ -219,7 +288,11 @@ def main(argv: list[str] | None = None) -> int:
         if size not in SIZES:
             print(f"error: unknown size {size!r} — use one of {', '.join(SIZES)}", file=sys.stderr)
             return 2
-        bench_size(size, args.steps or SIZES[size][-1], args.warmup, args.compile, args.bf16)
+        steps = args.steps or SIZES[size][-1]
+        if args.breakdown:
+            bench_breakdown(size, steps, args.warmup)
+        else:
+            bench_size(size, steps, args.warmup, args.compile, args.bf16)
     return 0
 
 
