@@ -248,3 +248,29 @@ def test_cli_streams_a_continuation(run_cli, hf_dir, monkeypatch):
     code, out, _ = run_cli("generate", "--model", hf_dir, "--device", "cpu", "--temperature", "0",
                            "--max-new-tokens", "6", "--ignore-eos")
     assert code == 0 and out == expected
+
+
+def test_cli_threads_option(run_cli, tmp_path):
+    """--threads sets torch's CPU threads for every command that runs a model; < 0 is a one-line error."""
+    text = "To be, or not to be, that is the question.\n"
+    tokenizer = CharTokenizer.from_text(text)
+    config = from_preset("tiny-gpt2", vocab_size=tokenizer.vocab_size)
+    scratchlm.LM(build_model(config).eval(), tokenizer, config).save(tmp_path / "run")
+    (tmp_path / "text.txt").write_text(text * 4)
+    before = torch.get_num_threads()
+    try:
+        code, out, err = run_cli("generate", "--model", tmp_path / "run", "--prompt", "To", "--threads", "2",
+                                 "--max-new-tokens", "3")
+        assert code == 0, err
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    for command in (["generate", "--model", tmp_path / "run", "--prompt", "To"],
+                    ["eval", "perplexity", "--model", tmp_path / "run", "--data", tmp_path / "text.txt"],
+                    ["pretrain", "--data", tmp_path / "text.txt", "--out", tmp_path / "new"]):
+        code, out, err = run_cli(*command, "--threads", "-1")
+        assert code == 2 and out == "", err
+        assert err == "error: --threads must be 0 or more, got -1 — pass a thread count, e.g. --threads 1 " \
+                      "(0 = one per core)\n"
+    assert not (tmp_path / "new").exists()
+    assert torch.get_num_threads() == before

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from scratchlm.cli.options import add_model_options, add_sampling_options, sampling_from_args
+from scratchlm.cli.options import add_model_options, add_sampling_options, load_model, sampling_from_args
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -20,9 +20,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     params = sampling_from_args(args)
-    from scratchlm.api import load
     from scratchlm.serving.chat import ChatSession
 
-    lm = load(args.model, device=args.device, dtype=args.dtype)
+    lm = load_model(args)
     ChatSession(lm, params, system=args.system).run()
     return 0

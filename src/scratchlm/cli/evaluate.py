@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from scratchlm.cli.options import THREADS_HELP, set_threads
 from scratchlm.errors import ConfigError
 
 SPLITS = ("all", "train", "val")
@@ -31,6 +32,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "true perplexity, slower)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--device", default=None, help="cpu, cuda, ...; None = cuda if available, else cpu")
+    p.add_argument("--threads", type=int, default=0, metavar="N", help=THREADS_HELP)
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(func=run_perplexity)
 
@@ -43,6 +45,7 @@ def run_perplexity(args: argparse.Namespace) -> int:
     text = read_corpus(args.data)
     split = int(len(text) * (1 - VAL_FRACTION))
     text = {"all": text, "train": text[:split], "val": text[split:]}[args.split]
+    set_threads(args.threads)
     lm = load(args.model, device=args.device)
     if lm.tokenizer is None:
         raise ConfigError(f"{args.model} has no tokenizer, so its text cannot be scored",

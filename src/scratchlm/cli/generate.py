@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from scratchlm.cli.options import add_model_options, add_sampling_options, sampling_from_args
+from scratchlm.cli.options import add_model_options, add_sampling_options, load_model, sampling_from_args
 from scratchlm.errors import UserError
 
 
@@ -38,9 +38,8 @@ def run(args: argparse.Namespace) -> int:
             raise UserError("no prompt given", "pass --prompt TEXT, or pipe the prompt into standard input")
         prompt = sys.stdin.read()
     params = sampling_from_args(args)
-    from scratchlm.api import load
 
-    lm = load(args.model, device=args.device, dtype=args.dtype)
+    lm = load_model(args)
     if args.chat is not None:
         messages = [{"role": "system", "content": args.system}] if args.system is not None else []
         messages.append({"role": "user", "content": args.chat})

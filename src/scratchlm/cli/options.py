@@ -1,4 +1,5 @@
-"""Options shared by the commands that load a model and sample from it (generate, chat, serve).
+"""Options shared by the commands that load a model and sample from it (generate, chat, serve),
+and the CPU thread count of every command that runs one (those, eval, pretrain).
 
 One place for their names, help texts and defaults, so the CLI, the API and the server agree.
 """
@@ -8,11 +9,34 @@ from __future__ import annotations
 import argparse
 
 from scratchlm.api import DTYPES
+from scratchlm.errors import ConfigError
 from scratchlm.generation.sampling import SamplingParams
+
+THREADS_HELP = "CPU threads; 0 = PyTorch's default, one per core (on cores shared with other jobs, fewer " \
+    "can be much faster)"
+
+
+def set_threads(threads: int) -> None:
+    """``torch.set_num_threads`` for a --threads option: 0 leaves PyTorch's default."""
+    if threads < 0:
+        raise ConfigError(f"--threads must be 0 or more, got {threads}",
+                          "pass a thread count, e.g. --threads 1 (0 = one per core)")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def load_model(args: argparse.Namespace, **kwargs):
+    """``scratchlm.load`` with the options of ``add_model_options`` (threads set first)."""
+    from scratchlm.api import load
+
+    set_threads(args.threads)
+    return load(args.model, device=args.device, dtype=args.dtype, **kwargs)
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """--model, --device, --dtype: what ``scratchlm.load`` takes."""
+    """--model, --device, --dtype: what ``scratchlm.load`` takes; and --threads (``load_model``)."""
     # (SUPPRESS: a required option has no default worth printing.)
     parser.add_argument("--model", required=True, default=argparse.SUPPRESS,
                         help="run dir, Hugging Face model directory or hub id, or a .gguf file")
@@ -21,6 +45,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, metavar="{" + ",".join(DTYPES) + "}",
                         help="weight precision; None = float32.  On the CPU, float16 is the fast "
                         "inference mode: fp16 weights, fp32 arithmetic")
+    parser.add_argument("--threads", type=int, default=0, metavar="N", help=THREADS_HELP)
 
 
 def add_sampling_options(parser: argparse.ArgumentParser, *, temperature: float | None = None,

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from scratchlm.cli.options import set_threads
 from scratchlm.errors import ConfigError, DataError
 
 # The demo: tuned so that 'scratchlm pretrain' on 2 CPU cores beats nanoGPT's documented CPU run
@@ -131,7 +132,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     opt(g, "--grad-clip", "maximum global gradient norm; 0 = no clipping", type=float, metavar="NORM")
     opt(g, "--seed", "random seed (initialisation, data order, dropout)", type=int)
     opt(g, "--precision", "fp32, bf16 (autocast, fp32 master weights), or auto: bf16 where it is fast "
-        "(CUDA, CPUs with AMX)", choices=["fp32", "bf16", "auto"])
+        "(CUDA; CPUs with AMX or AVX512-BF16, timed on the model)", choices=["fp32", "bf16", "auto"])
     opt(g, "--device", "cpu, cuda, cuda:1, or auto", metavar="DEVICE")
     opt(g, "--threads", "CPU threads; on cores shared with other jobs, 1 can be much faster than 2",
         shown="one per core", type=int, metavar="N")
@@ -339,6 +340,7 @@ def run(args: argparse.Namespace) -> int:
     if settings["stride"] < 1:
         raise ConfigError(f"--stride must be positive, got {settings['stride']}",
                           "pass 1 for every offset, or the context length for disjoint windows")
+    set_threads(settings["threads"])
 
     import torch
 
@@ -358,8 +360,6 @@ def run(args: argparse.Namespace) -> int:
     train = SlidingWindowDataset(train_ids, ctx, settings["stride"])
     val = SlidingWindowDataset(val_ids, ctx, ctx)  # disjoint windows spread over the whole split
 
-    if settings["threads"]:
-        torch.set_num_threads(settings["threads"])
     dist = distributed.from_env(settings["device"])
     torch.manual_seed(settings["seed"])
     model = build_model(config)

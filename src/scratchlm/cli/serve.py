@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from scratchlm.cli.options import add_model_options
+from scratchlm.cli.options import add_model_options, load_model
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -39,11 +39,10 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as err:
         raise UserError(f"the server needs {err.name}, which is not installed",
                         "pip install fastapi uvicorn") from err
-    from scratchlm.api import load
 
     if args.max_batch < 1 or args.max_queue < 0:
         raise UserError("--max-batch must be ≥ 1 and --max-queue ≥ 0", "pass positive sizes")
-    lm = load(args.model, device=args.device, dtype=args.dtype)
+    lm = load_model(args)
     name = args.model_name or Path(str(args.model).rstrip("/")).stem
     config = ServerConfig(name, max_batch=args.max_batch, max_queue=args.max_queue,
                           max_tokens_limit=args.max_tokens_limit)
