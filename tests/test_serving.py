@@ -404,6 +404,45 @@ def test_engine_fails_the_requests_of_a_failed_prefill_and_keeps_serving(tiny_lm
     assert result.token_ids == tiny_lm.complete([first], params)[0].token_ids
 
 
+@pytest.fixture(scope="module", params=["tiny-elman", "tiny-lstm", "ngram-kn5"])
+def stateful_lm(request, tiny_lm) -> LM:
+    """A recurrent or n-gram model with the tiny Llama's tokenizer: a cache of one state per row."""
+    from scratchlm.models.ngram_module import NGramModel
+
+    tokenizer = tiny_lm.tokenizer
+    config = from_preset(request.param, vocab_size=300, context_length=256)
+    torch.manual_seed(0)
+    if config.arch == "ngram":
+        text = (Path(__file__).resolve().parent.parent / "src/scratchlm/serving/engine.py").read_text()
+        return LM(NGramModel.fit(config, tokenizer.encode(text)), tokenizer, config)
+    model = build_model(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.5)
+    return LM(model, tokenizer, config)
+
+
+def test_engine_batches_recurrent_and_ngram_models_as_one_at_a_time(stateful_lm):
+    """Rows join (a padded group prefill, a long prompt read in chunks) and leave a running batch of
+    states, each computing what it computes alone: greedy and seeded samples equal sequential ones."""
+    lm = stateful_lm
+    prompts = ids_of(lm, "x", "def stream(model, tokenizer, prompt", "return ",
+                     "def stream(model, tokenizer, prompt, params=None):\n" * 3)
+    for params in (SamplingParams(temperature=0, max_new_tokens=9, ignore_eos=True),
+                   SamplingParams(temperature=1.0, top_k=20, seed=7, max_new_tokens=9, ignore_eos=True)):
+        log: list = []
+        _, results = run_engine(TracedEngine(lm, log, prefill_tokens=64), prompts, params)
+        reads = [log[i][1:] for i in prefills(log)]
+        # the three short prompts in one padded pass; the long one in chunks while they decode; then
+        # it joins them (states stacked), and stays alone when they finish (its state selected)
+        assert reads[:3] == [(3, len(prompts[1])), (1, 64), (1, len(prompts[3]) - 64)]
+        assert max(entry[1] for entry in log if entry[0] == "forward" and entry[2] == 1) == 4
+        expected = [lm.complete([ids], params)[0] for ids in prompts]
+        assert [r.token_ids for r in results] == [e.token_ids for e in expected]
+        assert [r.text for r in results] == [e.text for e in expected]
+
+
 def test_smollm2_served(smollm2_gguf):
     """The real chat model through the server: an answer, streaming, and a batch equal to one at a time."""
     from scratchlm.api import load

@@ -58,6 +58,13 @@ class NGramContext:
     def select(self, rows: torch.Tensor) -> None:
         self.ids = self.ids[rows.cpu()]
 
+    @classmethod
+    def cat(cls, contexts: Sequence[NGramContext]) -> NGramContext:
+        """One context with the rows of ``contexts`` in order (the serving engine joins batches so)."""
+        joined = cls(torch.cat([c.ids for c in contexts]), max(c.max_length for c in contexts))
+        joined.length = max(c.length for c in contexts)
+        return joined
+
 
 class NGramModel(nn.Module):
     """An ``NGramLM`` over token ids with the transformer's ``forward``/``new_cache``/``lm_head``.

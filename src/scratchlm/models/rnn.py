@@ -42,6 +42,8 @@ instead of every past key and value: constant memory, whatever the length).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -305,6 +307,15 @@ class RecurrentState:
         self.h = self.h[:, rows]
         if self.c is not None:
             self.c = self.c[:, rows]
+
+    @classmethod
+    def cat(cls, states: Sequence[RecurrentState]) -> RecurrentState:
+        """One state with the rows of ``states`` in order (the serving engine joins batches so)."""
+        h = torch.cat([s.h for s in states], dim=1)
+        c = None if states[0].c is None else torch.cat([s.c for s in states], dim=1)
+        joined = cls(h, c, max(s.max_length for s in states))
+        joined.length = max(s.length for s in states)
+        return joined
 
 
 STACKS: dict[str, type[RecurrentStack]] = {"elman": ElmanRNN, "lstm": LSTM}

@@ -34,6 +34,10 @@ does when ``TokenGenerator`` drops a finished row.  Measured on SmolLM2-135M (on
 8), everything outside the model's forward pass — rebuilds, sampling, text, events — takes about
 1% of a decode step; matrix products take almost 80% of the forward pass.
 
+Recurrent and n-gram models batch the same way, with no columns to align: their cache holds one
+fixed-size state per row (``RecurrentState``, ``NGramContext``), rows join by stacking states and
+leave by selecting them, and left padding in a group prefill leaves a row's state untouched.
+
 Only the engine thread touches the model; callers talk to it through ``submit`` and ``cancel``,
 which are thread-safe, and receive ``StreamEvent``s through a callback run on the engine thread.
 """
@@ -122,6 +126,34 @@ class _Block:
     keys: torch.Tensor
     values: torch.Tensor
     mask: torch.Tensor
+
+    def select(self, rows: list[int]) -> _Block:
+        import torch
+
+        index = torch.tensor(rows, device=self.mask.device)
+        return _Block(self.keys[:, index], self.values[:, index], self.mask[index])
+
+
+@dataclass
+class _StateBlock:
+    """Some rows of a recurrent or n-gram model: their cache is one fixed-size state per row."""
+
+    state: Any  # RecurrentState or NGramContext: ``select(rows)`` in place, ``cat(states)``
+
+    def select(self, rows: list[int]) -> _StateBlock:
+        import torch
+
+        self.state.select(torch.tensor(rows))
+        return self
+
+
+def _block(cache: Any, mask: torch.Tensor) -> _Block | _StateBlock:
+    """The rows of a freshly read cache, as the running batch will take them in."""
+    from scratchlm.models.attention import KVCache
+
+    if isinstance(cache, KVCache):
+        return _Block(cache.keys, cache.values, mask)
+    return _StateBlock(cache)
 
 
 class Engine:
@@ -287,7 +319,7 @@ class Engine:
         keep = self._sample(rows, logits)
         if keep:
             if len(keep) < len(rows):
-                block = _select(block, keep)
+                block = block.select(keep)
             live = [self._live_block()] if self._rows else []
             self._rebuild([*live, block], [*self._rows, *(rows[j] for j in keep)])
         self._joining = []
@@ -298,7 +330,7 @@ class Engine:
                     StopText(self.tokenizer, request.params.stop),
                     min(request.params.max_new_tokens, self.context_length - len(prompt)), fed=len(prompt))
 
-    def _read_group(self) -> tuple[_Block, torch.Tensor]:
+    def _read_group(self) -> tuple[_Block | _StateBlock, torch.Tensor]:
         """Prefill the first pending prompts that fit in ``prefill_tokens`` (padded) in one pass."""
         import torch
 
@@ -315,9 +347,9 @@ class Engine:
                                    self.context_length, self._device)
         mask = state.mask if state.mask is not None else torch.ones(
             len(group), width, dtype=torch.long, device=self._device)
-        return _Block(state.cache.keys, state.cache.values, mask), state.logits
+        return _block(state.cache, mask), state.logits
 
-    def _read_chunk(self) -> tuple[_Block, torch.Tensor] | None:
+    def _read_chunk(self) -> tuple[_Block | _StateBlock, torch.Tensor] | None:
         """Read the next ``prefill_tokens`` of the long prompt; None until it is all in."""
         import torch
 
@@ -332,7 +364,7 @@ class Engine:
         logits = self.model.lm_head(hidden[:, -1])
         self._joining, self._reading = [reading.request], None
         mask = torch.ones(1, len(prompt), dtype=torch.long, device=self._device)
-        return _Block(reading.cache.keys, reading.cache.values, mask), logits
+        return _block(reading.cache, mask), logits
 
     def _decode(self) -> None:
         """One step for the running batch: feed each row's newest token, sample its next one."""
@@ -343,12 +375,15 @@ class Engine:
             self._keep(live)
         if not self._rows:
             return
-        if self._cache.length + 1 > self._cache.max_length:
-            self._rebuild([self._live_block()], self._rows)
         ids = torch.tensor([row.tokens[-1] for row in self._rows], dtype=torch.long, device=self._device)
-        positions = torch.tensor([row.fed for row in self._rows], dtype=torch.long, device=self._device)
-        logits = self.model(ids[:, None], cache=self._cache, position_ids=positions[:, None],
-                            attention_mask=self._mask[:, :self._cache.length + 1])
+        if self._mask is None:  # a state per row: nothing to align, no room to run out of
+            logits = self.model(ids[:, None], cache=self._cache)
+        else:
+            if self._cache.length + 1 > self._cache.max_length:
+                self._rebuild([self._live_block()], self._rows)
+            positions = torch.tensor([row.fed for row in self._rows], dtype=torch.long, device=self._device)
+            logits = self.model(ids[:, None], cache=self._cache, position_ids=positions[:, None],
+                                attention_mask=self._mask[:, :self._cache.length + 1])
         for row in self._rows:
             row.fed += 1
         keep = self._sample(self._rows, logits[:, -1])
@@ -402,8 +437,10 @@ class Engine:
 
     # ----- the batch's cache --------------------------------------------------------------------
 
-    def _live_block(self) -> _Block:
+    def _live_block(self) -> _Block | _StateBlock:
         """The running batch's columns that some row uses (the dead left padding cut off)."""
+        if self._mask is None:
+            return _StateBlock(self._cache)
         length = self._cache.length
         start = length - max(row.fed for row in self._rows)
         return _Block(self._cache.keys[:, :, :, start:length], self._cache.values[:, :, :, start:length],
@@ -413,13 +450,19 @@ class Engine:
         """Drop every row not in ``keep`` (finished or cancelled) and compact the cache."""
         rows = [self._rows[j] for j in keep]
         if rows:
-            self._rebuild([_select(self._live_block(), keep)], rows)
+            self._rebuild([self._live_block().select(keep)], rows)
         else:
             self._rows, self._cache, self._mask = [], None, None
 
-    def _rebuild(self, blocks: list[_Block], rows: list[_Row]) -> None:
+    def _rebuild(self, blocks: list[_Block] | list[_StateBlock], rows: list[_Row]) -> None:
         """One right-aligned cache for ``blocks`` (stacked in order) with room for the rows' next tokens."""
         import torch
+
+        if isinstance(blocks[0], _StateBlock):  # states stack row after row; no mask (None marks this)
+            states = [block.state for block in blocks]
+            self._cache = states[0] if len(states) == 1 else type(states[0]).cat(states)
+            self._mask, self._rows = None, rows
+            return
 
         width = max(block.mask.shape[1] for block in blocks)
         # Room for the tokens to come, doubling the width at most; never past the context window
@@ -444,10 +487,3 @@ class Engine:
         self._pending, self._reading, self._joining = [], None, []
         self._rows, self._cache, self._mask = [], None, None
 
-
-def _select(block: _Block, rows: list[int]) -> _Block:
-    """The given rows of a block."""
-    import torch
-
-    index = torch.tensor(rows, device=block.mask.device)
-    return _Block(block.keys[:, index], block.values[:, index], block.mask[index])
