@@ -134,8 +134,9 @@ def test_batched_prompts_equal_one_by_one(preset, monkeypatch):
 
 
 def test_batched_rows_that_finish_early_and_a_full_padded_window():
-    # Context 64: the 50-token prompt can add 14 tokens; the 5-token one keeps going after the
-    # padded window (50 + 14) is full, which repacks the rows.  Both must match running alone.
+    # Context 64: the 50-token prompt fills the window after 14 tokens and reads its last 64 tokens
+    # from then on; when the padded window (50 + 14) is full the rows are repacked.  Every row must
+    # match running alone.
     model = random_model("tiny-llama")
     prompts = [list(range(1, 51)), [3, 4, 5, 6, 7], [9, 9]]
     params = SamplingParams(temperature=0, max_new_tokens=30, stop_token_ids=[])
@@ -144,7 +145,7 @@ def test_batched_rows_that_finish_early_and_a_full_padded_window():
         alone = generate_ids(model, [prompt], params)[0]
         assert batched[row].token_ids == alone.token_ids
         assert batched[row].finish_reason == alone.finish_reason
-    assert [len(r.token_ids) for r in batched] == [14, 30, 30]
+    assert [len(r.token_ids) for r in batched] == [30, 30, 30]
     assert [r.finish_reason for r in batched] == ["length", "length", "length"]
 
 
@@ -176,10 +177,23 @@ def test_stop_token_ids_and_max_new_tokens():
     assert out.token_ids == free.token_ids[:first + 1] and out.finish_reason == "stop"
 
 
-def test_context_length_ends_with_length():
-    model = random_model()  # context 64
-    out = generate_ids(model, [list(range(60))], GREEDY)[0]
-    assert len(out.token_ids) == 4 and out.finish_reason == "length"
+@pytest.mark.parametrize("preset", ["tiny-gpt2", "tiny-llama", "tiny-lstm"])
+def test_generation_past_the_context_window_reads_its_last_tokens(preset):
+    """Raschka's generate (and nanoGPT's sample.py) crop the sequence to the context window before
+    every step: the tokens past the window equal the arg-max of a full recompute of the last 64."""
+    model = random_model(preset)  # context 64
+    prompts = [list(range(3, 60)), [7, 8, 9, 10, 11] * 10]  # 57 and 50 tokens: two lengths, left padding
+    params = SamplingParams(temperature=0, max_new_tokens=20)
+    batched = generate_ids(model, prompts, params)
+    for prompt, out in zip(prompts, batched, strict=True):
+        assert len(out.token_ids) == 20 and out.finish_reason == "length"
+        assert generate_ids(model, [prompt], params)[0].token_ids == out.token_ids
+        sequence = list(prompt)
+        with torch.no_grad():
+            for token in out.token_ids:
+                logits = model(torch.tensor([sequence[-64:]]))
+                assert logits[0, -1].argmax().item() == token
+                sequence.append(token)
     with pytest.raises(ConfigError, match="leaves no room in the context of 64"):
         generate_ids(model, [list(range(64))], GREEDY)
 

@@ -427,16 +427,18 @@ def test_engine_batches_recurrent_and_ngram_models_as_one_at_a_time(stateful_lm)
     """Rows join (a padded group prefill, a long prompt read in chunks) and leave a running batch of
     states, each computing what it computes alone: greedy and seeded samples equal sequential ones."""
     lm = stateful_lm
-    prompts = ids_of(lm, "x", "def stream(model, tokenizer, prompt", "return ",
-                     "def stream(model, tokenizer, prompt, params=None):\n" * 3)
+    short = ids_of(lm, "x", "def stream(model, tokenizer, prompt", "return ")
+    width = max(map(len, short))
+    long = ids_of(lm, "def stream(model, tokenizer, prompt, params=None):\n" * 8)[0][:3 * width + 5]
+    prompts = [*short, long]
     for params in (SamplingParams(temperature=0, max_new_tokens=9, ignore_eos=True),
                    SamplingParams(temperature=1.0, top_k=20, seed=7, max_new_tokens=9, ignore_eos=True)):
         log: list = []
-        _, results = run_engine(TracedEngine(lm, log, prefill_tokens=64), prompts, params)
+        _, results = run_engine(TracedEngine(lm, log, prefill_tokens=3 * width), prompts, params)
         reads = [log[i][1:] for i in prefills(log)]
         # the three short prompts in one padded pass; the long one in chunks while they decode; then
         # it joins them (states stacked), and stays alone when they finish (its state selected)
-        assert reads[:3] == [(3, len(prompts[1])), (1, 64), (1, len(prompts[3]) - 64)]
+        assert reads[:3] == [(3, width), (1, 3 * width), (1, 5)]
         assert max(entry[1] for entry in log if entry[0] == "forward" and entry[2] == 1) == 4
         expected = [lm.complete([ids], params)[0] for ids in prompts]
         assert [r.token_ids for r in results] == [e.token_ids for e in expected]

@@ -7,7 +7,8 @@ Two levels, one loop:
   the last column; the attention mask hides the padding and the position ids count real tokens
   only, so each row computes what it would compute alone.  Rows that finish are dropped from the
   batch (``KVCache.select``).  A row ends on the end-of-sequence token (unless ``ignore_eos``), on
-  a stop token id, after ``max_new_tokens``, or when its sequence fills the context window.
+  a stop token id, or after ``max_new_tokens``; past the context window the model reads its last
+  ``context_length`` tokens.
 * **Text** — ``stream``, ``generate`` and ``complete`` decode through the tokenizer's stream
   decoder (which never splits a UTF-8 character) and apply stop strings: the text ends just
   before the first stop string, and text that could be the start of one is held back until it
@@ -71,6 +72,11 @@ class TokenGenerator:
 
     The iteration order is step by step, and within a step by row.  Calling ``stop(row)`` while
     handling an event of that row (a stop string found in its text) ends it before the next step.
+
+    A row may generate past the context window: the model then reads the window's last
+    ``context_length`` tokens, as Raschka's ``generate`` and nanoGPT's ``sample.py`` crop theirs.
+    The cache cannot slide (every cached position depends on the ones before it), so from there
+    on each token re-reads the whole window: slower, and the same tokens as a full recompute.
     """
 
     def __init__(self, model: Any, prompt_ids: Sequence[Sequence[int]], params: SamplingParams,
@@ -86,8 +92,7 @@ class TokenGenerator:
         self.stop_ids = set(params.stop_token_ids)
         if eos_id is not None and not params.ignore_eos:
             self.stop_ids.add(eos_id)
-        # The most tokens each row may add: its budget, or what is left of the context window.
-        self.limits = [min(params.max_new_tokens, self.context_length - len(p)) for p in self.prompts]
+        self.limits = [params.max_new_tokens] * len(self.prompts)  # the most tokens each row may add
         self._stopped: set[int] = set()
 
     def _check_prompts(self) -> None:
@@ -154,17 +159,19 @@ class TokenGenerator:
                 tokens = tokens[rows]
                 active = [active[j] for j in keep]
             if state.cache.length + 1 > state.cache.max_length:
-                # Only with left padding: the padded window is full though every row has room.
-                # Start over from the rows' own tokens, which packs them tighter.
+                # The cache is full: a row reached the context window (read its last tokens from
+                # now on), or the left padding filled it (start over from the rows' own tokens,
+                # which packs them tighter).
                 state = self._prefill(sequences, active, device)
             else:
                 state.step(self.model, tokens)
 
     def _prefill(self, sequences: list[list[int]], active: list[int], device: torch.device) -> BatchState:
-        """Run the rows' whole sequences through the model once, filling a new cache."""
+        """Run the rows' sequences (their last ``context_length`` tokens) through the model once,
+        filling a new cache."""
         remaining = max(self.limits[row] - (len(sequences[row]) - len(self.prompts[row])) for row in active)
-        return BatchState.prefill(self.model, [sequences[row] for row in active], remaining,
-                                   self.context_length, device)
+        windows = [sequences[row][-self.context_length:] for row in active]
+        return BatchState.prefill(self.model, windows, remaining, self.context_length, device)
 
 
 def _model_device(model: Any) -> torch.device:
