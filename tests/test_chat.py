@@ -134,3 +134,28 @@ def test_smollm2_gguf_answers_paris(smollm2_gguf):
     answer = lm.chat([{"role": "user", "content": "What is the capital of France?"}], temperature=0,
                      max_new_tokens=24)
     assert "Paris" in answer, answer
+
+
+def test_chat_session_leaves_out_the_oldest_turns_once_the_context_is_full(lm):
+    import io
+
+    from scratchlm.generation import SamplingParams
+    from scratchlm.serving.chat import ChatSession
+
+    out = io.StringIO()
+    session = ChatSession(lm, SamplingParams(temperature=0, max_new_tokens=8), system="Be brief.", out=out)
+    question = "Hello there, how are you today? The quick brown fox jumps over the lazy dog."
+    replies = [session.answer(f"{i}: {question}") for i in range(8)]
+    assert replies == ["Hi!"] * 8  # 8 turns of about 40 tokens each, in a context of 128
+    assert len(session.messages) == 1 + 2 * 8  # everything is kept (for /save) ...
+    sent = session.sent_messages()  # ... but only the newest turns are sent, after the system message
+    assert sent[0] == session.messages[0] and sent[1]["role"] == "user" and len(sent) < len(session.messages)
+    prompt = lm.tokenizer.encode(lm.chat_prompt(sent), allowed_special="all")
+    assert len(prompt) + 8 <= lm.config.context_length
+    assert "the oldest" in out.getvalue() and "messages are no longer sent" in out.getvalue()
+    # A message too long on its own: one error line, the conversation goes on without it.
+    before = list(session.messages)
+    assert session.answer(TEXT * 2) == ""
+    assert out.getvalue().splitlines()[-1].startswith("error: a prompt of ")
+    assert session.messages == before
+    assert session.answer("And now?") == "Hi!"

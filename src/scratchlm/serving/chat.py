@@ -1,7 +1,10 @@
 """A terminal chat: read a message, stream the model's answer through its chat template, repeat.
 
 The whole conversation (and the ``--system`` message) is sent every turn, so the model sees the
-history.  Ctrl-C while an answer streams stops that answer (what was shown stays in the history)
+history; once it outgrows the model's context, the oldest exchanges are left out of what is sent
+(the system message stays, and ``/save`` still writes everything).  A message the model cannot
+take (too long alone, or characters its vocabulary lacks) is an error line, and the chat goes on.
+Ctrl-C while an answer streams stops that answer (what was shown stays in the history)
 and returns to the prompt; Ctrl-D at the prompt quits.  Lines starting with ``/`` are commands.
 """
 
@@ -12,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
+from scratchlm.errors import UserError
 from scratchlm.generation import SamplingParams
 
 HELP = """commands:
@@ -35,6 +39,7 @@ class ChatSession:
 
     def reset(self) -> None:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self.left_out = 0  # the oldest messages after the system message, no longer sent
 
     def save(self, path: str) -> Path:
         target = Path(path).expanduser()
@@ -46,7 +51,7 @@ class ChatSession:
         self.messages.append({"role": "user", "content": text})
         pieces: list[str] = []
         try:
-            for piece in self.lm.chat_stream(self.messages, self.params):
+            for piece in self.lm.chat_stream(self.sent_messages(), self.params):
                 if not pieces:
                     piece = piece.lstrip()  # the template's newline after the role is not the answer
                 pieces.append(piece)
@@ -54,11 +59,38 @@ class ChatSession:
                 self.out.flush()
         except KeyboardInterrupt:
             self.out.write(" [stopped]")
+        except UserError as err:  # raised before the first token: the message is not taken
+            self.messages.pop()
+            self.out.write(f"error: {err}\n")
+            self.out.flush()
+            return ""
         self.out.write("\n")
         self.out.flush()
         reply = "".join(pieces).strip()
         self.messages.append({"role": "assistant", "content": reply})
         return reply
+
+    def sent_messages(self) -> list[dict[str, str]]:
+        """The messages to send: all of them, or without the oldest exchanges once the prompt would
+        leave less than a quarter of the context (or ``max_new_tokens``, if fewer) for the answer."""
+        context = self.lm.config.context_length
+        room = min(self.params.max_new_tokens, context // 4)
+        first = 1 if self.system else 0
+
+        def prompt_tokens(messages: list[dict[str, str]]) -> int:
+            return len(self.lm.tokenizer.encode(self.lm.chat_prompt(messages), allowed_special="all"))
+
+        start = first + self.left_out
+        while start < len(self.messages) - 1 and prompt_tokens(
+                self.messages[:first] + self.messages[start:]) + room > context:
+            start += 1
+            while start < len(self.messages) - 1 and self.messages[start]["role"] != "user":
+                start += 1  # begin with a user turn: templates expect user/assistant alternation
+        if start > first + self.left_out:
+            self.left_out = start - first
+            self.out.write(f"(the conversation outgrew the model's context of {context} tokens: "
+                           f"the oldest {self.left_out} messages are no longer sent)\n")
+        return self.messages[:first] + self.messages[start:]
 
     def command(self, line: str) -> bool:
         """Run a ``/command``; False when it asks to quit."""
