@@ -115,6 +115,24 @@ def test_refuses_to_overwrite(hf_dir, tmp_path, run_cli):
     assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.parametrize("preset", ["tiny-lstm", "ngram-kn5"])
+def test_recurrent_and_ngram_models_have_no_hf_format(preset, tmp_path, run_cli):
+    from scratchlm.models import build_model, from_preset
+    from scratchlm.models.ngram_module import NGramModel
+    from scratchlm.tokenizers.char import CharTokenizer
+
+    tokenizer = CharTokenizer.from_text("to be or not to be")
+    config = from_preset(preset, vocab_size=tokenizer.vocab_size)
+    ids = tokenizer.encode("to be or not to be")
+    model = NGramModel.fit(config, ids) if config.arch == "ngram" else build_model(config)
+    scratchlm.LM(model, tokenizer, config).save(tmp_path / "run")
+    code, out, err = run_cli("convert", tmp_path / "run", tmp_path / "hf", "--to", "hf")
+    assert (code, out) == (2, "")
+    assert err.startswith(f"error: models of arch '{config.arch}' have no Hugging Face checkpoint format")
+    assert err.count("\n") == 1 and "convert --to run" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing written, no temporaries
+
+
 def test_gguf_to_run(tmp_path, run_cli):
     gguf = pytest.importorskip("gguf")
     test_gguf = pytest.importorskip("test_gguf", reason="the GGUF engineer's helpers write tiny GGUF files")

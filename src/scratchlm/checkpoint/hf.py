@@ -333,6 +333,11 @@ def family_for_hf_config(cfg: dict[str, Any]) -> Family:
 def family_for_config(config: ModelConfig) -> Family:
     """The checkpoint family that can express ``config``: GPT-2 for learned positions, else
     Llama, Qwen2 or Qwen3 (``config_to_hf`` then refuses what the chosen format cannot hold)."""
+    if config.arch != "transformer":
+        raise ConfigError(f"models of arch {config.arch!r} have no Hugging Face checkpoint format "
+                          "(transformers has none for it)",
+                          "keep it as a scratchlm run dir (convert --to run), which every scratchlm "
+                          "command opens")
     if config.positions == "learned":
         return GPT2
     return FAMILIES[_llama_family_of(config)]
