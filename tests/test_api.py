@@ -274,3 +274,22 @@ def test_cli_threads_option(run_cli, tmp_path):
                       "(0 = one per core)\n"
     assert not (tmp_path / "new").exists()
     assert torch.get_num_threads() == before
+
+
+def test_cli_device_and_serve_address_errors_are_one_line(run_cli, tmp_path):
+    """A device this machine lacks, a port in use or out of range: exit 2 and one line, before the
+    model loads (the model here does not exist, so reaching the load would print another error)."""
+    import socket
+
+    pytest.importorskip("uvicorn")
+    for device, message in (("tpu", "unknown device 'tpu' — use cpu, cuda"),
+                            ("cuda:7" if torch.cuda.is_available() else "cuda", "was asked for but")):
+        with pytest.raises(ConfigError, match=message):
+            scratchlm.load(tmp_path / "missing", device=device)
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        in_use = f"cannot listen on 127.0.0.1:{port}: Address already in use"
+        out_of_range = "port 99999 is out of range"
+        for options, message in ((["--port", str(port)], in_use), (["--port", "99999"], out_of_range)):
+            code, out, err = run_cli("serve", "--model", tmp_path / "missing", *options)
+            assert (code, out) == (2, "") and err.startswith(f"error: {message} — ") and err.count("\n") == 1

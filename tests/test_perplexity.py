@@ -62,3 +62,7 @@ def test_perplexity_result_and_errors():
         perplexity(model, tok, text, context_length=64)
     with pytest.raises(ConfigError, match="stride"):
         perplexity(model, tok, text, context_length=16, stride=17)
+    with pytest.raises(ConfigError, match="stride 0 must be between 1"):  # 0 is not "the default"
+        perplexity(model, tok, text, stride=0)
+    with pytest.raises(ConfigError, match="context length 0 is too short"):
+        perplexity(model, tok, text, context_length=0)

@@ -165,11 +165,14 @@ def load(ref: str | Path, device: str | torch.device | None = None,
     ``"bfloat16"``, ``"float16"`` or a torch dtype) None keeps float32.  On the CPU, float16 is the
     fast inference mode (``generation.packed``): weights in fp16, arithmetic in fp32, q/k/v and
     gate/up stacked into one matrix each — half the bytes and fewer calls per token, so decoding
-    is about 1.5x as fast (SmolLM2-135M, one thread), and the model is then for inference only.
+    is several times as fast (3.4x fp32 for SmolLM2-135M on 2 Zen 4 cores, docs/benchmarks.md),
+    and the model is then for inference only.
     """
     import torch
 
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    from scratchlm.training.distributed import resolve_device
+
+    device = resolve_device(device)
     torch_dtype = _torch_dtype(dtype)
     if device.type == "cpu" and torch_dtype == torch.float16:
         from scratchlm.generation.packed import pack_fp16

@@ -29,6 +29,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=run)
 
 
+def check_address(host: str, port: int) -> None:
+    """Raise a ``UserError`` unless a server can listen on host:port now (a port in use, out of
+    range, or a host that is not this machine's)."""
+    import socket
+
+    from scratchlm.errors import UserError
+
+    if not 0 <= port <= 65535:
+        raise UserError(f"port {port} is out of range", "pass a --port from 1 to 65535 (8000 by default)")
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as err:
+        reason = (err.strerror or str(err)).split(" (while attempting")[0]  # create_server's addition
+        raise UserError(f"cannot listen on {host}:{port}: {reason}",
+                        "pass another --port (or --host), or stop the program that uses it") from None
+
+
 def run(args: argparse.Namespace) -> int:
     from scratchlm.errors import UserError
 
@@ -42,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_batch < 1 or args.max_queue < 0:
         raise UserError("--max-batch must be ≥ 1 and --max-queue ≥ 0", "pass positive sizes")
+    check_address(args.host, args.port)  # before the model loads, which may take a while
     lm = load_model(args)
     name = args.model_name or Path(str(args.model).rstrip("/")).stem
     config = ServerConfig(name, max_batch=args.max_batch, max_queue=args.max_queue,

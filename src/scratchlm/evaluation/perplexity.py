@@ -94,13 +94,16 @@ def perplexity(model: torch.nn.Module, tokenizer: Any, text: str, *, context_len
     ``context_length`` defaults to the model's, ``stride`` to half the context length.
     """
     model_context = getattr(getattr(model, "config", None), "context_length", None)
-    context_length = context_length or model_context
+    context_length = model_context if context_length is None else context_length
     if context_length is None:
         raise ConfigError("the model does not say its context length", "pass context_length")
+    if context_length < 2:
+        raise ConfigError(f"context length {context_length} is too short to predict anything",
+                          "pass a context length of 2 tokens or more")
     if model_context is not None and context_length > model_context:
         raise ConfigError(f"context length {context_length} exceeds the model's {model_context} positions",
                           f"pass a context length of at most {model_context}")
-    stride = stride or max(1, context_length // 2)
+    stride = max(1, context_length // 2) if stride is None else stride
     if not 1 <= stride <= context_length:
         raise ConfigError(f"stride {stride} must be between 1 and the context length {context_length}",
                           "a larger stride would skip tokens")
