@@ -64,13 +64,35 @@ def at_or_before(points: list[tuple[float, float, int]], seconds: float) -> tupl
     return earlier[-1] if earlier else None
 
 
-def plot(points: list[tuple[float, float, int]], path: Path, note: str = "") -> None:
+def curve_axes(figsize: tuple[float, float]):
+    """A figure for validation nats/char against seconds (this script's and lm_comparison.py's)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    fig, ax = plt.subplots(figsize=figsize, dpi=120)
+    ax.set_xlabel("seconds (wall clock, evaluation included)")
+    ax.set_ylabel("validation loss (nats per character)")
+    ax.grid(alpha=0.3)
+    return fig, ax
+
+
+def save_curve(fig, ax, path: Path, title: str, note: str, top: float, right: float) -> None:
+    """Limit the axes (y from 1.3 to ``top``, at most 3.5), title the figure and write it to ``path``."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlim(0, right)
+    ax.set_ylim(1.3, min(3.5, top))
+    ax.set_title(title + (f"\n{note}" if note else ""), fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot(points: list[tuple[float, float, int]], path: Path, note: str = "") -> None:
+    fig, ax = curve_axes((7, 4.2))
     ax.plot([p[0] for p in points[:-1]], [p[1] for p in points[:-1]], "o-", ms=3, lw=1.5, color="tab:blue",
             label="scratchlm pretrain (defaults), validation subset")
     ax.plot([points[-1][0]], [points[-1][1]], "*", ms=11, color="tab:blue",
@@ -83,18 +105,9 @@ def plot(points: list[tuple[float, float, int]], path: Path, note: str = "") -> 
     ax.annotate(f"target at the end: {TARGET_END}", (5, TARGET_END), textcoords="offset points",
                 xytext=(0, -11), fontsize=8, color="gray")
     ax.axvline(TARGET_EARLY[0], color="gray", ls=":", lw=0.8)
-    ax.set_xlabel("seconds (wall clock, evaluation included)")
-    ax.set_ylabel("validation loss (nats per character)")
-    ax.set_ylim(1.3, min(3.5, max(p[1] for p in points) + 0.1))
-    ax.set_xlim(0, max(310, points[-1][0] + 10))
-    ax.grid(alpha=0.3)
     ax.legend(loc="upper right")
-    ax.set_title("tinyshakespeare, character level, 2 CPU cores" + (f"\n{note}" if note else ""),
-                 fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_curve(fig, ax, path, "tinyshakespeare, character level, 2 CPU cores", note,
+               top=max(p[1] for p in points) + 0.1, right=max(310, points[-1][0] + 10))
 
 
 def main() -> int:

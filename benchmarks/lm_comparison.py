@@ -124,12 +124,9 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path, budget: float, note: str) -> None:
-    import matplotlib
+    from demo_vs_nanogpt import curve_axes, save_curve  # (this folder: run as a script)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=120)
+    fig, ax = curve_axes((9, 4.5))
     right = max([budget * 1.05] + [r["curve"][-1][0] * 1.02 for r in rows])
     highest = 0.0
     for r in rows:
@@ -153,18 +150,9 @@ def plot(rows: list[dict], path: Path, budget: float, note: str) -> None:
         s, v, _ = r["curve"][-1]
         ax.plot([s], [v], "*", ms=11, color=color, label=f"{r['model']}: {v:.3f}")
         highest = max(highest, v)
-    ax.set_xlim(0, right)
-    ax.set_ylim(1.3, min(3.5, highest + 0.15))
-    ax.set_xlabel("seconds (wall clock, evaluation included)")
-    ax.set_ylabel("validation nats per character")
-    ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
-    title = f"tinyshakespeare, character level, {budget:g} s per neural model"
-    ax.set_title(title + (f"\n{note}" if note else ""), fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    save_curve(fig, ax, path, f"tinyshakespeare, character level, {budget:g} s per neural model", note,
+               top=highest + 0.15, right=right)
 
 
 def main() -> int:

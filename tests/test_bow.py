@@ -24,14 +24,6 @@ LABELS = [1, 1, 1, 3, 3, 3, 2, 2, 2, 2]
 CLASS_NAMES = {1: "Cinema", 2: "Music", 3: "Science"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models: thread start-up costs more than the work (x7 slower on 2 busy cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 VOCAB = ("a and are discovery enjoy everyone folk for fun great important interesting is learning listen "
          "math movie movies music research rock science to today very watching").split()

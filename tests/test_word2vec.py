@@ -15,15 +15,6 @@ from scratchlm.models.ngram import words_of
 from scratchlm.models.word2vec import SkipGramNS, Word2VecConfig, skipgram_pairs, train_word2vec
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models: thread start-up costs more than the work on 2 busy cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_burkov_window_of_five_gives_four_pairs_per_word():
     words = ["professor", "alan", "turing's", "research", "advanced"]
     pairs = skipgram_pairs(range(5), window=2)  # Burkov's "window of 5": 2 words either side
