@@ -290,6 +290,8 @@ def test_cli_device_and_serve_address_errors_are_one_line(run_cli, tmp_path):
         port = busy.getsockname()[1]
         in_use = f"cannot listen on 127.0.0.1:{port}: Address already in use"
         out_of_range = "port 99999 is out of range"
-        for options, message in ((["--port", str(port)], in_use), (["--port", "99999"], out_of_range)):
+        sizes = "--max-batch and --prefill-tokens must be ≥ 1 and --max-queue ≥ 0"
+        for options, message in ((["--port", str(port)], in_use), (["--port", "99999"], out_of_range),
+                                 (["--prefill-tokens", "0"], sizes)):
             code, out, err = run_cli("serve", "--model", tmp_path / "missing", *options)
             assert (code, out) == (2, "") and err.startswith(f"error: {message} — ") and err.count("\n") == 1

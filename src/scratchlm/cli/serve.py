@@ -12,6 +12,7 @@ import argparse
 from pathlib import Path
 
 from scratchlm.cli.options import add_model_options, load_model
+from scratchlm.serving.engine import PREFILL_TOKENS
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -26,6 +27,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="most requests waiting for a slot; more are refused with HTTP 429")
     parser.add_argument("--max-tokens-limit", type=int, default=None,
                         help="the largest max_tokens a request may ask for; None = the context length")
+    parser.add_argument("--prefill-tokens", type=int, default=PREFILL_TOKENS, metavar="N",
+                        help="most prompt tokens (padded) read in one step between two decode steps: "
+                        "larger reads newcomers' prompts sooner, smaller keeps running answers flowing")
     parser.set_defaults(func=run)
 
 
@@ -58,13 +62,14 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"the server needs {err.name}, which is not installed",
                         "pip install fastapi uvicorn") from err
 
-    if args.max_batch < 1 or args.max_queue < 0:
-        raise UserError("--max-batch must be ≥ 1 and --max-queue ≥ 0", "pass positive sizes")
+    if args.max_batch < 1 or args.max_queue < 0 or args.prefill_tokens < 1:
+        raise UserError("--max-batch and --prefill-tokens must be ≥ 1 and --max-queue ≥ 0",
+                        "pass positive sizes")
     check_address(args.host, args.port)  # before the model loads, which may take a while
     lm = load_model(args)
     name = args.model_name or Path(str(args.model).rstrip("/")).stem
     config = ServerConfig(name, max_batch=args.max_batch, max_queue=args.max_queue,
-                          max_tokens_limit=args.max_tokens_limit)
+                          max_tokens_limit=args.max_tokens_limit, prefill_tokens=args.prefill_tokens)
     print(f"serving {name!r} at http://{args.host}:{args.port}/v1", flush=True)
     uvicorn.run(create_app(lm, config), host=args.host, port=args.port, log_level="info")
     return 0

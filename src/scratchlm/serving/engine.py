@@ -61,6 +61,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _MIN_ROOM = 64  # fewest free columns a cache rebuild leaves for the tokens to come
+PREFILL_TOKENS = 256  # the default bound on one turn's prefill (see Engine)
 
 
 class QueueFull(UserError):
@@ -166,7 +167,7 @@ class Engine:
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, max_batch: int = 16, max_queue: int = 64,
-                 prefill_tokens: int = 256):
+                 prefill_tokens: int = PREFILL_TOKENS):
         if max_batch < 1 or max_queue < 0 or prefill_tokens < 1:
             raise UserError(f"max_batch and prefill_tokens must be ≥ 1 and max_queue ≥ 0, got "
                             f"{max_batch}, {prefill_tokens} and {max_queue}", "pass positive sizes")

@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from scratchlm.errors import UserError
 from scratchlm.generation import Completion, SamplingParams
 from scratchlm.generation.generate import encode_prompt
-from scratchlm.serving.engine import Engine, QueueFull, StreamEvent
+from scratchlm.serving.engine import PREFILL_TOKENS, Engine, QueueFull, StreamEvent
 
 # How often a non-streaming request checks whether its client is still there.
 _DISCONNECT_POLL_S = 0.25
@@ -130,17 +130,20 @@ def _validation_error(err: RequestValidationError) -> APIError:
 
 @dataclass
 class ServerConfig:
-    """What the server allows: model id, batch size, queue length and per-request limits."""
+    """What the server allows: model id, batch size, queue length and per-request limits, and the
+    engine's prefill size (see ``Engine``)."""
 
     model_name: str
     max_batch: int = 16
     max_queue: int = 64
     max_tokens_limit: int | None = None  # None: the context window
+    prefill_tokens: int = PREFILL_TOKENS
 
 
 def create_app(lm: Any, config: ServerConfig) -> FastAPI:
     """The FastAPI app serving ``lm``; its engine starts and stops with the app's lifespan."""
-    engine = Engine(lm.model, lm.tokenizer, max_batch=config.max_batch, max_queue=config.max_queue)
+    engine = Engine(lm.model, lm.tokenizer, max_batch=config.max_batch, max_queue=config.max_queue,
+                    prefill_tokens=config.prefill_tokens)
     context = engine.context_length
     max_tokens_limit = min(config.max_tokens_limit or context, context)
 
