@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from conftest import shared_path
@@ -59,6 +59,7 @@ def test_chatml_matches_transformers(smollm2):
 
 @FEW
 @given(text=NO_DIGITS)
+@example(text='"\x06:')  # SmolLM2 lacks byte 0x06: dropped before merging, so '":' is one token
 def test_text_matches_transformers(smollm2, text):
     ours, theirs = smollm2
     assert ours.encode(text, allowed_special="all") == theirs.encode(text, add_special_tokens=False)

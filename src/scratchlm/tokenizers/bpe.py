@@ -146,7 +146,8 @@ class ByteLevelBPE(Tokenizer):
     ``ignore_merges``: a piece that is itself a token is emitted whole (Llama 3's tokenizer.json).
     ``normalizer``: None or a Unicode form (``"NFC"``; Qwen2 uses it) applied to ordinary text.
     ``strip``: special/added token -> (lstrip, rstrip), Hugging Face's flags to absorb whitespace.
-    ``unk_id``: what a byte missing from the vocabulary becomes (None: it is dropped).
+    ``unk_id``: what a byte missing from the vocabulary becomes (None: it is dropped before merging,
+    as Hugging Face drops it).
     """
 
     def __init__(
@@ -264,6 +265,12 @@ class ByteLevelBPE(Tokenizer):
             if whole is not None:
                 return [whole]
         symbols = list(map(_SINGLE_BYTES.__getitem__, data))
+        if not self._all_bytes and self.unk_id is None:
+            # Hugging Face's BPE leaves a byte the vocabulary lacks out of the word before merging,
+            # so its neighbours may merge across it ('"', 0x06, ':' is one token '":' in SmolLM2).
+            symbols = [s for s in symbols if s in encoder]
+            if not symbols:
+                return []
         merge = _merge_long if len(symbols) > _LONG_PIECE else _merge_short
         merged = merge(symbols, self._ranks)
         if self._all_bytes:
