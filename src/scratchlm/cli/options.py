@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from scratchlm.api import DTYPES
+from scratchlm.api import DTYPES, LM
 from scratchlm.errors import ConfigError
 from scratchlm.generation.sampling import SamplingParams
 
@@ -27,12 +27,12 @@ def set_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
-def load_model(args: argparse.Namespace, **kwargs):
+def load_model(args: argparse.Namespace) -> LM:
     """``scratchlm.load`` with the options of ``add_model_options`` (threads set first)."""
     from scratchlm.api import load
 
     set_threads(args.threads)
-    return load(args.model, device=args.device, dtype=args.dtype, **kwargs)
+    return load(args.model, device=args.device, dtype=args.dtype)
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:

@@ -40,7 +40,7 @@ def check_address(host: str, port: int) -> None:
 
     from scratchlm.errors import UserError
 
-    if not 0 <= port <= 65535:
+    if not 1 <= port <= 65535:
         raise UserError(f"port {port} is out of range", "pass a --port from 1 to 65535 (8000 by default)")
     try:
         with socket.create_server((host, port)):
