@@ -36,13 +36,18 @@ def tiny_lm() -> LM:
     text = (Path(__file__).resolve().parent.parent / "src/scratchlm/generation/generate.py").read_text()
     tokenizer = train_bpe(text, 300, special_tokens=SPECIALS)
     config = from_preset("tiny-llama", vocab_size=300, context_length=256)
+    return LM(wide_random_model(config, 0.3), tokenizer, config)
+
+
+def wide_random_model(config, std: float) -> torch.nn.Module:
+    """A random model whose matrices are drawn wider than usual, so that greedy text varies."""
     torch.manual_seed(0)
     model = build_model(config)
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() > 1:
-                p.normal_(0, 0.3)
-    return LM(model, tokenizer, config)
+                p.normal_(0, std)
+    return model
 
 
 class SlowModel(torch.nn.Module):
@@ -411,16 +416,10 @@ def stateful_lm(request, tiny_lm) -> LM:
 
     tokenizer = tiny_lm.tokenizer
     config = from_preset(request.param, vocab_size=300, context_length=256)
-    torch.manual_seed(0)
     if config.arch == "ngram":
         text = (Path(__file__).resolve().parent.parent / "src/scratchlm/serving/engine.py").read_text()
         return LM(NGramModel.fit(config, tokenizer.encode(text)), tokenizer, config)
-    model = build_model(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.5)
-    return LM(model, tokenizer, config)
+    return LM(wide_random_model(config, 0.5), tokenizer, config)
 
 
 def test_engine_batches_recurrent_and_ngram_models_as_one_at_a_time(stateful_lm):
