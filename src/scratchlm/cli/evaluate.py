@@ -1,6 +1,6 @@
 """Evaluate a model.  'perplexity': sliding-window perplexity of a text, also in nats and bits per
 character (comparable across tokenizers).  The model is anything scratchlm.load opens: a run dir
-from 'scratchlm pretrain', a Hugging Face model directory, or a hub id.
+from 'scratchlm pretrain', a Hugging Face model directory or hub id, or a .gguf file.
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from scratchlm.cli.options import THREADS_HELP, set_threads
+from scratchlm.cli.options import add_model_options, load_model
 from scratchlm.errors import ConfigError
 
 SPLITS = ("all", "train", "val")
@@ -19,8 +19,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(title="evaluations", metavar="EVAL")
     p = sub.add_parser("perplexity", help="sliding-window perplexity of a text",
                        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, default=argparse.SUPPRESS,
-                   help="run dir, Hugging Face model directory, or hub id")
+    add_model_options(p)
     p.add_argument("--data", required=True, default=argparse.SUPPRESS, metavar="PATH",
                    help="UTF-8 text file or builtin:NAME (e.g. builtin:tinyshakespeare)")
     p.add_argument("--split", choices=SPLITS, default="all",
@@ -31,22 +30,18 @@ def configure(parser: argparse.ArgumentParser) -> None:
                    help="tokens the window advances; None = half the context (smaller: closer to the "
                         "true perplexity, slower)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
-    p.add_argument("--device", default=None, help="cpu, cuda, ...; None = cuda if available, else cpu")
-    p.add_argument("--threads", type=int, default=0, metavar="N", help=THREADS_HELP)
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(func=run_perplexity)
 
 
 def run_perplexity(args: argparse.Namespace) -> int:
-    from scratchlm.api import load
     from scratchlm.data.corpora import read_corpus
     from scratchlm.evaluation.perplexity import perplexity
 
     text = read_corpus(args.data)
     split = int(len(text) * (1 - VAL_FRACTION))
     text = {"all": text, "train": text[:split], "val": text[split:]}[args.split]
-    set_threads(args.threads)
-    lm = load(args.model, device=args.device)
+    lm = load_model(args)
     if lm.tokenizer is None:
         raise ConfigError(f"{args.model} has no tokenizer, so its text cannot be scored",
                           "pass a model directory that includes tokenizer files")

@@ -1,5 +1,5 @@
-"""Options shared by the commands that load a model and sample from it (generate, chat, serve),
-and the CPU thread count of every command that runs one (those, eval, pretrain).
+"""Options shared by the commands that load a model (generate, chat, serve, eval), and the CPU
+thread count (pretrain's too).
 
 One place for their names, help texts and defaults, so the CLI, the API and the server agree.
 """
@@ -11,9 +11,6 @@ import argparse
 from scratchlm.api import DTYPES, LM
 from scratchlm.errors import ConfigError
 from scratchlm.generation.sampling import SamplingParams
-
-THREADS_HELP = "CPU threads; 0 = PyTorch's default, one per core (on cores shared with other jobs, fewer " \
-    "can be much faster)"
 
 
 def set_threads(threads: int) -> None:
@@ -45,7 +42,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, metavar="{" + ",".join(DTYPES) + "}",
                         help="weight precision; None = float32.  On the CPU, float16 is the fast "
                         "inference mode: fp16 weights, fp32 arithmetic")
-    parser.add_argument("--threads", type=int, default=0, metavar="N", help=THREADS_HELP)
+    parser.add_argument("--threads", type=int, default=0, metavar="N",
+                        help="CPU threads; 0 = PyTorch's default, one per core (on cores shared with other "
+                        "jobs, fewer can be much faster)")
 
 
 def add_sampling_options(parser: argparse.ArgumentParser, *, temperature: float | None = None,
