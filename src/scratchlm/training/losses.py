@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-IGNORE_INDEX = -100  # target id that contributes no loss (padding, masked prompt tokens)
+from scratchlm.training.logprobs import IGNORE_INDEX
 
 LossFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, torch.Tensor]]
 
