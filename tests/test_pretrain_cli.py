@@ -178,4 +178,4 @@ def test_ctrl_c_saves_and_exits_130(run_cli, tmp_path, corpus, monkeypatch):
     assert code == 130
     assert f"--resume {run}" in err
     assert json.loads((run / io.STATE_INFO_FILE).read_text())["step"] == 2
-    assert io.load_run(run)[2].name == "tiny-gpt2"
+    assert io.load_run(run).config.name == "tiny-gpt2"

@@ -170,7 +170,7 @@ def load(ref: str | Path, device: str | torch.device | None = None,
     """
     import torch
 
-    from scratchlm.training.distributed import resolve_device
+    from scratchlm.runtime import resolve_device
 
     device = resolve_device(device)
     torch_dtype = _torch_dtype(dtype)
@@ -193,10 +193,8 @@ def load(ref: str | Path, device: str | torch.device | None = None,
         if is_run_dir(path):
             from scratchlm.checkpoint.io import load_run
 
-            model, tokenizer, config = load_run(path, device)
-            if torch_dtype is not None:
-                model = model.to(torch_dtype)
-            return LM(model, tokenizer, config)
+            run = load_run(path, device, torch_dtype)
+            return LM(run.model, run.tokenizer, run.config, run.manifest.chat_template)
         if is_hf_dir(path):
             return _load_hf(path, device, torch_dtype)
         raise CheckpointError(f"{ref} is a directory but holds no model I can open",

@@ -2,8 +2,11 @@
 
 A run dir holds::
 
-    config.json              format marker + version, model config, training and data settings
-    model.safetensors        the weights (float32 master copy; tied weights stored once)
+    config.json              format marker + version, model config, training and data settings,
+                             and the manifest: a base model, task head, adapter, chat template
+    model.safetensors        the weights (float32 master copy; tied weights stored once) — or, when
+                             the manifest names a base model, only the tensors the run trained
+    adapter/                 a PEFT-format adapter (adapter_config.json + adapter_model.safetensors)
     tokenizer/               tokenizer.save(...)
     train_state.safetensors  optimizer state tensors and RNG states (uint8 tensors)
     train_state.json         step, tokens, data position, schedule, elapsed time, Python/NumPy RNG
@@ -31,7 +34,7 @@ import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -39,12 +42,13 @@ from scratchlm.errors import CheckpointError, UserError
 from scratchlm.models.config import ModelConfig
 
 FORMAT = "scratchlm-run"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest (base_model, head, adapter, chat_template); 1: a model alone
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
 STATE_TENSORS_FILE = "train_state.safetensors"
 STATE_INFO_FILE = "train_state.json"
+ADAPTER_DIR = "adapter"
 _TMP_PREFIX = ".tmp-"
 
 
@@ -152,8 +156,11 @@ def unique_state(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[
     return state, aliases
 
 
-def load_weights_into(model: torch.nn.Module, path: Path) -> None:
+def load_weights_into(model: torch.nn.Module, path: Path, partial: bool = False) -> None:
     """Copy the tensors of ``path`` into ``model`` in place; every parameter must be there, in its shape.
+
+    ``partial``: the file holds only some of the model's tensors (a run over a named base model);
+    each must still belong to the model, in its shape.
 
     A model with a ``load_tensors`` method (the n-gram: its count tables' sizes come from the
     training text, not the config) is handed the tensors to rebuild itself from instead.
@@ -163,12 +170,13 @@ def load_weights_into(model: torch.nn.Module, path: Path) -> None:
         return
     tensors = _read_tensors(path, "model weights", device=next(model.parameters()).device)[0]
     expected, aliases = unique_state(model)
-    missing = sorted(set(expected) - set(tensors))
+    missing = [] if partial else sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected) - set(aliases))
     if missing or unexpected:
         detail = f"missing {', '.join(missing[:3])}" if missing else f"unexpected {', '.join(unexpected[:3])}"
         raise CheckpointError(f"{path} does not fit the model ({detail})",
                               "the weights were written for another model config; check config.json")
+    expected = {name: value for name, value in expected.items() if name in tensors}
     for name, value in expected.items():
         if tensors[name].shape != value.shape:
             raise CheckpointError(
@@ -306,15 +314,55 @@ def unpack_rng(tensors: Mapping[str, torch.Tensor], info: Mapping[str, Any], ran
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass
+class RunManifest:
+    """What a run dir holds besides a plain model; each entry is a top-level key of ``config.json``.
+
+    ``base_model``: a reference ``scratchlm.load`` opens (run dir, Hugging Face directory or hub
+    id, .gguf file).  When set, the run does not copy the base's weights: ``model.safetensors``
+    holds only the tensors the run changed (a trained last block, a task head), loaded over the
+    base's.  ``head``: the task head on the model (``{"type": "classification", "labels": [...],
+    ...}``), rebuilt by ``scratchlm.finetune.heads.attach_head``.  ``adapter``: the adapter beside
+    the weights (``{"format": "peft", "path": "adapter"}``), loaded by ``scratchlm.finetune.lora``.
+    ``chat_template``: the Jinja template the run was trained with, used by chat and the server.
+    A run dir with none of them is format version 1, which older scratchlm versions read.
+    """
+
+    base_model: str | None = None
+    head: dict[str, Any] | None = None
+    adapter: dict[str, Any] | None = None
+    chat_template: str | None = None
+
+    KEYS = ("base_model", "head", "adapter", "chat_template")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in self.KEYS if getattr(self, key) is not None}
+
+    @classmethod
+    def from_payload(cls, payload: Mapping[str, Any], where: str) -> RunManifest:
+        manifest = cls(**{key: payload.get(key) for key in cls.KEYS})
+        for key, kind in (("base_model", str), ("head", dict), ("adapter", dict), ("chat_template", str)):
+            value = getattr(manifest, key)
+            if value is not None and not isinstance(value, kind):
+                raise CheckpointError(f"{where}: {key!r} must be a {kind.__name__}, got {value!r}",
+                                      "restore config.json")
+        if manifest.head is not None and not isinstance(manifest.head.get("type"), str):
+            raise CheckpointError(f"{where}: the head has no type", "restore config.json")
+        return manifest
+
+
 def save_run(run_dir: str | Path, model: torch.nn.Module, config: ModelConfig, tokenizer: Any = None,
              train_state: TrainState | None = None, *, training: Mapping[str, Any] | None = None,
-             data: Mapping[str, Any] | None = None) -> Path:
+             data: Mapping[str, Any] | None = None, evaluation: Mapping[str, Any] | None = None,
+             manifest: RunManifest | None = None) -> Path:
     """Write (or update) a run dir; every file atomically.
 
     ``config``: the model's ``ModelConfig``.  ``tokenizer``: anything with ``save(directory)``, or
     None.  ``train_state``: optimizer/RNG/counters for ``--resume`` (None for a weights-only export,
     which also removes any older training state so that it cannot be resumed out of step).
-    ``training`` / ``data``: the settings that produced the run, stored in ``config.json``.
+    ``training`` / ``data`` / ``evaluation``: the settings that produced the run, stored in
+    ``config.json``.  ``manifest``: what sits on or beside the model (``RunManifest``); with a
+    ``base_model``, ``model.safetensors`` holds only the tensors the run trained.
     """
     from scratchlm import __version__
 
@@ -324,7 +372,11 @@ def save_run(run_dir: str | Path, model: torch.nn.Module, config: ModelConfig, t
     save_id = uuid.uuid4().hex
     if tokenizer is not None:
         _save_tokenizer_atomic(tokenizer, run_dir / TOKENIZER_DIR)
+    manifest = manifest or RunManifest()
     state, _ = unique_state(model)
+    if manifest.base_model is not None:  # only what the run trained; the rest is the base's
+        trained = {name for name, p in model.named_parameters() if p.requires_grad}
+        state = {name: tensor for name, tensor in state.items() if name in trained}
     save_tensors_atomic(run_dir / WEIGHTS_FILE, state, {"format": "pt", "scratchlm_save_id": save_id})
     if train_state is not None:
         save_tensors_atomic(run_dir / STATE_TENSORS_FILE, train_state.tensors, {"scratchlm_save_id": save_id})
@@ -334,15 +386,15 @@ def save_run(run_dir: str | Path, model: torch.nn.Module, config: ModelConfig, t
             (run_dir / name).unlink(missing_ok=True)
     payload: dict[str, Any] = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if manifest.to_dict() else 1,
         "scratchlm_version": __version__,
         "architecture": getattr(config, "arch", "transformer"),
         "model": config.to_dict(),
+        **manifest.to_dict(),
     }
-    if training is not None:
-        payload["training"] = dict(training)
-    if data is not None:
-        payload["data"] = dict(data)
+    for key, section in (("training", training), ("data", data), ("evaluation", evaluation)):
+        if section is not None:
+            payload[key] = dict(section)
     write_json_atomic(run_dir / CONFIG_FILE, payload)
     return run_dir
 
@@ -395,22 +447,51 @@ def run_model_config(payload: Mapping[str, Any]) -> ModelConfig:
         raise CheckpointError(f"the run's model config is invalid ({err})", "restore config.json") from None
 
 
-def load_run(run_dir: str | Path,
-             device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Any, ModelConfig]:
-    """``(model, tokenizer, config)`` of a run dir; the model is in eval mode on ``device``.
+class LoadedRun(NamedTuple):
+    model: torch.nn.Module
+    tokenizer: Any
+    config: ModelConfig
+    manifest: RunManifest
 
-    The tokenizer is None when the run dir has none.  A missing, damaged or foreign file is a
-    one-line ``CheckpointError``.
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu",
+             dtype: torch.dtype | None = None) -> LoadedRun:
+    """``(model, tokenizer, config, manifest)`` of a run dir; the model is in eval mode on ``device``.
+
+    A run that names a base model loads the base first (``scratchlm.load``), then its own
+    tensors over it; a head and an adapter in the manifest are attached.  The tokenizer is None
+    when the run dir (and its base) has none.  A missing, damaged or foreign file is a one-line
+    ``CheckpointError``.
     """
     from scratchlm.models import build_empty_model
 
     run_dir = Path(run_dir)
     payload = read_run_config(run_dir)
     config = run_model_config(payload)
-    model = build_empty_model(config, device=device)
-    load_weights_into(model, run_dir / WEIGHTS_FILE)
-    model.eval()
+    manifest = RunManifest.from_payload(payload, str(run_dir / CONFIG_FILE))
     tokenizer = None
+    if manifest.base_model is not None:
+        from scratchlm.api import load
+
+        base = load(_resolve_base(run_dir, manifest.base_model), device=device, dtype=dtype)
+        model, tokenizer = base.model, base.tokenizer
+        if base.config.to_dict() | {"name": None} != config.to_dict() | {"name": None}:
+            raise CheckpointError(f"{run_dir}: its base model {manifest.base_model} has another config "
+                                  "than the run was trained on", "restore the base model the run names")
+    else:
+        model = build_empty_model(config, device=device)
+    if manifest.head is not None:
+        from scratchlm.finetune.heads import attach_head
+
+        model = attach_head(model, manifest.head)
+    if manifest.adapter is not None:
+        from scratchlm.finetune.lora import load_adapter
+
+        load_adapter(model, run_dir / manifest.adapter.get("path", ADAPTER_DIR))
+    load_weights_into(model, run_dir / WEIGHTS_FILE, partial=manifest.base_model is not None)
+    if dtype is not None:
+        model = model.to(dtype)
+    model.eval()
     if (run_dir / TOKENIZER_DIR).is_dir():
         from scratchlm.tokenizers import load as load_tokenizer
 
@@ -423,7 +504,13 @@ def load_run(run_dir: str | Path,
         raise CheckpointError(f"the tokenizer has {tokenizer.vocab_size} tokens, "
                               f"the model only {config.vocab_size}",
                               "the tokenizer/ folder belongs to another run")
-    return model, tokenizer, config
+    return LoadedRun(model, tokenizer, config, manifest)
+
+
+def _resolve_base(run_dir: Path, ref: str) -> str:
+    """A base named by a relative path is relative to the run dir (so the pair can move together)."""
+    candidate = run_dir / ref
+    return str(candidate) if not Path(ref).is_absolute() and candidate.exists() else ref
 
 
 def load_train_state(run_dir: str | Path) -> TrainState:

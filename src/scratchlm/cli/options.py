@@ -1,5 +1,4 @@
-"""Options shared by the commands that load a model (generate, chat, serve, eval), and the CPU
-thread count (pretrain's too).
+"""Options shared by the commands that load a model (generate, chat, serve, eval).
 
 One place for their names, help texts and defaults, so the CLI, the API and the server agree.
 """
@@ -9,19 +8,8 @@ from __future__ import annotations
 import argparse
 
 from scratchlm.api import DTYPES, LM
-from scratchlm.errors import ConfigError
 from scratchlm.generation.sampling import SamplingParams
-
-
-def set_threads(threads: int) -> None:
-    """``torch.set_num_threads`` for a --threads option: 0 leaves PyTorch's default."""
-    if threads < 0:
-        raise ConfigError(f"--threads must be 0 or more, got {threads}",
-                          "pass a thread count, e.g. --threads 1 (0 = one per core)")
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
+from scratchlm.runtime import set_threads
 
 
 def load_model(args: argparse.Namespace) -> LM:
