@@ -447,3 +447,24 @@ def test_rmsnorm_fused_path_equals_the_formula():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     half = norm.to(torch.bfloat16)(x.detach().to(torch.bfloat16))  # the explicit fp32-inside path
     torch.testing.assert_close(half.float(), reference.detach(), rtol=2e-2, atol=2e-2)
+
+
+def test_every_model_satisfies_the_causal_lm_protocol():
+    """Generation, the engine and load are typed with these Protocols: each model family keeps them."""
+    from scratchlm.models.ngram_module import NGramModel
+    from scratchlm.models.protocols import Cache, CausalLM, HiddenStatesLM, JoinableCache
+
+    transformer = build_model(from_preset("tiny-gpt2", vocab_size=17, context_length=8))
+    lstm = build_model(from_preset("tiny-lstm", vocab_size=17, context_length=8))
+    ngram = NGramModel.fit(from_preset("ngram-kn5", vocab_size=17), [1, 2, 3, 4, 5, 1, 2, 3])
+    for model in (transformer, lstm, ngram):
+        assert isinstance(model, CausalLM), type(model).__name__
+        cache = model.new_cache(2, 8)
+        assert isinstance(cache, Cache) and cache.length == 0
+        logits = model(torch.tensor([[1, 2, 3], [3, 2, 1]]), cache=cache)
+        assert logits.shape == (2, 3, 17) and cache.length == 3
+        cache.select(torch.tensor([1]))
+        assert model(torch.tensor([[4]]), cache=cache).shape == (1, 1, 17) and cache.length == 4
+    assert all(isinstance(m.new_cache(1, 8), JoinableCache) for m in (lstm, ngram))
+    hidden = transformer(torch.tensor([[1, 2]]), return_hidden=True)
+    assert isinstance(transformer, HiddenStatesLM) and hidden.shape == (1, 2, transformer.config.n_embd)

@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     import torch
 
     from scratchlm.generation import Completion, SamplingParams, TextStream
+    from scratchlm.models.config import ModelConfig
+    from scratchlm.models.protocols import CausalLM
+    from scratchlm.tokenizers import Tokenizer
 
 ACCEPTED = ("a run directory written by 'scratchlm pretrain', a Hugging Face model directory "
             "(config.json + model.safetensors), a Hugging Face hub id such as openai-community/gpt2, "
@@ -44,9 +47,9 @@ class LM:
     the tokenizer when not given; None means ``chat`` formats with ChatML.
     """
 
-    model: Any
-    tokenizer: Any
-    config: Any
+    model: CausalLM
+    tokenizer: Tokenizer | None
+    config: ModelConfig
     chat_template: str | None = None
 
     def __post_init__(self) -> None:
@@ -150,7 +153,7 @@ class LM:
         save_run(run_dir, self.model, self.config, self.tokenizer)
         return Path(run_dir)
 
-    def _tokenizer(self) -> Any:
+    def _tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
             raise UserError("this model has no tokenizer, so it cannot turn text into tokens",
                             "load a directory that includes tokenizer files, or call lm.model with token ids")

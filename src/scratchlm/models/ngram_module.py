@@ -55,6 +55,9 @@ class NGramContext:
         self.max_length = max_length
         self.length = 0
 
+    def advance(self, steps: int) -> None:
+        self.length += steps
+
     def select(self, rows: torch.Tensor) -> None:
         self.ids = self.ids[rows.cpu()]
 
@@ -210,7 +213,7 @@ class NGramModel(nn.Module):
         contexts = seq.unfold(1, L, 1)[:, 1:] if L else seq.new_empty(b, t, 0)
         if cache is not None:
             cache.ids = seq[:, seq.shape[1] - L :]
-            cache.length += t
+            cache.advance(t)
         out = contexts if return_hidden else self.lm_head(contexts)
         return out.to(input_ids.device)
 

@@ -16,6 +16,8 @@ from scratchlm.errors import ConfigError
 from scratchlm.runtime import PRECISIONS
 from scratchlm.training.schedule import Budget, WarmupCosine
 
+OPTIMIZERS = ("adamw", "sgd")
+
 
 @dataclass
 class TrainConfig:
@@ -27,6 +29,7 @@ class TrainConfig:
 
     batch_size: int = 32
     grad_accum: int = 1
+    optimizer: str = "adamw"  # "adamw", or "sgd": plain SGD (Burkov's classifiers), decay as L2
     lr: float = 1e-3
     min_lr: float | None = None  # None: lr / 10
     warmup_steps: int = 100
@@ -52,8 +55,8 @@ class TrainConfig:
 
     # Fields that shape the trajectory: a resumed run must have the same values.  The budgets,
     # evaluation, saving and display settings may change (a longer budget extends a run).
-    TRAJECTORY = ("batch_size", "grad_accum", "lr", "min_lr", "warmup_steps", "weight_decay", "beta1",
-                  "beta2", "eps", "grad_clip", "seed", "precision")
+    TRAJECTORY = ("batch_size", "grad_accum", "optimizer", "lr", "min_lr", "warmup_steps", "weight_decay",
+                  "beta1", "beta2", "eps", "grad_clip", "seed", "precision")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -75,6 +78,8 @@ class TrainConfig:
                 what = " or 'epoch'" if key == "eval_every" else ""
                 raise ConfigError(f"{key} must be a non-negative integer{what}, got {value!r}",
                                   "pass 0 to turn it off")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}", f"use one of {', '.join(OPTIMIZERS)}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}", f"use one of {', '.join(PRECISIONS)}")
         if self.grad_clip is not None and not self.grad_clip > 0:

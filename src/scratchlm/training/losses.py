@@ -116,3 +116,20 @@ def next_token_loss(model: torch.nn.Module, batch: Any) -> LossOutput:
     logits = model(inputs)
     loss = cross_entropy_sum(logits.flatten(0, 1), targets.flatten())
     return LossOutput(loss, (targets != IGNORE_INDEX).sum())
+
+
+def classification_loss(model: torch.nn.Module, batch: Any) -> LossOutput:
+    """Summed cross-entropy of class logits [B, C] against labels [B], with the correct predictions
+    as the ``"accuracy"`` metric (its mean per example is the accuracy).
+
+    ``batch`` is ``(inputs, labels)`` or a dict with ``labels`` and the model's keyword inputs.
+    """
+    if isinstance(batch, dict):
+        labels = batch["labels"]
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"})
+    else:
+        inputs, labels = batch
+        logits = model(inputs)
+    loss = cross_entropy_sum(logits, labels)
+    correct = (logits.detach().argmax(dim=-1) == labels).sum()
+    return LossOutput(loss, labels.numel(), {"accuracy": correct})

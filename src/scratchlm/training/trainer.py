@@ -3,7 +3,7 @@
 Pretraining is one caller (``scratchlm.cli.pretrain``); finetuning (classification, instruction
 tuning, LoRA, DPO) is another dataset, loss, parameter set and evaluator over this same loop:
 
-* AdamW with weight decay on matrices only (embeddings and linear weights; biases and norm
+* AdamW (or plain SGD) with weight decay on matrices only (embeddings and linear weights; biases and norm
   scales are not decayed), or on the parameter groups the caller gives;
 * linear warmup, then cosine decay to ``min_lr`` over the budget (``schedule.py``);
 * gradient clipping and gradient accumulation, exact: a loss returns sums (``LossOutput``), which
@@ -135,8 +135,12 @@ class Trainer:
             self.precision = self._probe_precision()
         # fused: one kernel updates every parameter (CPU and CUDA), instead of a loop of small ops.
         fused = self.device.type in ("cpu", "cuda") and all(p.dtype.is_floating_point for p in self.params)
-        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2),
-                                           eps=config.eps, fused=fused or None)
+        self.optimizer: torch.optim.Optimizer
+        if config.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(groups, lr=config.lr, fused=fused or None)
+        else:
+            self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2),
+                                               eps=config.eps, fused=fused or None)
         self.budget, self.schedule = config.budget(), config.schedule()
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.model_config = model_config if model_config is not None else getattr(model, "config", None)
