@@ -82,6 +82,39 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def choose_precision(model: torch.nn.Module, loss: Callable[[torch.nn.Module], torch.Tensor],
+                     device: torch.device, agree: Callable[[bool], bool] = bool) -> tuple[str, str]:
+    """``(precision, note)`` for ``"auto"`` on a CPU with bf16 matmuls: fp32 or bf16, timed on the model.
+
+    Which precision wins depends on the model (small products gain little, autocast adds
+    casts), so this times ``loss(model).backward()`` both ways on a copy of the model, with the
+    random state restored, and keeps bf16 only when it is clearly (10 %) faster and ``agree``
+    says so (data-parallel ranks vote there).  Models under ``PROBE_MIN_PARAMETERS`` get fp32
+    without a probe.
+    """
+    import copy
+    import time
+
+    n_params = sum(p.numel() for p in model.parameters())
+    if n_params < PROBE_MIN_PARAMETERS:
+        return "fp32", (f"precision auto: fp32 ({n_params / 1e6:.2f}M parameters: too small to gain "
+                        "from bf16 matmuls, not probed)")
+    probe = copy.deepcopy(model).train()
+
+    def step(bf16: bool) -> float:
+        t0 = time.perf_counter()
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss(probe).backward()
+        probe.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0
+
+    with torch.random.fork_rng(devices=[]):
+        fp32, bf16 = probe_bf16(step)
+    choice = "bf16" if agree(bf16 < 0.9 * fp32) else "fp32"
+    return choice, (f"precision auto: {choice} (forward+backward {fp32 * 1e3:.0f} ms fp32, "
+                    f"{bf16 * 1e3:.0f} ms bf16)")
+
+
 def probe_bf16(step: Callable[[bool], float], rounds: int = 3) -> tuple[float, float]:
     """Best seconds of ``step(bf16)`` for fp32 and bf16, after one warm-up of each.
 

@@ -10,8 +10,9 @@ from scratchlm.training.config import TrainConfig, TrainResult
 from scratchlm.training.evaluators import LanguageModelEvaluator, LossEvaluator, Totals
 from scratchlm.training.logprobs import IGNORE_INDEX, SequenceLogProbs, sequence_logprobs, token_logprobs
 from scratchlm.training.losses import LossOutput, next_token_loss
+from scratchlm.training.optim import param_groups
 from scratchlm.training.schedule import Budget, WarmupCosine
-from scratchlm.training.trainer import Trainer, param_groups
+from scratchlm.training.trainer import Trainer
 
 __all__ = [
     "Trainer", "TrainConfig", "TrainResult", "Budget", "WarmupCosine", "LossOutput", "next_token_loss",

@@ -14,7 +14,7 @@ and may add something to look at after each evaluation (a text sample for langua
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from scratchlm.training.logging import SAMPLES_FILE, append_sample
+from scratchlm.training.losses import LossOutput
 
 if TYPE_CHECKING:
     from scratchlm.models.protocols import CausalLM
@@ -46,6 +47,26 @@ class Totals:
         """Each metric per item (the metrics are sums over the same items as the loss)."""
         count = self.count if self.count > 0 else math.nan
         return {name: value / count for name, value in self.metrics.items()}
+
+
+def sum_outputs(outputs: Sequence[LossOutput], device: torch.device,
+                all_reduce: Callable[[torch.Tensor], torch.Tensor],
+                extra: Sequence[float] = ()) -> tuple[Totals, list[float]]:
+    """Sum loss outputs (loss, count, every metric) in float64 and reduce them across processes in one
+    ``all_reduce``; ``extra``: further per-process numbers summed in the same call (stop flags, clocks).
+    """
+    names = sorted({name for out in outputs for name in out.metrics})
+    sums = torch.zeros(2 + len(names) + len(extra), dtype=torch.float64, device=device)
+    for out in outputs:
+        sums[0] += out.loss_sum.detach().double()
+        sums[1] += out.count.double() if isinstance(out.count, torch.Tensor) else float(out.count)
+        for i, name in enumerate(names):
+            value = out.metrics.get(name, 0.0)
+            sums[2 + i] += value.detach().double() if isinstance(value, torch.Tensor) else float(value)
+    sums[2 + len(names):] = torch.tensor(list(extra), dtype=torch.float64)
+    values = all_reduce(sums).tolist()
+    return Totals(values[0], values[1], dict(zip(names, values[2:2 + len(names)], strict=True))), \
+        values[2 + len(names):]
 
 
 class Evaluator(Protocol):

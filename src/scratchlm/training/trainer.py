@@ -3,8 +3,7 @@
 Pretraining is one caller (``scratchlm.cli.pretrain``); finetuning (classification, instruction
 tuning, LoRA, DPO) is another dataset, loss, parameter set and evaluator over this same loop:
 
-* AdamW (or plain SGD) with weight decay on matrices only (embeddings and linear weights; biases and norm
-  scales are not decayed), or on the parameter groups the caller gives;
+* AdamW (or plain SGD) with weight decay on matrices only, or on the caller's groups (``optim.py``);
 * linear warmup, then cosine decay to ``min_lr`` over the budget (``schedule.py``);
 * gradient clipping and gradient accumulation, exact: a loss returns sums (``LossOutput``), which
   the loop adds over micro-batches and processes and divides once per step by the global count;
@@ -23,7 +22,6 @@ checkpoint only records the epoch and how far into it the run is.
 from __future__ import annotations
 
 import contextlib
-import copy
 import random
 import signal
 import sys
@@ -43,7 +41,7 @@ from scratchlm.models.config import ModelConfig
 from scratchlm.tokenizers import Tokenizer
 from scratchlm.training import distributed, resume
 from scratchlm.training.config import TrainConfig, TrainResult
-from scratchlm.training.evaluators import Evaluator, LossEvaluator, Totals, eval_record
+from scratchlm.training.evaluators import Evaluator, LossEvaluator, Totals, eval_record, sum_outputs
 from scratchlm.training.logging import (
     METRICS_FILE,
     PLOT_FILE,
@@ -55,28 +53,7 @@ from scratchlm.training.logging import (
     read_metrics,
 )
 from scratchlm.training.losses import LossFn, LossOutput, next_token_loss
-
-# A trainable set: parameters (AdamW groups by shape, ``param_groups``) or explicit groups.
-ParamGroup = dict[str, Any]
-
-
-def param_groups(parameters: Iterable[torch.nn.Parameter], weight_decay: float) -> list[ParamGroup]:
-    """AdamW groups: matrices (≥ 2 dims: embeddings, linear weights) decay; vectors do not."""
-    params = [p for p in parameters if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _groups(parameters: Iterable[torch.nn.Parameter] | Sequence[ParamGroup],
-            weight_decay: float) -> list[ParamGroup]:
-    """The optimizer's groups: explicit groups as given (trainable parameters only, the config's
-    weight decay where a group names none), or ``param_groups`` of a flat parameter list."""
-    items = list(parameters)
-    if items and isinstance(items[0], dict):
-        groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in items]
-        return [{"weight_decay": weight_decay, **g} for g in groups if g["params"]]
-    return param_groups(items, weight_decay)
+from scratchlm.training.optim import ParamGroup, build_optimizer, optimizer_groups
 
 
 class Trainer:
@@ -124,7 +101,7 @@ class Trainer:
                             f"{self.global_batch}", "lower the batch size (or grad_accum), or use more data")
         if self.device.type == "cpu":
             runtime.keep_freed_memory()
-        groups = _groups(parameters if parameters is not None else self.module.parameters(),
+        groups = optimizer_groups(parameters if parameters is not None else self.module.parameters(),
                          config.weight_decay)
         self.params = [p for g in groups for p in g["params"]]
         if not self.params:
@@ -133,14 +110,7 @@ class Trainer:
         self.precision = runtime.resolve_precision(config.precision, self.device)
         if config.precision == "auto" and self.precision == "bf16" and self.device.type == "cpu":
             self.precision = self._probe_precision()
-        # fused: one kernel updates every parameter (CPU and CUDA), instead of a loop of small ops.
-        fused = self.device.type in ("cpu", "cuda") and all(p.dtype.is_floating_point for p in self.params)
-        self.optimizer: torch.optim.Optimizer
-        if config.optimizer == "sgd":
-            self.optimizer = torch.optim.SGD(groups, lr=config.lr, fused=fused or None)
-        else:
-            self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2),
-                                               eps=config.eps, fused=fused or None)
+        self.optimizer = build_optimizer(groups, config, self.device)
         self.budget, self.schedule = config.budget(), config.schedule()
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.model_config = model_config if model_config is not None else getattr(model, "config", None)
@@ -166,35 +136,17 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir / METRICS_FILE) if self.run_dir and self.dist.is_main else None
 
     def _probe_precision(self) -> str:
-        """On a CPU with bf16 matmuls: time forward/backward passes of this model in fp32 and bf16.
-
-        Which precision wins depends on the model (small products gain little, autocast adds
-        casts), so this measures it on a copy of the model with the random state restored.
-        Data-parallel ranks vote; bf16 is used only if every rank found it faster.
-        """
-        n_params = sum(p.numel() for p in self.module.parameters())
-        if n_params < runtime.PROBE_MIN_PARAMETERS:
-            self._probe_note = (f"precision auto: fp32 ({n_params / 1e6:.2f}M parameters: too small to gain "
-                                "from bf16 matmuls, not probed)")
-            return "fp32"
+        """Time this model's forward/backward in fp32 and bf16 (``runtime.choose_precision``);
+        data-parallel ranks vote, and bf16 is used only if every rank found it faster."""
         batch = to_device(self.collate([self.train_data[i] for i in range(self.config.batch_size)]),
                           self.device)
-        probe = copy.deepcopy(self.module).train()
 
-        def step(bf16: bool) -> float:
-            t0 = time.perf_counter()
-            with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=bf16):
-                self.loss_fn(probe, batch).loss_sum.backward()
-            probe.zero_grad(set_to_none=True)
-            return time.perf_counter() - t0
+        def agree(bf16: bool) -> bool:
+            vote = torch.tensor([float(bf16)], device=self.device)
+            return int(distributed.all_reduce_sum(vote, self.dist).item()) == self.dist.world_size
 
-        with torch.random.fork_rng(devices=[]):
-            fp32, bf16 = runtime.probe_bf16(step)
-        vote = torch.tensor([1.0 if bf16 < 0.9 * fp32 else 0.0], device=self.device)
-        distributed.all_reduce_sum(vote, self.dist)
-        choice = "bf16" if int(vote.item()) == self.dist.world_size else "fp32"
-        self._probe_note = (f"precision auto: {choice} (forward+backward {fp32 * 1e3:.0f} ms fp32, "
-                            f"{bf16 * 1e3:.0f} ms bf16)")
+        choice, self._probe_note = runtime.choose_precision(
+            self.module, lambda model: self.loss_fn(model, batch).loss_sum, self.device, agree)
         return choice
 
     # --- state ------------------------------------------------------------------------------------
@@ -280,23 +232,8 @@ class Trainer:
             yield self.collate([self.train_data[i] for i in chunk[rank * b:(rank + 1) * b]])
 
     def _reduce(self, outputs: list[LossOutput], extra: Sequence[float] = ()) -> tuple[Totals, list[float]]:
-        """Sum loss outputs over micro-batches and processes (one all-reduce, float64).
-
-        ``extra``: further per-rank numbers summed in the same all-reduce (stop flags, clocks).
-        """
-        names = sorted({name for out in outputs for name in out.metrics})
-        sums = torch.zeros(2 + len(names) + len(extra), dtype=torch.float64, device=self.device)
-        for out in outputs:
-            sums[0] += out.loss_sum.detach().double()
-            sums[1] += float(out.count) if not isinstance(out.count, torch.Tensor) else out.count.double()
-            for i, name in enumerate(names):
-                value = out.metrics.get(name, 0.0)
-                sums[2 + i] += value.detach().double() if isinstance(value, torch.Tensor) else float(value)
-        sums[2 + len(names):] = torch.tensor(list(extra), dtype=torch.float64)
-        distributed.all_reduce_sum(sums, self.dist)
-        values = sums.tolist()
-        totals = Totals(values[0], values[1], dict(zip(names, values[2:2 + len(names)], strict=True)))
-        return totals, values[2 + len(names):]
+        """Sum over micro-batches (or batches) and processes: one all-reduce per step."""
+        return sum_outputs(outputs, self.device, lambda t: distributed.all_reduce_sum(t, self.dist), extra)
 
     # --- one step ---------------------------------------------------------------------------------
 
