@@ -66,21 +66,21 @@ class LM:
         """The continuation of ``prompt`` (text or token ids); sampling options as in ``SamplingParams``."""
         from scratchlm.generation import generate
 
-        return generate(self.model, self._tokenizer(), prompt, params, **sampling)
+        return generate(self._language_model(), self._tokenizer(), prompt, params, **sampling)
 
     def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None,
                **sampling: Any) -> TextStream:
         """The continuation as text pieces; ``.completion`` holds the finish reason and counts afterwards."""
         from scratchlm.generation import stream
 
-        return stream(self.model, self._tokenizer(), prompt, params, **sampling)
+        return stream(self._language_model(), self._tokenizer(), prompt, params, **sampling)
 
     def complete(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | None = None,
                  **sampling: Any) -> list[Completion]:
         """Complete several prompts in one batch: text, token ids, finish reason and token counts."""
         from scratchlm.generation import complete
 
-        return complete(self.model, self._tokenizer(), prompts, params, **sampling)
+        return complete(self._language_model(), self._tokenizer(), prompts, params, **sampling)
 
     def chat_prompt(self, messages: Sequence[Mapping[str, Any]] | str, *, add_generation_prompt: bool = True,
                     **template_vars: Any) -> str:
@@ -112,7 +112,7 @@ class LM:
 
         tokenizer = self._tokenizer()
         prompt = tokenizer.encode(self.chat_prompt(messages), allowed_special="all")
-        return stream(self.model, tokenizer, prompt, self.chat_params(params, sampling))
+        return stream(self._language_model(), tokenizer, prompt, self.chat_params(params, sampling))
 
     def chat_params(self, params: SamplingParams | None, sampling: dict[str, Any]) -> SamplingParams:
         """``params`` (or the options) plus the end-of-turn stops of this model's chat format.
@@ -152,6 +152,30 @@ class LM:
                             "load it again without dtype float16 to save it")
         save_run(run_dir, self.model, self.config, self.tokenizer)
         return Path(run_dir)
+
+    @property
+    def labels(self) -> list[str] | None:
+        """The class labels of a classifier (a run of 'finetune classify'); None for a language model."""
+        labels = getattr(self.model, "labels", None)
+        return list(labels) if labels is not None else None
+
+    def classify(self, texts: Sequence[str], batch_size: int = 16) -> list[tuple[str, float]]:
+        """``(label, probability)`` of each text, from a classifier's head."""
+        from scratchlm.finetune.classify import predict
+
+        if self.labels is None:
+            raise UserError("this model has no classification head",
+                            "train one with 'scratchlm finetune classify', then classify with its run dir")
+        if isinstance(texts, str):
+            texts = [texts]
+        return predict(self.model, self._tokenizer(), list(texts), batch_size)  # type: ignore[arg-type]
+
+    def _language_model(self) -> CausalLM:
+        if self.labels is not None:
+            raise UserError(f"this model is a classifier (labels: {', '.join(self.labels)}), "
+                            "not a text generator",
+                            "label texts with 'scratchlm classify' or lm.classify(texts)")
+        return self.model
 
     def _tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:

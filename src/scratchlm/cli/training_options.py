@@ -68,8 +68,10 @@ def add_training_options(parser: argparse.ArgumentParser, defaults: TrainConfig,
     opt(g, "--batch-size", f"{items} per step and process", type=int, metavar="N")
     opt(g, "--grad-accum", "micro-batches accumulated per step", type=int, metavar="N")
     opt(g, "--lr", "peak learning rate (AdamW)", type=float)
-    opt(g, "--min-lr", "final learning rate of the cosine decay (= --lr, with --warmup-steps 0: a "
-        "constant rate)", shown="lr/10" if defaults.min_lr is None else None, type=float)
+    opt(g, "--lr-schedule", "cosine: warmup, then decay to --min-lr over the budget; constant: --lr "
+        "after the warmup", choices=["cosine", "constant"])
+    opt(g, "--min-lr", "final learning rate of the cosine decay", shown="lr/10" if defaults.min_lr is None
+        else None, type=float)
     opt(g, "--warmup-steps", "linear warmup steps", type=int, metavar="N")
     opt(g, "--weight-decay", "AdamW weight decay on matrices", type=float)
     opt(g, "--beta2", "AdamW's second-moment decay (0.99 suits small models and batches)", type=float)

@@ -17,6 +17,7 @@ from scratchlm.runtime import PRECISIONS
 from scratchlm.training.schedule import Budget, WarmupCosine
 
 OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "constant")
 
 
 @dataclass
@@ -31,7 +32,8 @@ class TrainConfig:
     grad_accum: int = 1
     optimizer: str = "adamw"  # "adamw", or "sgd": plain SGD (Burkov's classifiers), decay as L2
     lr: float = 1e-3
-    min_lr: float | None = None  # None: lr / 10
+    lr_schedule: str = "cosine"  # "cosine": decay to min_lr over the budget; "constant": lr throughout
+    min_lr: float | None = None  # None: lr / 10 (cosine)
     warmup_steps: int = 100
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -55,8 +57,8 @@ class TrainConfig:
 
     # Fields that shape the trajectory: a resumed run must have the same values.  The budgets,
     # evaluation, saving and display settings may change (a longer budget extends a run).
-    TRAJECTORY = ("batch_size", "grad_accum", "optimizer", "lr", "min_lr", "warmup_steps", "weight_decay",
-                  "beta1", "beta2", "eps", "grad_clip", "seed", "precision")
+    TRAJECTORY = ("batch_size", "grad_accum", "optimizer", "lr", "lr_schedule", "min_lr", "warmup_steps",
+                  "weight_decay", "beta1", "beta2", "eps", "grad_clip", "seed", "precision")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -78,6 +80,9 @@ class TrainConfig:
                 what = " or 'epoch'" if key == "eval_every" else ""
                 raise ConfigError(f"{key} must be a non-negative integer{what}, got {value!r}",
                                   "pass 0 to turn it off")
+        if self.lr_schedule not in SCHEDULES:
+            raise ConfigError(f"unknown learning-rate schedule {self.lr_schedule!r}",
+                              f"use one of {', '.join(SCHEDULES)}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"unknown optimizer {self.optimizer!r}", f"use one of {', '.join(OPTIMIZERS)}")
         if self.precision not in PRECISIONS:
@@ -96,6 +101,8 @@ class TrainConfig:
         return Budget(self.max_steps, self.max_epochs, self.max_tokens, self.max_time)
 
     def schedule(self) -> WarmupCosine:
+        if self.lr_schedule == "constant":
+            return WarmupCosine(self.lr, self.lr, self.warmup_steps)
         min_lr = self.lr / 10 if self.min_lr is None else self.min_lr
         return WarmupCosine(self.lr, min_lr, self.warmup_steps)
 

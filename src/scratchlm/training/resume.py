@@ -73,7 +73,12 @@ def pack_state(optimizer: torch.optim.Optimizer, rng_states: list[torch.Tensor],
 
 def restore_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer, run_dir: Path,
                   state: ckpt.TrainState, rank: int) -> None:
-    """Load weights, optimizer and this rank's RNG streams from a checked run dir."""
-    ckpt.load_weights_into(module, run_dir / ckpt.WEIGHTS_FILE)
+    """Load weights, optimizer and this rank's RNG streams from a checked run dir.
+
+    A run over a named base model saved only what it trains; the rest is the base's, which the
+    caller loaded into ``module`` already.
+    """
+    manifest = ckpt.RunManifest.from_payload(ckpt.read_run_config(run_dir), str(run_dir))
+    ckpt.load_weights_into(module, run_dir / ckpt.WEIGHTS_FILE, partial=manifest.base_model is not None)
     ckpt.unpack_optimizer(optimizer, state.tensors)
     ckpt.unpack_rng(state.tensors, state.info["rng"], rank)

@@ -295,6 +295,15 @@ class Trainer:
                 outputs.append(self.loss_fn(self.module, batch))
         return self._reduce(outputs)[0]
 
+    def evaluate_split(self, dataset: Any) -> Totals:
+        """The loss and metric sums over every example of ``dataset`` (a test split, say)."""
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            return self._split_totals(dataset, everything=True)
+        finally:
+            self.module.train(was_training)
+
     def evaluate(self, final: bool = False) -> dict[str, Any]:
         """Evaluate on fixed examples of both splits; the evaluator names the figures.
 

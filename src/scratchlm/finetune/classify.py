@@ -1,0 +1,288 @@
+"""The classification recipe (Raschka ch. 6, appendix E): labelled texts + a head + the one loop.
+
+A recipe is a dataset, a loss, a trainable set and an evaluator over ``training.Trainer``:
+
+* **data**: each text tokenized and truncated from the left to the context (the end of a text is
+  what the last-token head reads), batched with right padding to the longest text of the batch;
+* **loss**: ``training.losses.classification_loss`` (cross-entropy sum, correct predictions as the
+  ``accuracy`` metric);
+* **trainable set** (``--train``): ``last-block`` (the book: the last transformer block, the final
+  norm and the head), ``head``, ``all``, or ``lora`` (adapters on every block plus the head);
+* **evaluator**: loss and accuracy on the training and validation splits every epoch.
+
+The frozen prefix is computed once.  With the first N blocks frozen (the book's recipe freezes
+29 of SmolLM2's 30), their output for a text never changes during training, so it is computed
+once per text (in batches sorted by length) and every step runs only the remaining blocks from
+it.  Frozen blocks run in evaluation mode (no dropout), which is also what makes the cached
+path exact: the test holds its loss and gradients equal to the plain path's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from scratchlm.errors import ConfigError
+from scratchlm.finetune.data import LabelledText
+from scratchlm.finetune.heads import SequenceClassifier
+from scratchlm.tokenizers import Tokenizer
+
+TRAIN_MODES = ("last-block", "head", "all", "lora")
+
+
+@dataclass
+class EncodedTexts:
+    """Token ids and label indices of one split, and how many texts were cut to fit the context."""
+
+    ids: list[list[int]]
+    labels: list[int]
+    truncated: int = 0
+    hidden: list[torch.Tensor] | None = None  # per text: the frozen prefix's output [T, D]
+    start_layer: int = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item: dict[str, Any] = {"input_ids": self.ids[i], "label": self.labels[i]}
+        if self.hidden is not None:
+            item["hidden"] = self.hidden[i]
+        return item
+
+
+def encode(examples: Sequence[LabelledText], tokenizer: Tokenizer, labels: Sequence[str],
+           max_length: int) -> EncodedTexts:
+    """Tokenize every text; one longer than ``max_length`` keeps its last ``max_length`` tokens."""
+    index = {label: i for i, label in enumerate(labels)}
+    ids, truncated = [], 0
+    for example in examples:
+        tokens = tokenizer.encode(example.text)
+        if len(tokens) > max_length:
+            tokens, truncated = tokens[-max_length:], truncated + 1
+        if not tokens:
+            tokens = [pad_id(tokenizer)]
+        ids.append(tokens)
+    return EncodedTexts(ids, [index[x.label] for x in examples], truncated)
+
+
+def pad_id(tokenizer: Tokenizer) -> int:
+    """The padding id: the tokenizer's pad token, else its end-of-text token (Raschka pads with
+    GPT-2's <|endoftext|>), else 0.  Padding is masked by position, so its value never matters."""
+    for name in ("pad_id", "eos_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return int(value)
+    return 0
+
+
+@dataclass
+class Collate:
+    """Right-pad a batch to its longest text: input_ids, attention_mask, labels (and prefix states)."""
+
+    pad: int
+    start_layer: int = 0
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        width = max(len(item["input_ids"]) for item in items)
+        ids = torch.full((len(items), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(items), width), dtype=torch.long)
+        for row, item in enumerate(items):
+            n = len(item["input_ids"])
+            ids[row, :n] = torch.as_tensor(item["input_ids"])
+            mask[row, :n] = 1
+        batch: dict[str, Any] = {"input_ids": ids, "attention_mask": mask,
+                                 "labels": torch.tensor([item["label"] for item in items])}
+        if self.start_layer:
+            first = items[0]["hidden"]
+            hidden = first.new_zeros(len(items), width, first.shape[-1])
+            for row, item in enumerate(items):
+                hidden[row, :len(item["input_ids"])] = item["hidden"]
+            batch["hidden"], batch["start_layer"] = hidden, self.start_layer
+        return batch
+
+
+@torch.no_grad()
+def cache_prefix(base: nn.Module, data: EncodedTexts, start_layer: int, pad: int,
+                 batch_size: int = 16) -> None:
+    """Run the frozen first ``start_layer`` blocks once per text and keep their output in ``data``.
+
+    Texts are batched in order of length, so padding is small; right padding never reaches a
+    real token (causal attention), so each text's states are those it would get alone.
+    """
+    was_training = base.training
+    base.eval()
+    hidden: list[torch.Tensor | None] = [None] * len(data)
+    order = sorted(range(len(data)), key=lambda i: len(data.ids[i]))
+    collate = Collate(pad)
+    device = next(base.parameters()).device
+    try:
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            batch = collate([{"input_ids": data.ids[i], "label": 0} for i in rows])
+            states = base.hidden_states(batch["input_ids"].to(device), stop_layer=start_layer)
+            for row, i in enumerate(rows):
+                hidden[i] = states[row, :len(data.ids[i])].clone()
+    finally:
+        base.train(was_training)
+    data.hidden = [h for h in hidden if h is not None]
+    data.start_layer = start_layer
+
+
+@dataclass
+class LoRAOptions:
+    rank: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ()  # empty: every linear module of every block
+
+
+@dataclass
+class TrainableSet:
+    """What trains: the optimizer's parameter groups, and how many leading blocks are frozen."""
+
+    groups: list[dict[str, Any]]
+    frozen_blocks: int
+    notes: list[str] = field(default_factory=list)
+
+
+def trainable_set(classifier: SequenceClassifier, mode: str, weight_decay: float,
+                  lora: LoRAOptions | None = None) -> TrainableSet:
+    """Freeze everything, then unfreeze what ``mode`` trains (see the module docstring)."""
+    from scratchlm.training.optim import param_groups
+
+    if mode not in TRAIN_MODES:
+        raise ConfigError(f"unknown --train {mode!r}", f"use one of {', '.join(TRAIN_MODES)}")
+    base = classifier.base
+    n_layer = len(base.layers)
+    classifier.requires_grad_(False)
+    classifier.score.requires_grad_(True)
+    if mode == "all":
+        classifier.requires_grad_(True)
+        return TrainableSet(param_groups(classifier.parameters(), weight_decay), 0)
+    if mode == "head":
+        return TrainableSet(param_groups(classifier.score.parameters(), weight_decay), n_layer)
+    if mode == "last-block":
+        base.layers[-1].requires_grad_(True)
+        base.norm.requires_grad_(True)
+        return TrainableSet(param_groups(classifier.parameters(), weight_decay), n_layer - 1)
+    from scratchlm.finetune.lora import LoRAConfig, apply_lora, lora_param_groups
+
+    options = lora or LoRAOptions()
+    config = LoRAConfig(rank=options.rank, alpha=options.alpha, dropout=options.dropout,
+                        targets=list(options.targets) or None)
+    apply_lora(base, config)
+    groups = [*lora_param_groups(base, weight_decay=0.0),
+              *param_groups(classifier.score.parameters(), weight_decay)]
+    return TrainableSet(groups, 0)
+
+
+@torch.no_grad()
+def predict(classifier: SequenceClassifier, tokenizer: Tokenizer, texts: Sequence[str],
+            batch_size: int = 16) -> list[tuple[str, float]]:
+    """``(label, probability)`` of each text: the most probable class and its softmax probability."""
+    max_length = classifier.config.context_length
+    data = encode([LabelledText(t, classifier.labels[0]) for t in texts], tokenizer, classifier.labels,
+                  max_length)
+    collate = Collate(pad_id(tokenizer))
+    device = next(classifier.parameters()).device
+    classifier.eval()
+    out: list[tuple[str, float]] = []
+    for start in range(0, len(data), batch_size):
+        batch = collate([data[i] for i in range(start, min(start + batch_size, len(data)))])
+        logits = classifier(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        probs = torch.softmax(logits.float(), dim=-1)
+        best = probs.argmax(dim=-1)
+        out += [(classifier.labels[int(i)], float(p[i])) for i, p in zip(best, probs, strict=True)]
+    return out
+
+
+def accuracy_figures(totals: Any) -> dict[str, float]:
+    """Loss and accuracy of a split's ``Totals`` (classification_loss's sums)."""
+    count = totals.count or math.nan
+    return {"loss": totals.loss_sum / count, "accuracy": totals.metrics.get("accuracy", 0.0) / count}
+
+
+@dataclass
+class ClassifyRecipe:
+    """Everything ``finetune_classifier`` needs besides the model and the training config."""
+
+    train: list[LabelledText]
+    val: list[LabelledText]
+    test: list[LabelledText]
+    labels: list[str]
+    mode: str = "last-block"
+    lora: LoRAOptions | None = None
+    max_length: int | None = None  # None: the model's context
+    base_model: str | None = None  # the reference the run names instead of copying the base weights
+    data_info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ClassifyResult:
+    figures: dict[str, Any]
+    classifier: SequenceClassifier
+    trainer: Any
+
+
+def finetune_classifier(base: nn.Module, tokenizer: Tokenizer, recipe: ClassifyRecipe, config: Any, *,
+                        run_dir: Any = None, resume: bool = False) -> ClassifyResult:
+    """Train a classifier on ``base`` with the one loop; evaluate it on all three splits.
+
+    Returns the figures of ``results.json``: loss and accuracy per split, the labels, the split
+    sizes, truncated texts and wall time.
+    """
+    import time
+
+    from scratchlm.checkpoint.io import RunManifest, write_json_atomic
+    from scratchlm.training import LossEvaluator, Trainer
+    from scratchlm.training.losses import classification_loss
+
+    started = time.perf_counter()
+    torch.manual_seed(config.seed)  # the head's initial weights (and LoRA's) follow the run's seed
+    classifier = SequenceClassifier(base, recipe.labels)
+    chosen = trainable_set(classifier, recipe.mode, config.weight_decay, recipe.lora)
+    max_length = min(recipe.max_length or base.config.context_length, base.config.context_length)
+    pad = pad_id(tokenizer)
+    splits = {name: encode(part, tokenizer, recipe.labels, max_length)
+              for name, part in (("train", recipe.train), ("val", recipe.val), ("test", recipe.test))}
+    truncated = sum(data.truncated for data in splits.values())
+    if truncated:
+        import sys
+
+        print(f"warning: {truncated} texts are longer than {max_length} tokens; each keeps its last "
+              f"{max_length} (counted in results.json)", file=sys.stderr)
+    if chosen.frozen_blocks:
+        for data in splits.values():
+            if len(data):
+                cache_prefix(base, data, chosen.frozen_blocks, pad)
+    evaluator = LossEvaluator(unit="examples", plot_metrics=("train_accuracy", "val_accuracy"),
+                              shown=("accuracy",))
+    manifest = RunManifest(base_model=recipe.base_model, head=classifier.spec(),
+                           adapter={"format": "peft", "path": "adapter"} if recipe.mode == "lora" else None)
+    val = splits["val"] if len(splits["val"]) else None
+    trainer = Trainer(classifier, config, splits["train"], val_data=val,
+                      loss_fn=classification_loss, collate=Collate(pad, chosen.frozen_blocks),
+                      parameters=chosen.groups, evaluator=evaluator, run_dir=run_dir,
+                      model_config=base.config, tokenizer=tokenizer,
+                      run_info={"manifest": manifest, "data": recipe.data_info})
+    trainer.fit(resume=resume)
+    figures: dict[str, Any] = {}
+    for name, data in splits.items():
+        if len(data):
+            for key, value in accuracy_figures(trainer.evaluate_split(data)).items():
+                figures[f"{name}_{key}"] = value
+    figures.update({"labels": recipe.labels, "train_mode": recipe.mode,
+                    "split_sizes": {name: len(data) for name, data in splits.items()},
+                    "truncated": {name: data.truncated for name, data in splits.items()},
+                    "max_length": max_length, "steps": trainer.step,
+                    "wall_time_s": round(time.perf_counter() - started, 2)})
+    if run_dir is not None and trainer.dist.is_main:
+        from pathlib import Path
+
+        write_json_atomic(Path(run_dir) / "results.json", figures)
+    return ClassifyResult(figures, classifier, trainer)
