@@ -139,8 +139,8 @@ def test_smollm2_gguf_answers_paris(smollm2_gguf):
 def test_chat_session_leaves_out_the_oldest_turns_once_the_context_is_full(lm):
     import io
 
+    from scratchlm.cli.chat import ChatSession
     from scratchlm.generation import SamplingParams
-    from scratchlm.serving.chat import ChatSession
 
     out = io.StringIO()
     session = ChatSession(lm, SamplingParams(temperature=0, max_new_tokens=8), system="Be brief.", out=out)

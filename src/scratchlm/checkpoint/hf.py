@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from scratchlm.checkpoint.atomic import atomic_path, write_json_atomic
 from scratchlm.errors import CheckpointError, ConfigError
 from scratchlm.models.config import ModelConfig
 from scratchlm.models.transformer import Transformer
@@ -643,18 +644,15 @@ def load_hf(ref: str | Path, device: str | torch.device = "cpu",
     return model.eval(), _load_tokenizer(directory), config
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_hf(model: Transformer, config: ModelConfig, out_dir: str | Path,
             tokenizer: Tokenizer | None = None) -> Path:
     """Write ``config.json``, ``model.safetensors``, ``generation_config.json`` (+ tokenizer files).
 
-    ``transformers``' ``from_pretrained`` loads the directory with the same logits.  The bos and eos
-    token ids the tokenizer knows go into both JSON files (``generate`` stops at that eos).
+    ``transformers``' ``from_pretrained`` loads the directory with the same logits.  bos and eos
+    have one rule, here: the ids the tokenizer knows, where they are inside the model's vocabulary,
+    else the family's own (GPT-2's 50256 for a GPT-2-sized vocabulary), go into both JSON files.
+    Without ``eos_token_id`` in ``generation_config.json``, transformers' ``generate`` never stops
+    at the end of a chat turn; with no tokenizer, no id is made up.
     """
     from safetensors.torch import save_file
 
@@ -668,12 +666,12 @@ def save_hf(model: Transformer, config: ModelConfig, out_dir: str | Path,
     tensors = {name: t.cpu() for name, t in export_weights(family, model).items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    with atomic_path(out / "model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     generation = {key: hf_config[key] for key in ("bos_token_id", "eos_token_id")
                   if hf_config.get(key) is not None}
-    for name, data in (("config.json", hf_config), ("generation_config.json", generation)):
-        text = json.dumps(data, indent=2) + "\n"
-        _atomic_write(out / name, lambda p, text=text: p.write_text(text, encoding="utf-8"))
+    write_json_atomic(out / "config.json", hf_config)
+    write_json_atomic(out / "generation_config.json", generation)
     if tokenizer is not None:
         tokenizer.save(out)
     return out

@@ -75,6 +75,7 @@ from pathlib import Path
 
 import numpy as np
 
+from scratchlm.checkpoint.atomic import atomic_path
 from scratchlm.errors import CheckpointError, ConfigError, DataError
 
 BOS = "<s>"
@@ -593,10 +594,8 @@ class NGramLM:
         tensors = self.tables()
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "config": json.dumps(self._config()),
                 "vocab": json.dumps(self.vocab, ensure_ascii=False)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
         return path
 
     @classmethod
@@ -702,8 +701,7 @@ class NGramLM:
 
         sizes = [V] + [len(self._keys[k]) for k in range(2, n + 1)]
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
+        with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
             f.write("\\data\\\n" + "".join(f"ngram {k}={sizes[k - 1]}\n" for k in range(1, n + 1)))
             for k in range(1, n + 1):
                 f.write(f"\n\\{k}-grams:\n")

@@ -26,8 +26,9 @@ from pathlib import Path
 
 import regex
 
+from scratchlm.checkpoint.atomic import write_json_atomic
 from scratchlm.errors import DataError, UserError
-from scratchlm.tokenizers.base import Tokenizer, read_json, write_json
+from scratchlm.tokenizers.base import Tokenizer, read_json
 
 # ----- split patterns: one place for every family's regex ---------------------------------------
 
@@ -367,12 +368,12 @@ class ByteLevelBPE(Tokenizer):
     def save(self, directory: str | Path) -> None:
         """Write ``tokenizer.json`` (and ``tokenizer_config.json`` for eos/bos/chat template)."""
         directory = Path(directory)
-        write_json(directory / "tokenizer.json", self.to_hf_json())
+        write_json_atomic(directory / "tokenizer.json", self.to_hf_json())
         if self.chat_template or self.eos_token or self.bos_token:
             config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": self.eos_token,
                       "bos_token": self.bos_token, "chat_template": self.chat_template}
             config = {k: v for k, v in config.items() if v is not None}
-            write_json(directory / "tokenizer_config.json", config)
+            write_json_atomic(directory / "tokenizer_config.json", config)
 
     # ----- loading ------------------------------------------------------------------------------
 
