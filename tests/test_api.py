@@ -125,7 +125,7 @@ FP16_LOGITS_ATOL = 0.02
 
 
 @pytest.mark.skipif(not fp16_packing_available(), reason="needs FBGEMM (x86 torch builds)")
-@pytest.mark.parametrize("overrides", [{}, {"qkv_bias": True}, {"qk_norm": True, "head_dim": 16}],
+@pytest.mark.parametrize("overrides", [{}, {"qkv_bias": True}, {"qk_norm": True, "head_dim_override": 16}],
                          ids=["llama", "qwen2-biases", "qwen3-qk-norm"])
 def test_fp16_mode_stacks_projections_and_stays_close_to_fp32(overrides):
     from scratchlm.generation.packed import PackedLinear

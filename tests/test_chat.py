@@ -32,9 +32,10 @@ def tiny_chat_lm(template: str | None = SMOLLM2) -> LM:
     """A Llama-shaped model whose greedy reply to any ChatML-ending prompt is "Hi!" + <|im_end|>."""
     tok = train_bpe(TEXT, 300, special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>"))
     tok.chat_template = template
-    config = ModelConfig(vocab_size=tok.vocab_size, context_length=128, n_layer=2, n_head=4, n_kv_head=2,
-                         n_embd=32, intermediate_size=64, norm="rmsnorm", norm_bias=False, mlp="swiglu",
-                         mlp_bias=False, positions="rope", qkv_bias=False, o_bias=False, tie_embeddings=False)
+    config = ModelConfig(vocab_size=tok.vocab_size, context_length=128, n_layer=2, n_head=4,
+                         n_kv_head_override=2, n_embd=32, intermediate_size_override=64, norm="rmsnorm",
+                         norm_bias=False, mlp="swiglu", mlp_bias=False, positions="rope", qkv_bias=False,
+                         o_bias=False, tie_embeddings=False)
     model = Transformer(config).eval()
     last = tok.encode("\n")[-1]  # every generation prompt here ends with "assistant\n"
     h, i, bang = (tok.encode(c)[0] for c in "Hi!")

@@ -129,7 +129,7 @@ def _gpt2_config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
     try:
         return ModelConfig(
             vocab_size=cfg["vocab_size"], context_length=positions, n_layer=cfg["n_layer"],
-            n_head=cfg["n_head"], n_embd=cfg["n_embd"], intermediate_size=cfg.get("n_inner"),
+            n_head=cfg["n_head"], n_embd=cfg["n_embd"], intermediate_size_override=cfg.get("n_inner"),
             norm="layernorm", norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)), norm_bias=True,
             mlp="gelu", mlp_bias=True, positions="learned", qkv_bias=True, o_bias=True,
             tie_embeddings=bool(cfg.get("tie_word_embeddings", True)),
@@ -151,8 +151,8 @@ def _gpt2_config_to_hf(config: ModelConfig) -> dict[str, Any]:
             (f"norm {config.norm!r}", config.norm != "layernorm"),
             (f"mlp {config.mlp!r}", config.mlp != "gelu"),
             (f"positions {config.positions!r}", config.positions != "learned"),
-            ("grouped-query attention", config.kv_heads != config.n_head),
-            ("head_dim other than n_embd / n_head", config.head_size * config.n_head != config.n_embd),
+            ("grouped-query attention", config.n_kv_head != config.n_head),
+            ("head_dim other than n_embd / n_head", config.head_dim * config.n_head != config.n_embd),
             ("q/k norm", config.qk_norm),
         ) if bad
     ]
@@ -165,7 +165,7 @@ def _gpt2_config_to_hf(config: ModelConfig) -> dict[str, Any]:
         "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
         "vocab_size": config.vocab_size, "n_positions": config.context_length, "n_ctx": config.context_length,
         "n_embd": config.n_embd, "n_layer": config.n_layer, "n_head": config.n_head,
-        "n_inner": config.intermediate_size, "activation_function": "gelu_new",
+        "n_inner": config.intermediate_size_override, "activation_function": "gelu_new",
         "layer_norm_epsilon": config.norm_eps, "tie_word_embeddings": config.tie_embeddings,
         "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout,
         "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "add_cross_attention": False,
@@ -241,8 +241,8 @@ def _llama_config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
         return ModelConfig(
             vocab_size=cfg["vocab_size"], context_length=cfg["max_position_embeddings"],
             n_layer=cfg["num_hidden_layers"], n_head=cfg["num_attention_heads"], n_embd=cfg["hidden_size"],
-            n_kv_head=cfg.get("num_key_value_heads"), head_dim=cfg.get("head_dim"),
-            intermediate_size=cfg["intermediate_size"], mlp="swiglu",
+            n_kv_head_override=cfg.get("num_key_value_heads"), head_dim_override=cfg.get("head_dim"),
+            intermediate_size_override=cfg["intermediate_size"], mlp="swiglu",
             mlp_bias=bool(cfg.get("mlp_bias", False)) and model_type == "llama",
             norm="rmsnorm", norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), norm_bias=False,
             positions="rope", rope_theta=theta, rope_scaling=scaling,
@@ -289,9 +289,9 @@ def _llama_config_to_hf(config: ModelConfig) -> dict[str, Any]:
     out: dict[str, Any] = {
         "model_type": model_type, "architectures": [_LLAMA_ARCHITECTURES[model_type]],
         "vocab_size": config.vocab_size, "max_position_embeddings": config.context_length,
-        "hidden_size": config.n_embd, "intermediate_size": config.ffn_size,
+        "hidden_size": config.n_embd, "intermediate_size": config.intermediate_size,
         "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head,
-        "num_key_value_heads": config.kv_heads, "head_dim": config.head_size, "hidden_act": "silu",
+        "num_key_value_heads": config.n_kv_head, "head_dim": config.head_dim, "hidden_act": "silu",
         "rms_norm_eps": config.norm_eps, "tie_word_embeddings": config.tie_embeddings,
         "attention_dropout": config.dropout, "initializer_range": 0.02, "use_cache": True,
         # both config forms: transformers v5 reads rope_parameters, v4 rope_theta + rope_scaling

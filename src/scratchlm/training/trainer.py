@@ -461,7 +461,7 @@ class Trainer:
         where = f"cannot resume {self.run_dir}"
         payload = ckpt.read_run_config(self.run_dir)
         if self.model_config is not None and hasattr(self.model_config, "to_dict"):
-            saved, current = dict(payload["model"]), self.model_config.to_dict()
+            saved, current = ckpt.run_model_config(payload).to_dict(), self.model_config.to_dict()
             saved.pop("name", None)
             current.pop("name", None)
             diff = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
