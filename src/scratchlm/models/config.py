@@ -23,7 +23,7 @@ RNN_BIASES = ("two", "one", "none")  # b_ih + b_hh as torch.nn.RNN/LSTM; one b p
 # Transformer initialisations: None or "gpt2" (N(0, 0.02), residual projections scaled down), or
 # "pytorch": every layer's own default, as Raschka's GPTModel leaves them (nn.Embedding N(0, 1)).
 INITS = (None, "gpt2", "pytorch")
-# The NGramLM smoothings that give a probability distribution after every context (what a language
+# The NGramCounts smoothings that give a probability distribution after every context (what a language
 # model behind the sampler and a loss in nats needs): not mle (zeros), backoff or stupid-backoff (scores).
 NGRAM_SMOOTHINGS = ("kneser-ney", "laplace", "add-k")
 NGRAM_FIELDS = ("ngram_order", "ngram_smoothing", "ngram_k", "ngram_discount")
@@ -79,7 +79,7 @@ class ModelConfig:
     rnn_bias: str = "two"  # see RNN_BIASES; "two" copies to and from torch.nn.RNN/LSTM unchanged
     # Count-based LMs (arch "ngram", models/ngram_module.py) use vocab_size and context_length (the
     # longest prompt + generation; the model itself reads only the last ngram_order - 1 tokens) plus
-    # these, passed to models.ngram.NGramLM.  None elsewhere.
+    # these, passed to models.ngram.NGramCounts.  None elsewhere.
     ngram_order: int | None = None  # N: each token is predicted from the N - 1 before it
     ngram_smoothing: str | None = None  # one of NGRAM_SMOOTHINGS
     ngram_k: float | None = None  # add-k's k (None: 1)
@@ -179,7 +179,7 @@ class ModelConfig:
         """Parameter count computed from the config alone (no torch); tied embeddings count once.
 
         An n-gram model has none to count here: its size is its number of distinct n-grams, which
-        the training text decides (``NGramModel.num_parameters()`` once fitted).
+        the training text decides (``NGramLM.num_parameters()`` once fitted).
         """
         if self.arch == "ngram":
             raise ConfigError("an n-gram model's size is the number of distinct n-grams in its training text",

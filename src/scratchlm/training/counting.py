@@ -39,17 +39,17 @@ def count_run(
     sample_tokens: int = 150,
     sample_temperature: float = 0.8,
 ) -> tuple[Any, TrainResult]:
-    """Fit ``NGramModel`` on ``train_ids``, score ``val_ids``, and (with ``run_dir``) write the run dir.
+    """Fit ``NGramLM`` on ``train_ids``, score ``val_ids``, and (with ``run_dir``) write the run dir.
 
     Returns the model and a ``TrainResult`` (step 1: the one counting pass) whose ``last_eval`` is
     the record written to ``metrics.jsonl``.
     """
     from scratchlm.checkpoint.io import save_run
-    from scratchlm.models.ngram_module import NGramModel
+    from scratchlm.models.ngram_module import NGramLM
     from scratchlm.training.logging import METRICS_FILE, SAMPLES_FILE, MetricsLog, append_sample
 
     start = time.perf_counter()
-    model = NGramModel.fit(config, train_ids)
+    model = NGramLM.fit(config, train_ids)
     fit_s = time.perf_counter() - start
     n_train = len(train_ids)
     train_loss = float(model.token_nats(train_ids).mean())
