@@ -1,6 +1,6 @@
 """Hugging Face checkpoints: import (a directory or a hub id) and export, from one weight table per family.
 
-Each family (GPT-2 today; Llama, Qwen2 and Qwen3 are more rows of the same kind) is *data*: a
+Each family (GPT-2, Llama (SmolLM2 is one), Qwen2, Qwen3: ``FAMILIES``) is *data*: a
 list of ``Row``s pairing a Hugging Face tensor name with our parameter name(s), plus the two
 config translations.  ``import_weights`` and ``export_weights`` are the only code that walks a
 table, so a family cannot import one way and export another.

@@ -28,7 +28,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     # Recurrent LMs (models/rnn.py): hidden size = embedding size, as Burkov's RNN.  The -small ones are
     # for the 5-minute char-level tinyshakespeare comparison with shakespeare-char: the same windows,
-    # about 0.6M parameters each, a training step 0.9x (Elman) and 1.3x (LSTM) the transformer's.
+    # about 0.6M parameters each (benchmarks/lm_comparison.py; figures in docs/benchmarks.md).
     "elman-small": dict(arch="elman", vocab_size=65, context_length=128, n_layer=2, n_embd=384),
     "lstm-small": dict(arch="lstm", vocab_size=65, context_length=128, n_layer=2, n_embd=192),
     "tiny-elman": dict(arch="elman", vocab_size=256, context_length=64, n_layer=2, n_embd=32),
