@@ -115,12 +115,12 @@ def test_run_dir_keeps_the_template_and_cli_chat(lm, tmp_path, run_cli):
     assert loaded.chat("Hello there", temperature=0, max_new_tokens=20) == "Hi!"
 
     code, out, err = run_cli("generate", "--model", run, "--chat", "Hello there", "--temperature", "0")
-    assert (code, out, err) == (0, "Hi!", "")
+    assert (code, out, err) == (0, "Hi!\n", "")  # the output ends its last line
     code, out, _ = run_cli("generate", "--model", run, "--chat", "Hello there", "--system", "Be nice.",
                            "--temperature", "0", "--echo")
     assert code == 0
     assert out == ("<|im_start|>system\nBe nice.<|im_end|>\n<|im_start|>user\nHello there<|im_end|>\n"
-                   "<|im_start|>assistant\nHi!")
+                   "<|im_start|>assistant\nHi!\n")
     code, _, err = run_cli("generate", "--model", run, "--chat", "a", "--prompt", "b")
     assert code == 2 and err.startswith("error: --prompt and --chat both given")
     code, _, err = run_cli("generate", "--model", run, "--prompt", "b", "--system", "s")
