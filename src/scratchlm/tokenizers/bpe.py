@@ -74,9 +74,10 @@ PATTERNS = {
     "llama3": LLAMA3_PATTERN, "qwen2": QWEN2_PATTERN, "smollm2": SMOLLM2_PATTERN,
 }
 
-# The same splits, alternatives reordered for speed (~20% faster findall): letters first, as most
-# positions start a word.  Safe because at any position at most one of the reordered alternatives
-# can match (a contraction needs "'", a word a letter or a space then a letter); tested equal.
+# The same splits, alternatives reordered for speed (docs/benchmarks.md, "Encode throughput"):
+# letters first, as most positions start a word, so findall tries fewer alternatives.  Safe
+# because at any position at most one of the reordered alternatives can match (a contraction
+# needs "'", a word a letter or a space then a letter); tested equal.
 _FAST_FORMS = {
     GPT2_PATTERN: r""" ?\p{L}+| ?\p{N}+|'s|'t|'re|'ve|'m|'ll|'d| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
     SMOLLM2_PATTERN: r""" ?\p{L}+|\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+""",
