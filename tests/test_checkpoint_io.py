@@ -187,6 +187,31 @@ def test_resume_with_another_config_changes_nothing(tmp_path, data):
     assert snapshot(run) == before
 
 
+def test_a_run_dir_with_the_older_config_keys_loads_and_resumes(tmp_path, data):
+    """Run dirs saved before ModelConfig named its overrides *_override hold the plain names."""
+    tok, train_set, val_set = data
+    run = tmp_path / "run"
+
+    def fit(resume, callbacks=()):
+        model = make_model(tok.vocab_size, intermediate_size_override=48, n_kv_head_override=2)
+        trainer = Trainer(model, config(), train_set, val_data=val_set, run_dir=run, tokenizer=tok,
+                          val_tokens_per_char=1.0, callbacks=callbacks)
+        try:
+            trainer.fit(resume=resume)
+        except KeyboardInterrupt:
+            pass
+        return trainer
+
+    fit(False, [stop_at(4)])
+    payload = json.loads((run / io.CONFIG_FILE).read_text())
+    for key in ("n_kv_head", "head_dim", "intermediate_size"):
+        payload["model"][key] = payload["model"].pop(key + "_override")
+    (run / io.CONFIG_FILE).write_text(json.dumps(payload))
+    loaded = io.load_run(run)[2]
+    assert (loaded.intermediate_size, loaded.n_kv_head) == (48, 2)
+    assert fit(True).step == 12
+
+
 def test_resume_from_a_corrupt_checkpoint_changes_nothing(tmp_path, data):
     run = tmp_path / "run"
     train(run, data, config(), callbacks=[stop_at(4)])

@@ -192,8 +192,8 @@ def load(ref: str | Path, device: str | torch.device | None = None,
     ``"bfloat16"``, ``"float16"`` or a torch dtype) None keeps float32.  On the CPU, float16 is the
     fast inference mode (``generation.packed``): weights in fp16, arithmetic in fp32, q/k/v and
     gate/up stacked into one matrix each — half the bytes and fewer calls per token, so decoding
-    is several times as fast (3.4x fp32 for SmolLM2-135M on 2 Zen 4 cores, docs/benchmarks.md),
-    and the model is then for inference only.
+    is several times as fast (docs/benchmarks.md, "Open weights"), and the model is then for
+    inference only.
     """
     import torch
 

@@ -111,9 +111,9 @@ def config_from_gguf(file: GGUFFile) -> ModelConfig:
         n_layer=int(get("block_count")),
         n_head=n_head,
         n_embd=n_embd,
-        n_kv_head=int(get("attention.head_count_kv", n_head)),
-        head_dim=head_dim if head_dim != n_embd // n_head else None,
-        intermediate_size=int(get("feed_forward_length")),
+        n_kv_head_override=int(get("attention.head_count_kv", n_head)),
+        head_dim_override=head_dim if head_dim != n_embd // n_head else None,
+        intermediate_size_override=int(get("feed_forward_length")),
         norm="rmsnorm",
         norm_eps=_float32(get("attention.layer_norm_rms_epsilon")),
         norm_bias=False,
@@ -195,7 +195,7 @@ def _permuted_heads(file: GGUFFile, name: str, config: ModelConfig) -> int | Non
     if file.architecture != "llama" or not name.startswith("blk."):
         return None
     kind = name.split(".")[2]
-    return config.n_head if kind == "attn_q" else config.kv_heads if kind == "attn_k" else None
+    return config.n_head if kind == "attn_q" else config.n_kv_head if kind == "attn_k" else None
 
 
 def load_weights(model: Transformer, file: GGUFFile) -> None:

@@ -2,10 +2,11 @@
 
 The tokenizer reads its vocabulary from here (``tokenizers.bpe``) and the model loader its
 weights (``checkpoint.gguf``), so neither pays for the other's imports.  ``gguf.GGUFReader``
-reads the same header, but it builds one NumPy view per array element — about 14 s for
-SmolLM2's 49k-token vocabulary on a 2-core machine, against ~0.1 s here; the tests hold our
-reader equal to it.  We use only the ``gguf`` package's constants (value types, quantization
-types and their block sizes).
+reads the same header, but it builds one NumPy view per array element, which for a vocabulary of
+tens of thousands of strings takes seconds where one ``struct`` pass over the buffer takes a
+fraction of one (docs/benchmarks.md, "Open weights"); the tests hold our reader equal to it.
+We use only the ``gguf`` package's constants (value types, quantization types and their block
+sizes).
 
 GGUF lists a tensor's dims fastest-varying first (``ne``), the reverse of a torch shape: a
 ``[576, 1536]`` GGUF matrix is a ``[1536, 576]`` ``nn.Linear`` weight, and ``GGUFTensor.shape``
@@ -275,7 +276,8 @@ def dequantize(raw: np.ndarray, type_name: str, n_elements: int, name: str = "te
     A few whole-array NumPy ops per type, never a loop over blocks, in the order
     ``gguf.quants.dequantize`` computes (multiply, then add, each rounded to float32), so the
     results are identical.  NumPy rather than torch: its ops run on one thread, which keeps
-    loading fast when the cores are busy (torch's thread pool slows ~20x when oversubscribed).
+    loading fast when the cores are busy (torch's thread pool slows badly when oversubscribed;
+    docs/benchmarks.md, "Open weights").
     ``out`` (float32, contiguous) receives the values, e.g. a parameter's own memory.
     """
     if type_name not in _DEQUANTIZERS:

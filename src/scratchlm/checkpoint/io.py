@@ -14,30 +14,28 @@ A run dir holds::
 
 Only safetensors and JSON: nothing is pickled, so opening a run dir never runs code.
 
-Every file is written atomically: to a temporary file in the same directory, flushed with
-``fsync``, then ``os.replace``d over the old one, so a crash or Ctrl-C mid-save leaves either the
-old file or the new one, never half of one.  A save touches several files, so each of the three
-weight/state files carries the same random ``save_id``; a resume checks that they agree, which
-catches a crash *between* two renames (new weights beside an old optimizer state).
+Every file is written atomically (``checkpoint.atomic``, re-exported here): a crash or Ctrl-C
+mid-save leaves either the old file or the new one, never half of one.  A save touches several
+files, so each of the three weight/state files carries the same random ``save_id``; a resume
+checks that they agree, which catches a crash *between* two renames (new weights beside an old
+optimizer state).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import random
 import shutil
-import tempfile
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
+from scratchlm.checkpoint.atomic import TMP_PREFIX, atomic_dir, atomic_path, write_json_atomic
 from scratchlm.errors import CheckpointError, UserError
 from scratchlm.models.config import ModelConfig
 
@@ -49,53 +47,11 @@ TOKENIZER_DIR = "tokenizer"
 STATE_TENSORS_FILE = "train_state.safetensors"
 STATE_INFO_FILE = "train_state.json"
 ADAPTER_DIR = "adapter"
-_TMP_PREFIX = ".tmp-"
 
 
 # ---------------------------------------------------------------------------------------------
-# Atomic writes
+# Atomic writes (checkpoint/atomic.py; re-exported here, where the run dir is written)
 # ---------------------------------------------------------------------------------------------
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable: fsync the directory entry (a no-op where the OS does not allow it)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success fsync it and rename it over ``path``.
-
-    On an exception (including KeyboardInterrupt) the temporary file is removed and ``path`` is
-    left as it was.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=_TMP_PREFIX + path.name + ".", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: str | Path, payload: Any) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def save_tensors_atomic(path: str | Path, tensors: Mapping[str, torch.Tensor],
@@ -105,31 +61,6 @@ def save_tensors_atomic(path: str | Path, tensors: Mapping[str, torch.Tensor],
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=dict(metadata or {}))
-
-
-def _save_tokenizer_atomic(tokenizer: Any, target: Path) -> None:
-    """Write the tokenizer into a fresh temporary directory, then swap it in for ``target``.
-
-    A directory cannot be renamed over a non-empty one, so the old one is first moved aside; the
-    window in which ``tokenizer/`` is absent is two renames long, and the tokenizer of a run
-    never changes between the saves of that run.
-    """
-    tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX + target.name + ".", dir=target.parent))
-    old = None
-    try:
-        tokenizer.save(tmp)
-        if target.exists():
-            old = target.with_name(f"{_TMP_PREFIX}{target.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(target, old)
-        os.replace(tmp, target)
-        _fsync_dir(target.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not target.exists():
-            os.replace(old, target)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,7 +302,8 @@ def save_run(run_dir: str | Path, model: torch.nn.Module, config: ModelConfig, t
     model = getattr(model, "module", model)  # a DistributedDataParallel wrapper
     save_id = uuid.uuid4().hex
     if tokenizer is not None:
-        _save_tokenizer_atomic(tokenizer, run_dir / TOKENIZER_DIR)
+        with atomic_dir(run_dir / TOKENIZER_DIR) as tmp:  # the tokenizer of a run never changes between saves
+            tokenizer.save(tmp)
     manifest = manifest or RunManifest()
     state, _ = unique_state(model)
     if manifest.base_model is not None:  # only what the run trained; the rest is the base's
@@ -541,7 +473,7 @@ def load_train_state(run_dir: str | Path) -> TrainState:
 
 def clean_temporaries(run_dir: str | Path) -> None:
     """Remove temporary files an interrupted save left behind (they are never read)."""
-    for path in Path(run_dir).glob(_TMP_PREFIX + "*"):
+    for path in Path(run_dir).glob(TMP_PREFIX + "*"):
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         else:

@@ -13,13 +13,9 @@ conversion never leaves half a model; an OUT that is not empty is replaced only 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Any
 
+from scratchlm.checkpoint.atomic import atomic_dir
 from scratchlm.errors import UserError
 
 FORMATS = ("run", "hf")
@@ -64,20 +60,13 @@ def convert(src: str | Path, out: str | Path, to: str, dtype: str = "float32") -
     lm = load(src, device="cpu")  # float32: the exact values, cast once below if asked
     if dtype != "float32":
         lm.model.to(getattr(torch, dtype))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.convert-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         if to == "run":
             lm.save(tmp)
         else:
             from scratchlm.checkpoint.hf import save_hf
 
             save_hf(lm.model, lm.config, tmp, lm.tokenizer)
-            _add_token_ids(tmp, lm.tokenizer)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir())
 
 
@@ -91,36 +80,3 @@ def _check_out(src: Path, out: Path, force: bool) -> None:
         if src.exists() and (src.resolve() == out.resolve() or out.resolve() in src.resolve().parents):
             raise UserError(f"{out} holds the model being converted ({src})",
                             "write the conversion to another directory")
-
-
-def _replace_dir(new: Path, out: Path) -> None:
-    """Move ``new`` to ``out``; an existing ``out`` is moved aside first and deleted afterwards."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / out.name)
-    try:
-        os.replace(new, out)
-    except BaseException:
-        if old is not None:
-            os.replace(old / out.name, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _add_token_ids(directory: Path, tokenizer: Any) -> None:
-    """Fill in ``bos_token_id`` / ``eos_token_id`` from the tokenizer where the exported config lacks them.
-
-    Without ``eos_token_id`` in ``generation_config.json``, transformers' ``generate`` never stops
-    at the end of a chat turn; the tokenizer knows the id (``<|im_end|>`` for SmolLM2).
-    """
-    if tokenizer is None:
-        return
-    ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
-    for name in ("config.json", "generation_config.json"):
-        path = directory / name
-        data = json.loads(path.read_text(encoding="utf-8"))
-        missing = {k: v for k, v in ids.items() if v is not None and data.get(k) is None}
-        if missing:
-            path.write_text(json.dumps({**data, **missing}, indent=2) + "\n", encoding="utf-8")

@@ -90,7 +90,7 @@ class Transformer(nn.Module):
         device = self.embed_tokens.weight.device
         if self._rope_inv_freq is None or self._rope_inv_freq.device != device:
             c = self.config
-            self._rope_inv_freq = inverse_frequencies(c.head_size, c.rope_theta, c.rope_scaling).to(device)
+            self._rope_inv_freq = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling).to(device)
         return self._rope_inv_freq
 
     def reset_parameters(self) -> None:

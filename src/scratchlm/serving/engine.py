@@ -30,9 +30,9 @@ the columns no row uses cut off the left, so its width stays the longest row's l
 attention does not run over dead padding.  The room left for new tokens grows by doubling (at
 least ``_MIN_ROOM`` columns), not to every row's ``max_tokens`` at once, which for a request
 without one is the whole context window.  A rebuild copies the cache once, as ``KVCache.select``
-does when ``TokenGenerator`` drops a finished row.  Measured on SmolLM2-135M (one CPU thread, batch
-8), everything outside the model's forward pass — rebuilds, sampling, text, events — takes about
-1% of a decode step; matrix products take almost 80% of the forward pass.
+does when ``TokenGenerator`` drops a finished row.  All of this bookkeeping (rebuilds, sampling,
+text, events) is per row or per column, never per weight, so it stays small beside the forward
+pass it schedules (docs/benchmarks.md, "Serving", has the split of a decode step).
 
 Recurrent and n-gram models batch the same way, with no columns to align: their cache holds one
 fixed-size state per row (``RecurrentState``, ``NGramContext``), rows join by stacking states and

@@ -39,19 +39,19 @@ def count_run(
     sample_prompt: str = "\n",
     sample_tokens: int = 150,
 ) -> tuple[Any, TrainResult]:
-    """Fit ``NGramModel`` on the training ids, score the validation ids, and (with ``run_dir``) write
+    """Fit ``NGramLM`` on the training ids, score the validation ids, and (with ``run_dir``) write
     the run dir.
 
     Returns the model and a ``TrainResult`` (step 1: the one counting pass) whose ``last_eval`` is
     the record written to ``metrics.jsonl``.
     """
     from scratchlm.checkpoint.io import save_run
-    from scratchlm.models.ngram_module import NGramModel
+    from scratchlm.models.ngram_module import NGramLM
     from scratchlm.training.logging import METRICS_FILE, MetricsLog
 
     start = time.perf_counter()
     train_ids, val_ids = splits.train_ids, splits.val_ids
-    model = NGramModel.fit(config, train_ids)
+    model = NGramLM.fit(config, train_ids)
     fit_s = time.perf_counter() - start
     n_train = len(train_ids)
     train = Totals(float(model.token_nats(train_ids).sum()), n_train)

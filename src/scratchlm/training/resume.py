@@ -32,7 +32,8 @@ def check_resumable(run_dir: Path, *, model_config: ModelConfig | None, training
     where = f"cannot resume {run_dir}"
     payload = ckpt.read_run_config(run_dir)
     if model_config is not None:
-        saved, current = dict(payload["model"]), model_config.to_dict()
+        # Through run_model_config: a config.json of an older version (other key names) compares equal.
+        saved, current = ckpt.run_model_config(payload).to_dict(), model_config.to_dict()
         saved.pop("name", None)
         current.pop("name", None)
         diff = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
