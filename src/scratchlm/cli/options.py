@@ -29,14 +29,17 @@ def load_model(args: argparse.Namespace) -> LM:
     from scratchlm.api import load
 
     set_threads(args.threads)
-    return load(args.model, device=args.device, dtype=args.dtype)
+    return load(args.model, device=args.device, dtype=args.dtype, adapter=args.adapter)
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """--model, --device, --dtype: what ``scratchlm.load`` takes; and --threads (``load_model``)."""
+    """--model, --adapter, --device, --dtype: what ``scratchlm.load`` takes; --threads (``load_model``)."""
     # (SUPPRESS: a required option has no default worth printing.)
     parser.add_argument("--model", required=True, default=argparse.SUPPRESS,
                         help="run dir, Hugging Face model directory or hub id, or a .gguf file")
+    parser.add_argument("--adapter", default=None, metavar="DIR",
+                        help="a PEFT LoRA adapter directory (adapter_config.json + "
+                        "adapter_model.safetensors) to apply to --model; None = the model as it is")
     parser.add_argument("--device", default=None,
                         help="cpu, cuda, cuda:1, ...; None = cuda if available, else cpu")
     parser.add_argument("--dtype", default=None, metavar="{" + ",".join(DTYPES) + "}",
