@@ -171,7 +171,12 @@ def test_peft_adapter_loads_into_ours_and_round_trips(kind, dirs, tmp_path):
     else:  # c_attn: one A shared by q, k and v
         attn = lm.model.layers[1].self_attn
         assert attn.q_proj.lora_A is attn.k_proj.lora_A is attn.v_proj.lora_A
-        assert not isinstance(attn.o_proj, LoRALinear) and isinstance(lm.model.layers[1].mlp.down_proj, LoRALinear)
+        assert not isinstance(attn.o_proj, LoRALinear)
+        assert isinstance(lm.model.layers[1].mlp.down_proj, LoRALinear)
+    config = load_adapter(scratchlm.load(dirs[kind], device="cpu").model, adapter)
+    assert (config.rank, config.alpha, config.dropout, config.rslora) == (4, 16.0, 0.0, False)
+    targets = ("q_proj", "v_proj", "down_proj") if kind == "llama" else ("c_attn", "mlp.c_proj")
+    assert config.targets == targets
     # and back: what we save from it is the same file, which peft opens with the same logits
     save_adapter(lm.model, tmp_path / "ours", dirs[kind])
     theirs, ours = (load_file(tmp_path / d / "adapter_model.safetensors") for d in ("peft", "ours"))
@@ -310,7 +315,8 @@ def test_adapter_for_another_shape_names_the_tensor(dirs, tmp_path):
     message = str(info.value)
     assert "\n" not in message
     assert re.search(r"tensor base_model\.model\.model\.layers\.0\.mlp\.\w+_proj\.lora_[AB]\.weight in .* "
-                     r"has shape \[.*48.*\], but model\.layers\.0\.mlp\.\w+ of this model needs \[.*40.*\]", message)
+                     r"has shape \[.*48.*\], but model\.layers\.0\.mlp\.\w+ of this model needs \[.*40.*\]",
+                     message)
     # an adapter for a module the model does not have (GPT-2's adapter on Llama)
     _, gpt2_adapter = _our_adapter("gpt2", dirs["gpt2"], tmp_path / "g")
     with pytest.raises(CheckpointError, match="transformer.h.0.attn.c_attn, which this model does not have"):
