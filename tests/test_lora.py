@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
@@ -222,6 +224,39 @@ def test_only_adapters_get_gradients(kind, dirs):
     assert lora_param_groups(model, 0.1, adapter_weight_decay=0.01)[0]["weight_decay"] == 0.01
 
 
+def test_book_counting_oracle():
+    """Burkov §5.5.1 (O58): 1024×1024 W, r 8: A and B add 16,384 parameters; α 16 gives a scale of 2."""
+    layer = LoRALinear(torch.nn.Linear(1024, 1024, bias=False), rank=8, alpha=16)
+    trainable = [p for p in layer.parameters() if p.requires_grad]
+    assert sum(p.numel() for p in trainable) == 16_384 and layer.scale == 2.0
+    assert layer.base.weight.numel() == 1_048_576 and not layer.base.weight.requires_grad
+
+
+@settings(max_examples=25, deadline=None)
+@given(d_in=st.integers(1, 12), d_out=st.integers(1, 12), rank=st.integers(1, 6),
+       alpha=st.floats(0.5, 64), rslora=st.booleans(), bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_lora_linear_is_the_formula(d_in, d_out, rank, alpha, rslora, bias, seed):
+    """y = W x + b + s·B A x (float64 reference); merging gives the same y; unmerging restores W."""
+    torch.manual_seed(seed)
+    base = torch.nn.Linear(d_in, d_out, bias=bias)
+    layer = LoRALinear(base, rank, alpha, dropout=0.5, rslora=rslora).eval()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, d_in)
+    w, a, b = (t.detach().double() for t in (layer.base.weight, layer.lora_A, layer.lora_B))
+    scale = alpha / (math.sqrt(rank) if rslora else rank)
+    expected = x.double() @ (w + scale * b @ a).T
+    if bias:
+        expected += layer.base.bias.detach().double()
+    with torch.no_grad():
+        assert _max_diff(layer(x).double(), expected) <= 1e-5
+        before = layer.base.weight.clone()
+        layer.merge()
+        assert _max_diff(layer(x).double(), expected) <= 1e-5
+        layer.unmerge()
+        assert _max_diff(layer.base.weight, before) <= 1e-6
+
+
 def test_initialisation_is_peft_s(dirs):
     """A Kaiming-uniform with a = √5 (bound 1/√in), B zero: the adapted model starts as the base."""
     lm = scratchlm.load(dirs["llama"], device="cpu")
@@ -304,6 +339,21 @@ def test_unknown_target_lists_the_linear_modules(kind, target, names, dirs):
     assert not has_lora(lm.model)
     # the tied GPT-2 head is not a target (its weight is the embedding)
     assert [t.short for t in linear_targets(lm.model)].count("lm_head") == (kind == "llama")
+
+
+def test_lora_cli_options():
+    import argparse
+
+    from scratchlm.cli.options import add_lora_options, lora_config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_lora_options(parser, rank=16, alpha=16)
+    args = parser.parse_args(["--lora-targets", "q_proj, v_proj", "--lora-dropout", "0.05"])
+    config = lora_config_from_args(args)
+    assert config == LoRAConfig(rank=16, alpha=16, dropout=0.05, targets=("q_proj", "v_proj"))
+    assert lora_config_from_args(parser.parse_args([])).targets == ("all-linear",)
+    with pytest.raises(ConfigError, match="rank must be a positive integer"):
+        lora_config_from_args(parser.parse_args(["--lora-rank", "0"]))
 
 
 def test_adapter_for_another_shape_names_the_tensor(dirs, tmp_path):

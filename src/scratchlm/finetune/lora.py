@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from scratchlm.errors import CheckpointError, ConfigError
+from scratchlm.finetune.lora_config import ALL_LINEAR, LoRAConfig, lora_scale
 
 __all__ = [
     "ALL_LINEAR", "ADAPTER_CONFIG_FILE", "ADAPTER_WEIGHTS_FILE", "AdapterBaseWarning", "LoRAConfig",
@@ -53,7 +54,6 @@ __all__ = [
     "linear_targets", "load_adapter", "lora_param_groups", "merge_lora", "resolve_targets", "save_adapter",
 ]
 
-ALL_LINEAR = "all-linear"  # peft's name for every linear layer of the blocks (not the LM head)
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 _ADAPTER_PICKLE_FILE = "adapter_model.bin"  # older peft versions
@@ -66,53 +66,8 @@ class AdapterBaseWarning(UserWarning):
 
 
 # --------------------------------------------------------------------------------------------
-# Configuration and targets
+# Targets
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LoRAConfig:
-    """Which linear layers get adapters, and their rank, alpha and dropout.
-
-    Defaults are peft's ``LoraConfig`` (r 8, alpha 8, dropout 0), with every linear layer of
-    the blocks as targets (peft's ``all-linear``; Raschka's appendix E adapts every linear layer
-    too).  ``targets`` are Hugging Face module names matched as peft matches them: a module is
-    targeted when its full name equals a target or ends with ``"." + target``.  A string is
-    split at commas (the CLI's ``--lora-targets q_proj,v_proj``).
-    """
-
-    rank: int = 8
-    alpha: float = 8.0
-    dropout: float = 0.0
-    targets: tuple[str, ...] = (ALL_LINEAR,)
-    rslora: bool = False  # scale alpha/√r (Kalajdzievski, 2023) instead of alpha/r
-
-    def __post_init__(self) -> None:
-        targets = self.targets
-        if isinstance(targets, str):
-            targets = targets.split(",")
-        targets = tuple(dict.fromkeys(t.strip() for t in targets if t and t.strip()))
-        object.__setattr__(self, "targets", targets)
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
-            raise ConfigError(f"LoRA rank must be a positive integer, got {self.rank!r}",
-                              "pass --lora-rank 8 (or another rank of 1 or more)")
-        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
-            raise ConfigError(f"LoRA alpha must be a positive number, got {self.alpha!r}",
-                              "pass --lora-alpha 16 (the update is scaled by alpha / rank)")
-        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
-            raise ConfigError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}",
-                              "pass --lora-dropout 0.05 (or 0 for none)")
-        if not targets:
-            raise ConfigError("no LoRA targets given",
-                              f"pass --lora-targets with module names such as q_proj,v_proj, or {ALL_LINEAR}")
-
-    @property
-    def scale(self) -> float:
-        return _scale(self.alpha, self.rank, self.rslora)
-
-
-def _scale(alpha: float, rank: int, rslora: bool) -> float:
-    return alpha / (math.sqrt(rank) if rslora else rank)
 
 
 @dataclass(frozen=True)
@@ -230,7 +185,7 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base = base.requires_grad_(False)
         self.rank, self.alpha, self.rslora = rank, alpha, rslora
-        self.scale = _scale(alpha, rank, rslora)
+        self.scale = lora_scale(alpha, rank, rslora)
         like = {"device": base.weight.device, "dtype": base.weight.dtype}
         if lora_A is None:
             lora_A = nn.Parameter(torch.empty(rank, base.in_features, **like))
