@@ -14,6 +14,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
@@ -109,7 +110,7 @@ def _our_adapter(kind: str, path: Path, out: Path, rslora: bool = False) -> tupl
     # sized so that the adapter moves the logits by several times their base size
     _randomise_adapters(lm.model, 0.1 if kind == "llama" else 0.3)
     lm.model.eval()
-    save_adapter(lm.model, out, path)
+    save_adapter(lm.model, out, path, metadata={"scratchlm_save_id": "abc"})
     return lm, out
 
 
@@ -127,6 +128,8 @@ def test_our_adapter_loads_in_peft_with_our_logits(kind, dirs, tmp_path):
     assert config["fan_in_fan_out"] == (kind == "gpt2") and config["use_rslora"] == (kind == "llama")
     assert config["base_model_name_or_path"] == str(dirs[kind].resolve())
     tensors = load_file(adapter / "adapter_model.safetensors")
+    with safe_open(adapter / "adapter_model.safetensors", "pt") as f:
+        assert f.metadata() == {"format": "pt", "scratchlm_save_id": "abc"}
     if kind == "gpt2":
         assert config["target_modules"] == ["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"]
         assert tensors["base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"].shape == (4, 32)

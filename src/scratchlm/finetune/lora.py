@@ -425,15 +425,18 @@ def _base_name(ref: str | Path | None) -> str | None:
 
 
 def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_path: str | Path | None,
-                 *, task_type: str = "CAUSAL_LM") -> Path:
+                 *, task_type: str = "CAUSAL_LM", metadata: Mapping[str, str] | None = None) -> Path:
     """Write ``model``'s adapters as a PEFT adapter directory; returns it.
 
     ``adapter_model.safetensors`` holds ``base_model.model.<HF module>.lora_A.weight`` [r, in] and
     ``lora_B.weight`` [out, r] for each adapted module (GPT-2's q/k/v joined into ``c_attn``);
     ``adapter_config.json`` holds peft's keys.  ``base_model_name_or_path`` names the base (a local
-    path is stored absolute) rather than copying it.  Each file is written atomically, the
-    weights first: an interrupted save leaves the old adapter or the new one, and a new
-    ``adapter_config.json`` never sits beside old weights.
+    path is stored absolute) rather than copying it.  ``metadata`` goes into the safetensors
+    header beside ``format: pt`` (a run's save id, so a resume can check the files belong together).
+
+    Each file is written atomically, the weights first, so neither is ever half-written.  A crash
+    between the two renames leaves the new weights beside the previous config, which is the same
+    file for every save of one run (and a first save without its config is refused on load).
     """
     from scratchlm.checkpoint.io import save_tensors_atomic, write_json_atomic
 
@@ -475,7 +478,7 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_pat
         "revision": None,
     }
     directory = Path(directory)
-    save_tensors_atomic(directory / ADAPTER_WEIGHTS_FILE, tensors, {"format": "pt"})
+    save_tensors_atomic(directory / ADAPTER_WEIGHTS_FILE, tensors, {**(metadata or {}), "format": "pt"})
     write_json_atomic(directory / ADAPTER_CONFIG_FILE, config)
     return directory
 
