@@ -145,11 +145,15 @@ class LM:
     def save(self, run_dir: str | Path) -> Path:
         """Write a run dir (config, safetensors weights, tokenizer) that ``scratchlm.load`` opens again."""
         from scratchlm.checkpoint.io import save_run
+        from scratchlm.finetune.lora import has_lora
         from scratchlm.generation.packed import is_packed
 
         if is_packed(self.model):
             raise UserError("this model's weights are packed in fp16 for CPU inference and cannot be saved",
                             "load it again without dtype float16 to save it")
+        if has_lora(self.model):
+            raise UserError("this model carries a LoRA adapter, which a run dir's weights do not hold",
+                            "save the adapter (finetune.lora.save_adapter), or merge it first (merge_lora)")
         save_run(run_dir, self.model, self.config, self.tokenizer)
         return Path(run_dir)
 
@@ -185,7 +189,7 @@ class LM:
 
 
 def load(ref: str | Path, device: str | torch.device | None = None,
-         dtype: str | torch.dtype | None = None) -> LM:
+         dtype: str | torch.dtype | None = None, adapter: str | Path | None = None) -> LM:
     """Open a model: a run dir, a Hugging Face directory or hub id, or a llama.cpp .gguf file.
 
     ``device`` None picks CUDA when available, else the CPU.  ``dtype`` (``"float32"``,
@@ -193,7 +197,8 @@ def load(ref: str | Path, device: str | torch.device | None = None,
     fast inference mode (``generation.packed``): weights in fp16, arithmetic in fp32, q/k/v and
     gate/up stacked into one matrix each — half the bytes and fewer calls per token, so decoding
     is several times as fast (docs/benchmarks.md, "Open weights"), and the model is then for
-    inference only.
+    inference only.  ``adapter``: a PEFT LoRA adapter directory applied on top
+    (``finetune.lora.load_adapter``); the fp16 mode merges it into the weights first.
     """
     import torch
 
@@ -204,8 +209,14 @@ def load(ref: str | Path, device: str | torch.device | None = None,
     if device.type == "cpu" and torch_dtype == torch.float16:
         from scratchlm.generation.packed import pack_fp16
 
-        lm = load(ref, device, torch.float32)
-        pack_fp16(lm.model)
+        lm = load(ref, device, torch.float32, adapter)
+        pack_fp16(lm.model)  # (merges the adapter first)
+        return lm
+    if adapter is not None:
+        from scratchlm.finetune.lora import load_adapter
+
+        lm = load(ref, device, torch_dtype)
+        load_adapter(lm.model, adapter, base=ref)
         return lm
     path = Path(ref).expanduser()
     if path.suffix == ".gguf":

@@ -293,7 +293,9 @@ def save_run(run_dir: str | Path, model: torch.nn.Module, config: ModelConfig, t
     which also removes any older training state so that it cannot be resumed out of step).
     ``training`` / ``data`` / ``evaluation``: the settings that produced the run, stored in
     ``config.json``.  ``manifest``: what sits on or beside the model (``RunManifest``); with a
-    ``base_model``, ``model.safetensors`` holds only the tensors the run trained.
+    ``base_model``, ``model.safetensors`` holds only the tensors the run trained.  A model with a
+    task head keeps its language model as ``model.base`` (``finetune.heads``); the adapters of a
+    manifest that lists them are also written as a PEFT directory.
     """
     from scratchlm import __version__
 
@@ -310,6 +312,11 @@ def save_run(run_dir: str | Path, model: torch.nn.Module, config: ModelConfig, t
         trained = {name for name, p in model.named_parameters() if p.requires_grad}
         state = {name: tensor for name, tensor in state.items() if name in trained}
     save_tensors_atomic(run_dir / WEIGHTS_FILE, state, {"format": "pt", "scratchlm_save_id": save_id})
+    if manifest.adapter is not None:  # the adapters also as a PEFT directory, for peft and other tools
+        from scratchlm.finetune.lora import save_adapter
+
+        save_adapter(getattr(model, "base", model), run_dir / manifest.adapter.get("path", ADAPTER_DIR),
+                     manifest.base_model, metadata={"scratchlm_save_id": save_id})
     if train_state is not None:
         save_tensors_atomic(run_dir / STATE_TENSORS_FILE, train_state.tensors, {"scratchlm_save_id": save_id})
         write_json_atomic(run_dir / STATE_INFO_FILE, {**train_state.info, "save_id": save_id})
@@ -412,14 +419,14 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu",
                                   "than the run was trained on", "restore the base model the run names")
     else:
         model = build_empty_model(config, device=device)
+    if manifest.adapter is not None:
+        from scratchlm.finetune.lora import load_adapter
+
+        load_adapter(model, run_dir / manifest.adapter.get("path", ADAPTER_DIR), base=manifest.base_model)
     if manifest.head is not None:
         from scratchlm.finetune.heads import attach_head
 
         model = attach_head(model, manifest.head)
-    if manifest.adapter is not None:
-        from scratchlm.finetune.lora import load_adapter
-
-        load_adapter(model, run_dir / manifest.adapter.get("path", ADAPTER_DIR))
     load_weights_into(model, run_dir / WEIGHTS_FILE, partial=manifest.base_model is not None)
     if dtype is not None:
         model = model.to(dtype)

@@ -8,6 +8,7 @@ dequantized on the way, so the output holds full-precision weights.
 
 OUT is written beside its final place and renamed into it at the end, so an interrupted
 conversion never leaves half a model; an OUT that is not empty is replaced only with --force.
+--adapter DIR --merge-adapter folds a PEFT LoRA adapter into the weights on the way.
 """
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "None = hf for a run dir, run for anything else")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="precision of the written weights")
+    parser.add_argument("--adapter", default=None, metavar="DIR",
+                        help="a PEFT LoRA adapter directory to apply to SRC (needs --merge-adapter)")
+    parser.add_argument("--merge-adapter", action="store_true",
+                        help="fold the LoRA adapter (from --adapter) into the weights, so OUT holds plain "
+                        "weights that need no adapter")
     parser.add_argument("--force", action="store_true", help="replace OUT even when it is not empty")
     parser.set_defaults(func=run)
 
@@ -40,24 +46,38 @@ def run(args: argparse.Namespace) -> int:
     src, out = args.src, Path(args.out).expanduser()
     _check_out(Path(src).expanduser(), out, args.force)
     target = args.to or ("hf" if is_run_dir(src) else "run")
-    written = convert(src, out, target, dtype=args.dtype)
+    written = convert(src, out, target, dtype=args.dtype, adapter=args.adapter,
+                      merge_adapter=args.merge_adapter)
     print(f"wrote {out} ({'Hugging Face' if target == 'hf' else 'run dir'}: {', '.join(written)})")
     return 0
 
 
-def convert(src: str | Path, out: str | Path, to: str, dtype: str = "float32") -> list[str]:
+def convert(src: str | Path, out: str | Path, to: str, dtype: str = "float32",
+            adapter: str | Path | None = None, merge_adapter: bool = False) -> list[str]:
     """Write the model at ``src`` to the directory ``out`` in format ``to`` (``run`` or ``hf``).
 
-    Replaces ``out`` if it exists (the CLI asks for --force first).  Returns the names written.
+    ``adapter``: a PEFT LoRA adapter directory applied to ``src``; both formats hold plain
+    weights, so a model with an adapter is written only with ``merge_adapter`` (folded in, in
+    float32, before any cast).  Replaces ``out`` if it exists (the CLI asks for --force first).
+    Returns the names written.
     """
     import torch
 
     from scratchlm.api import load
+    from scratchlm.finetune.lora import has_lora, merge_lora
 
     if to not in FORMATS:
         raise UserError(f"unknown output format {to!r}", f"use one of {', '.join(FORMATS)}")
     out = Path(out)
-    lm = load(src, device="cpu")  # float32: the exact values, cast once below if asked
+    lm = load(src, device="cpu", adapter=adapter)  # float32: the exact values, cast once below if asked
+    if has_lora(lm.model):
+        if not merge_adapter:
+            raise UserError(f"{src} carries a LoRA adapter, and the {to} format holds plain weights",
+                            "pass --merge-adapter to fold it into the weights")
+        merge_lora(lm.model)
+    elif merge_adapter:
+        raise UserError("--merge-adapter given, but the model has no adapter",
+                        "pass the adapter directory with --adapter DIR")
     if dtype != "float32":
         lm.model.to(getattr(torch, dtype))
     with atomic_dir(out) as tmp:

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from scratchlm.cli.options import add_lora_options, lora_config_from_args
 from scratchlm.cli.training_options import add_training_options, given_options, train_config
 from scratchlm.errors import ConfigError
 from scratchlm.training.config import TrainConfig
@@ -52,13 +53,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                    help="last-block: the last transformer block, the final norm and the head "
                         "(default; Raschka ch. 6); head: only the head; all: every weight; lora: LoRA "
                         "adapters on every block and the head (Raschka appendix E)")
-    g.add_argument("--lora-rank", type=int, default=s, metavar="R",
-                   help="LoRA rank (default: 16; appendix E)")
-    g.add_argument("--lora-alpha", type=float, default=s, help="LoRA alpha; scale = alpha/rank (default: 16)")
-    g.add_argument("--lora-dropout", type=float, default=s, metavar="P", help="LoRA dropout (default: 0)")
-    g.add_argument("--lora-targets", default=s, metavar="NAMES",
-                   help="comma-separated Hugging Face module names (q_proj,v_proj,...; GPT-2: c_attn,c_proj,"
-                        "c_fc) (default: every linear module of every block)")
+    add_lora_options(g, rank=16, alpha=16.0)
     add_training_options(p, CLASSIFY, items="examples", sources=SOURCES)
     g = p.add_argument_group("output")
     g.add_argument("--out", default=s, metavar="DIR",
@@ -89,8 +84,7 @@ def run_classify(args: argparse.Namespace) -> int:
         given = {**saved["cli"], **{k: v for k, v in given.items() if k != "resume"}}
     tc = train_config(given, CLASSIFY, saved=saved.get("training") if resume else None)
     seed = tc.seed
-    if given.get("lora_rank", 16) <= 0:
-        raise ConfigError(f"--lora-rank must be positive, got {given['lora_rank']}", "e.g. --lora-rank 16")
+    lora = lora_config_from_args(argparse.Namespace(**given))  # a bad rank or alpha fails before loading
     examples = read_labelled(given["data"])
     if "val_data" in given or "test_data" in given:
         train = balance(examples, seed) if given.get("balance", True) else examples
@@ -102,16 +96,13 @@ def run_classify(args: argparse.Namespace) -> int:
     labels = label_set(train, val, test)
 
     from scratchlm.api import load
-    from scratchlm.finetune.classify import ClassifyRecipe, LoRAOptions, finetune_classifier
+    from scratchlm.finetune.classify import ClassifyRecipe, finetune_classifier
     from scratchlm.runtime import set_threads
 
     set_threads(given.get("threads", 0))
     lm = load(given["model"], device=tc.device)
     if lm.tokenizer is None:
         raise ConfigError(f"{given['model']} has no tokenizer", "pass a model directory with tokenizer files")
-    lora = LoRAOptions(rank=given.get("lora_rank", 16), alpha=given.get("lora_alpha", 16.0),
-                       dropout=given.get("lora_dropout", 0.0),
-                       targets=tuple(t for t in given.get("lora_targets", "").split(",") if t))
     base_ref = str(Path(given["model"]).resolve()) if Path(given["model"]).exists() else given["model"]
     cli = {k: v for k, v in given.items() if k not in ("resume", "out", "overwrite", "threads", "func")}
     recipe = ClassifyRecipe(train, val, test, labels, mode=given.get("train", "last-block"), lora=lora,

@@ -30,6 +30,7 @@ from torch import nn
 from scratchlm.errors import ConfigError
 from scratchlm.finetune.data import LabelledText
 from scratchlm.finetune.heads import SequenceClassifier
+from scratchlm.finetune.lora_config import LoRAConfig
 from scratchlm.tokenizers import Tokenizer
 
 TRAIN_MODES = ("last-block", "head", "all", "lora")
@@ -134,14 +135,6 @@ def cache_prefix(base: nn.Module, data: EncodedTexts, start_layer: int, pad: int
 
 
 @dataclass
-class LoRAOptions:
-    rank: int = 16
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: tuple[str, ...] = ()  # empty: every linear module of every block
-
-
-@dataclass
 class TrainableSet:
     """What trains: the optimizer's parameter groups, and how many leading blocks are frozen."""
 
@@ -151,7 +144,7 @@ class TrainableSet:
 
 
 def trainable_set(classifier: SequenceClassifier, mode: str, weight_decay: float,
-                  lora: LoRAOptions | None = None) -> TrainableSet:
+                  lora: LoRAConfig | None = None) -> TrainableSet:
     """Freeze everything, then unfreeze what ``mode`` trains (see the module docstring)."""
     from scratchlm.training.optim import param_groups
 
@@ -170,12 +163,9 @@ def trainable_set(classifier: SequenceClassifier, mode: str, weight_decay: float
         base.layers[-1].requires_grad_(True)
         base.norm.requires_grad_(True)
         return TrainableSet(param_groups(classifier.parameters(), weight_decay), n_layer - 1)
-    from scratchlm.finetune.lora import LoRAConfig, apply_lora, lora_param_groups
+    from scratchlm.finetune.lora import apply_lora, lora_param_groups
 
-    options = lora or LoRAOptions()
-    config = LoRAConfig(rank=options.rank, alpha=options.alpha, dropout=options.dropout,
-                        targets=list(options.targets) or None)
-    apply_lora(base, config)
+    apply_lora(base, lora or LoRAConfig(rank=16, alpha=16.0))
     groups = [*lora_param_groups(base, weight_decay=0.0),
               *param_groups(classifier.score.parameters(), weight_decay)]
     return TrainableSet(groups, 0)
@@ -216,7 +206,7 @@ class ClassifyRecipe:
     test: list[LabelledText]
     labels: list[str]
     mode: str = "last-block"
-    lora: LoRAOptions | None = None
+    lora: LoRAConfig | None = None
     max_length: int | None = None  # None: the model's context
     base_model: str | None = None  # the reference the run names instead of copying the base weights
     data_info: dict[str, Any] = field(default_factory=dict)

@@ -78,7 +78,9 @@ def pack_fp16(model: nn.Module) -> nn.Module:
     """Replace every ``nn.Linear`` of a CPU model by a ``PackedLinear``, in place; returns the model.
 
     q/k/v and gate/up projections become one stacked ``PackedLinear`` each (see the module docstring).
+    LoRA adapters are merged into their weights first (``finetune.lora.merge_lora``).
     """
+    from scratchlm.finetune.lora import merge_lora
     from scratchlm.models.attention import Attention
     from scratchlm.models.layers import SwiGLUMLP
 
@@ -87,6 +89,7 @@ def pack_fp16(model: nn.Module) -> nn.Module:
                           "use float32 on this machine")
     if any(p.device.type != "cpu" for p in model.parameters()):
         raise ConfigError("fp16 packing is for CPU models", "on a GPU, use the model's .half() instead")
+    merge_lora(model)
     for module in list(model.modules()):
         if isinstance(module, Attention) and module.qkv_proj is None:
             module.qkv_proj = PackedLinear.stacked([module.q_proj, module.k_proj, module.v_proj])
