@@ -195,7 +195,7 @@ def test_a_run_dir_with_the_older_config_keys_loads_and_resumes(tmp_path, data):
     def fit(resume, callbacks=()):
         model = make_model(tok.vocab_size, intermediate_size_override=48, n_kv_head_override=2)
         trainer = Trainer(model, config(), train_set, val_data=val_set, run_dir=run, tokenizer=tok,
-                          val_tokens_per_char=1.0, callbacks=callbacks)
+                          callbacks=callbacks)
         try:
             trainer.fit(resume=resume)
         except KeyboardInterrupt:
@@ -207,7 +207,7 @@ def test_a_run_dir_with_the_older_config_keys_loads_and_resumes(tmp_path, data):
     for key in ("n_kv_head", "head_dim", "intermediate_size"):
         payload["model"][key] = payload["model"].pop(key + "_override")
     (run / io.CONFIG_FILE).write_text(json.dumps(payload))
-    loaded = io.load_run(run)[2]
+    loaded = io.load_run(run).config
     assert (loaded.intermediate_size, loaded.n_kv_head) == (48, 2)
     assert fit(True).step == 12
 

@@ -229,3 +229,28 @@ def test_interrupted_finetuning_resumes_exactly(run_cli, tmp_path, base_run, mon
     a, b = (json.loads((d / "results.json").read_text()) for d in (straight, interrupted))
     for key in ("train_loss", "val_loss", "test_loss", "test_accuracy"):
         assert a[key] == b[key], key
+
+
+def test_lora_classifier_saves_a_peft_adapter_and_loads_back(run_cli, tmp_path, base_run):
+    data = write_data(tmp_path / "sms.tsv")
+    run = tmp_path / "lora"
+    code, _, err = run_cli("finetune", "classify", "--model", base_run, "--data", data, "--out", run, *TRAIN,
+                           "--train", "lora", "--lora-rank", "4", "--lora-alpha", "8")
+    assert code == 0, err
+    config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8 and config["peft_type"] == "LORA"
+    from safetensors import safe_open
+
+    with safe_open(str(run / "model.safetensors"), "pt") as f:
+        names = set(f.keys())  # noqa: SIM118
+    assert "score.weight" in names and all("lora_" in n or n == "score.weight" for n in names)
+    import scratchlm
+
+    texts = ["WIN a FREE prize now", "see you at lunch"]
+    results = json.loads((run / "results.json").read_text())
+    lm = scratchlm.load(run)
+    again = scratchlm.load(run)
+    assert lm.classify(texts) == again.classify(texts) and results["train_mode"] == "lora"
+    code, _, err = run_cli("finetune", "classify", "--model", base_run, "--data", data, "--out", tmp_path / "x",
+                           *TRAIN, "--train", "lora", "--lora-targets", "qkv")
+    one_line(code, err, "q_proj")

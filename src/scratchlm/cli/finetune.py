@@ -108,6 +108,10 @@ def run_classify(args: argparse.Namespace) -> int:
     recipe = ClassifyRecipe(train, val, test, labels, mode=given.get("train", "last-block"), lora=lora,
                             max_length=given.get("max_length"), base_model=base_ref,
                             data_info={"cli": cli, "labels": labels})
+    if recipe.mode == "lora":
+        from scratchlm.finetune.lora import resolve_targets
+
+        resolve_targets(lm.model, lora)  # an unknown target is an error before anything runs
     print(f"finetuning {lm.config.name} as a {len(labels)}-class classifier ({', '.join(labels)}): "
           f"{len(train)} train / {len(val)} validation / {len(test)} test texts, --train {recipe.mode}, "
           f"run dir {run_dir}", file=sys.stderr)

@@ -306,7 +306,7 @@ def lora_param_groups(model: nn.Module, weight_decay: float = 0.0,
     trainable parameter (a head the caller unfroze) follows the training loop's rule with
     ``weight_decay`` (matrices decay, vectors do not).  Empty groups are left out.
     """
-    from scratchlm.training.trainer import param_groups
+    from scratchlm.training.optim import param_groups
 
     adapters = adapter_parameters(model)
     ids = {id(p) for p in adapters}
