@@ -251,6 +251,6 @@ def test_lora_classifier_saves_a_peft_adapter_and_loads_back(run_cli, tmp_path, 
     lm = scratchlm.load(run)
     again = scratchlm.load(run)
     assert lm.classify(texts) == again.classify(texts) and results["train_mode"] == "lora"
-    code, _, err = run_cli("finetune", "classify", "--model", base_run, "--data", data, "--out", tmp_path / "x",
-                           *TRAIN, "--train", "lora", "--lora-targets", "qkv")
+    code, _, err = run_cli("finetune", "classify", "--model", base_run, "--data", data,
+                           "--out", tmp_path / "x", *TRAIN, "--train", "lora", "--lora-targets", "qkv")
     one_line(code, err, "q_proj")

@@ -109,12 +109,15 @@ class Collate:
 
 @torch.no_grad()
 def cache_prefix(base: nn.Module, data: EncodedTexts, start_layer: int, pad: int,
-                 batch_size: int = 16) -> None:
+                 batch_size: int = 16, progress: str | None = None) -> None:
     """Run the frozen first ``start_layer`` blocks once per text and keep their output in ``data``.
 
     Texts are batched in order of length, so padding is small; right padding never reaches a
     real token (causal attention), so each text's states are those it would get alone.
+    ``progress``: a description for a progress bar on stderr (None: no bar).
     """
+    from tqdm.auto import tqdm
+
     was_training = base.training
     base.eval()
     hidden: list[torch.Tensor | None] = [None] * len(data)
@@ -122,7 +125,8 @@ def cache_prefix(base: nn.Module, data: EncodedTexts, start_layer: int, pad: int
     collate = Collate(pad)
     device = next(base.parameters()).device
     try:
-        for start in range(0, len(order), batch_size):
+        for start in tqdm(range(0, len(order), batch_size), desc=progress, disable=progress is None,
+                          unit="batch", leave=False):
             rows = order[start:start + batch_size]
             batch = collate([{"input_ids": data.ids[i], "label": 0} for i in rows])
             states = base.hidden_states(batch["input_ids"].to(device), stop_layer=start_layer)
@@ -247,9 +251,10 @@ def finetune_classifier(base: nn.Module, tokenizer: Tokenizer, recipe: ClassifyR
         print(f"warning: {truncated} texts are longer than {max_length} tokens; each keeps its last "
               f"{max_length} (counted in results.json)", file=sys.stderr)
     if chosen.frozen_blocks:
-        for data in splits.values():
+        for name, data in splits.items():
             if len(data):
-                cache_prefix(base, data, chosen.frozen_blocks, pad)
+                cache_prefix(base, data, chosen.frozen_blocks, pad, progress=(
+                    f"{name}: the {chosen.frozen_blocks} frozen blocks, once" if config.progress else None))
     evaluator = LossEvaluator(unit="examples", plot_metrics=("train_accuracy", "val_accuracy"),
                               shown=("accuracy",))
     manifest = RunManifest(base_model=recipe.base_model, head=classifier.spec(),
