@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 
+from conftest import ctrl_c_at
 from scratchlm.finetune.classify import Collate, cache_prefix, encode, trainable_set
 from scratchlm.finetune.data import LabelledText, balance, label_set, read_labelled, split
 from scratchlm.finetune.heads import SequenceClassifier, last_positions
@@ -201,26 +202,12 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(run_cli, tmp_path, bas
     assert (out / "keep.txt").read_text() == "mine"
 
 
-def test_interrupted_finetuning_resumes_exactly(run_cli, tmp_path, base_run, monkeypatch):
-    from scratchlm.training.trainer import Trainer
-
+def test_interrupted_finetuning_resumes_exactly(run_cli, tmp_path, base_run):
     data = write_data(tmp_path / "sms.tsv")
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     assert run_cli("finetune", "classify", "--model", base_run, "--data", data, "--out", straight,
                    *TRAIN)[0] == 0
-    original = Trainer.__init__
-
-    def with_interrupt(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-
-        def interrupt(trainer):
-            if trainer.step == 3:
-                raise KeyboardInterrupt
-
-        self.callbacks.append(interrupt)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(Trainer, "__init__", with_interrupt)
+    with ctrl_c_at(3):
         code, _, err = run_cli("finetune", "classify", "--model", base_run, "--data", data,
                                "--out", interrupted, *TRAIN)
     assert code == 130 and f"--resume {interrupted}" in err
