@@ -125,7 +125,7 @@ def base_run(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("classify")
     corpus = root / "corpus.txt"
-    corpus.write_text("\n".join(x.text for x in examples(400)) + "\n?")
+    corpus.write_text("\n".join(x.text for x in examples(400)) + "\n?Predict label: Label:")
     assert main(["pretrain", "--preset", "tiny-llama", "--data", str(corpus), "--context-length", "32",
                  "--batch-size", "8", "--max-steps", "4", "--eval-every", "0", "--eval-batches", "1",
                  "--sample-tokens", "0", "--out", str(root / "base")]) == 0
@@ -241,3 +241,56 @@ def test_lora_classifier_saves_a_peft_adapter_and_loads_back(run_cli, tmp_path, 
     code, _, err = run_cli("finetune", "classify", "--model", base_run, "--data", data,
                            "--out", tmp_path / "x", *TRAIN, "--train", "lora", "--lora-targets", "qkv")
     one_line(code, err, "q_proj")
+
+
+def test_classification_as_text_scores_are_the_answers_log_probabilities(tokenizer):
+    """LabelText's score of each label equals the summed log-probability of ' LABEL' + EOS after the
+    prompt, computed on the whole model's logits; the cached prefix changes nothing."""
+    from scratchlm.finetune.classify import encode_as_text
+    from scratchlm.finetune.heads import LabelText
+    from scratchlm.training.logprobs import sequence_logprobs
+    from scratchlm.training.losses import answer_loss
+
+    tok = CharTokenizer.from_text("".join(x.text for x in examples()) + "?:\nPredict label: Label:",
+                                  special_tokens=("<|endoftext|>",))
+    torch.manual_seed(0)
+    base = build_model(from_preset("tiny-llama", vocab_size=tok.vocab_size, context_length=64)).eval()
+    head = LabelText.build(base, ["ham", "spam"], "Predict label: {text}\nLabel:", tok)
+    assert head.answer_ids[0][-1] == tok.eos_id
+    data = encode_as_text(examples(4), tok, head, 64)
+    assert len(data) == 4 and len(data.rows) == 8
+    batch = Collate(0)([data[i] for i in range(4)])
+    scores = head(batch["input_ids"], targets=batch["targets"])
+    for i in range(4):
+        for c in range(2):
+            row = data.rows[2 * i + c]
+            ids = torch.tensor([row])
+            target = torch.tensor([data.targets[2 * i + c]])
+            direct = sequence_logprobs(base(ids), target)
+            assert direct.count.item() == len(head.answer_ids[c])
+            torch.testing.assert_close(scores[i, c], direct.sum[0], rtol=1e-5, atol=1e-5)
+    cached = encode_as_text(examples(4), tok, head, 64)
+    cache_prefix(base, cached, 1, pad=0)
+    out = answer_loss(head, {**Collate(0, 1)([cached[i] for i in range(4)])})
+    torch.testing.assert_close(out.loss_sum, -scores.gather(1, batch["labels"][:, None]).sum(), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_finetune_classify_as_text(run_cli, tmp_path, base_run):
+    data = write_data(tmp_path / "sms.tsv")
+    run = tmp_path / "text"
+    code, _, err = run_cli("finetune", "classify", "--model", base_run, "--data", data, "--out", run, *TRAIN,
+                           "--as-text", "--prompt-template", "Predict: {text}\\nLabel:")
+    assert code == 0, err
+    payload = json.loads((run / "config.json").read_text())
+    head = payload["head"]
+    assert head["type"] == "label_text" and head["template"] == "Predict: {text}\nLabel:"
+    results = json.loads((run / "results.json").read_text())
+    assert results["as_text"] and 0 <= results["test_accuracy"] <= 1
+    import scratchlm
+
+    (label, prob), = scratchlm.load(run).classify(["WIN a FREE prize now"])
+    assert label in ("ham", "spam") and 0.5 <= prob <= 1
+    code, _, err = run_cli("finetune", "classify", "--model", base_run, "--data", data,
+                           "--out", tmp_path / "y", *TRAIN, "--as-text", "--prompt-template", "no text")
+    one_line(code, err, "{text}")

@@ -1,4 +1,5 @@
-"""Finetune a pretrained model: 'classify' (a classification head, Raschka ch. 6 / appendix E).
+"""Finetune a pretrained model: 'classify' (a classification head, Raschka ch. 6 / appendix E, or
+classification as text, Burkov §5.3.2).
 
 The model is anything scratchlm.load opens (a run dir, a Hugging Face directory or hub id, a
 .gguf file).  The run dir names the base model instead of copying its weights: it holds the
@@ -53,6 +54,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
                    help="last-block: the last transformer block, the final norm and the head "
                         "(default; Raschka ch. 6); head: only the head; all: every weight; lora: LoRA "
                         "adapters on every block and the head (Raschka appendix E)")
+    g.add_argument("--as-text", action="store_true", default=s,
+                   help="classification as text (Burkov §5.3.2): the model learns to answer the label after "
+                        "--prompt-template (loss on the answer tokens only) and predicts the label whose "
+                        "answer is most probable; no new head")
+    g.add_argument("--prompt-template", default=s, metavar="TEXT",
+                   help="the prompt of --as-text, with {text} where the text goes; the answer is ' LABEL' "
+                        "and the end-of-text token (default: 'Predict label: {text}\\nLabel:', Burkov's "
+                        "'Predict emotion: {text}\\nEmotion:' for any labels)")
     add_lora_options(g, rank=16, alpha=16.0)
     add_training_options(p, CLASSIFY, items="examples", sources=SOURCES)
     g = p.add_argument_group("output")
@@ -97,6 +106,7 @@ def run_classify(args: argparse.Namespace) -> int:
 
     from scratchlm.api import load
     from scratchlm.finetune.classify import ClassifyRecipe, finetune_classifier
+    from scratchlm.finetune.heads import DEFAULT_TEMPLATE
     from scratchlm.runtime import set_threads
 
     set_threads(given.get("threads", 0))
@@ -107,7 +117,13 @@ def run_classify(args: argparse.Namespace) -> int:
     cli = {k: v for k, v in given.items() if k not in ("resume", "out", "overwrite", "threads", "func")}
     recipe = ClassifyRecipe(train, val, test, labels, mode=given.get("train", "last-block"), lora=lora,
                             max_length=given.get("max_length"), base_model=base_ref,
+                            as_text=bool(given.get("as_text")),
+                            template=given.get("prompt_template", DEFAULT_TEMPLATE).replace("\\n", "\n"),
                             data_info={"cli": cli, "labels": labels})
+    if recipe.as_text and "{text}" not in recipe.template:
+        raise ConfigError(f"the prompt template {recipe.template!r} has no {{text}}",
+                          "put {text} where the text goes, e.g. "
+                          "--prompt-template 'Predict label: {text}\\nLabel:'")
     if recipe.mode == "lora":
         from scratchlm.finetune.lora import resolve_targets
 

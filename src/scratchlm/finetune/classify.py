@@ -29,46 +29,76 @@ from torch import nn
 
 from scratchlm.errors import ConfigError
 from scratchlm.finetune.data import LabelledText
-from scratchlm.finetune.heads import SequenceClassifier
+from scratchlm.finetune.heads import DEFAULT_TEMPLATE, LabelText, SequenceClassifier
 from scratchlm.finetune.lora_config import LoRAConfig
 from scratchlm.tokenizers import Tokenizer
+from scratchlm.training.logprobs import IGNORE_INDEX
 
 TRAIN_MODES = ("last-block", "head", "all", "lora")
 
 
 @dataclass
 class EncodedTexts:
-    """Token ids and label indices of one split, and how many texts were cut to fit the context."""
+    """One split as token rows, its label indices, and how many texts were cut to fit the context.
 
-    ids: list[list[int]]
+    An example is ``rows_per_example`` consecutive rows: one (its text, for a head), or one per
+    label (prompt + that label's answer, for classification as text; ``targets`` then marks the
+    answer tokens of each row, shifted as next-token targets).
+    """
+
+    rows: list[list[int]]
     labels: list[int]
     truncated: int = 0
-    hidden: list[torch.Tensor] | None = None  # per text: the frozen prefix's output [T, D]
-    start_layer: int = 0
+    rows_per_example: int = 1
+    targets: list[list[int]] | None = None
+    hidden: list[torch.Tensor] | None = None  # per row: the frozen prefix's output [T, D]
 
     def __len__(self) -> int:
-        return len(self.ids)
+        return len(self.labels)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        item: dict[str, Any] = {"input_ids": self.ids[i], "label": self.labels[i]}
+        span = range(i * self.rows_per_example, (i + 1) * self.rows_per_example)
+        item: dict[str, Any] = {"rows": [self.rows[r] for r in span], "label": self.labels[i]}
+        if self.targets is not None:
+            item["targets"] = [self.targets[r] for r in span]
         if self.hidden is not None:
-            item["hidden"] = self.hidden[i]
+            item["hidden"] = [self.hidden[r] for r in span]
         return item
+
+
+def _fit(tokens: list[int], room: int) -> tuple[list[int], bool]:
+    """The last ``room`` tokens (a text is cut from the left: its end is what a classifier reads)."""
+    return (tokens[-room:], True) if len(tokens) > room else (tokens, False)
 
 
 def encode(examples: Sequence[LabelledText], tokenizer: Tokenizer, labels: Sequence[str],
            max_length: int) -> EncodedTexts:
     """Tokenize every text; one longer than ``max_length`` keeps its last ``max_length`` tokens."""
     index = {label: i for i, label in enumerate(labels)}
-    ids, truncated = [], 0
+    rows, truncated = [], 0
     for example in examples:
-        tokens = tokenizer.encode(example.text)
-        if len(tokens) > max_length:
-            tokens, truncated = tokens[-max_length:], truncated + 1
-        if not tokens:
-            tokens = [pad_id(tokenizer)]
-        ids.append(tokens)
-    return EncodedTexts(ids, [index[x.label] for x in examples], truncated)
+        tokens, cut = _fit(tokenizer.encode(example.text), max_length)
+        rows.append(tokens or [pad_id(tokenizer)])
+        truncated += cut
+    return EncodedTexts(rows, [index[x.label] for x in examples], truncated)
+
+
+def encode_as_text(examples: Sequence[LabelledText], tokenizer: Tokenizer, head: LabelText,
+                   max_length: int) -> EncodedTexts:
+    """Each example as one row per label: the prompt, then that label's answer tokens (the targets)."""
+    index = {label: i for i, label in enumerate(head.labels)}
+    rows, targets, truncated = [], [], 0
+    longest = max(map(len, head.answer_ids))
+    for example in examples:
+        before, after = head.prompt_parts(tokenizer, example.text)
+        room = max_length - len(before) - len(after) - longest
+        text, cut = _fit(tokenizer.encode(example.text), max(room, 1))
+        truncated += cut
+        prompt = before + text + after
+        for answer in head.answer_ids:
+            rows.append(prompt + answer)
+            targets.append([IGNORE_INDEX] * (len(prompt) - 1) + answer + [IGNORE_INDEX])
+    return EncodedTexts(rows, [index[x.label] for x in examples], truncated, len(head.labels), targets)
 
 
 def pad_id(tokenizer: Tokenizer) -> int:
@@ -83,26 +113,31 @@ def pad_id(tokenizer: Tokenizer) -> int:
 
 @dataclass
 class Collate:
-    """Right-pad a batch to its longest text: input_ids, attention_mask, labels (and prefix states)."""
+    """Right-pad a batch's rows to the longest: input_ids, attention_mask, labels (and, where the
+    examples have them, answer targets and prefix states)."""
 
     pad: int
     start_layer: int = 0
 
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        width = max(len(item["input_ids"]) for item in items)
-        ids = torch.full((len(items), width), self.pad, dtype=torch.long)
-        mask = torch.zeros((len(items), width), dtype=torch.long)
-        for row, item in enumerate(items):
-            n = len(item["input_ids"])
-            ids[row, :n] = torch.as_tensor(item["input_ids"])
-            mask[row, :n] = 1
+        rows = [row for item in items for row in item["rows"]]
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, row in enumerate(rows):
+            ids[r, :len(row)], mask[r, :len(row)] = torch.as_tensor(row), 1
         batch: dict[str, Any] = {"input_ids": ids, "attention_mask": mask,
                                  "labels": torch.tensor([item["label"] for item in items])}
+        if "targets" in items[0]:
+            targets = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+            for r, row in enumerate(t for item in items for t in item["targets"]):
+                targets[r, :len(row)] = torch.as_tensor(row)
+            batch["targets"] = targets
         if self.start_layer:
-            first = items[0]["hidden"]
-            hidden = first.new_zeros(len(items), width, first.shape[-1])
-            for row, item in enumerate(items):
-                hidden[row, :len(item["input_ids"])] = item["hidden"]
+            states = [h for item in items for h in item["hidden"]]
+            hidden = states[0].new_zeros(len(rows), width, states[0].shape[-1])
+            for r, h in enumerate(states):
+                hidden[r, :len(h)] = h
             batch["hidden"], batch["start_layer"] = hidden, self.start_layer
         return batch
 
@@ -120,22 +155,21 @@ def cache_prefix(base: nn.Module, data: EncodedTexts, start_layer: int, pad: int
 
     was_training = base.training
     base.eval()
-    hidden: list[torch.Tensor | None] = [None] * len(data)
-    order = sorted(range(len(data)), key=lambda i: len(data.ids[i]))
+    hidden: list[torch.Tensor | None] = [None] * len(data.rows)
+    order = sorted(range(len(data.rows)), key=lambda i: len(data.rows[i]))
     collate = Collate(pad)
     device = next(base.parameters()).device
     try:
         for start in tqdm(range(0, len(order), batch_size), desc=progress, disable=progress is None,
                           unit="batch", leave=False):
             rows = order[start:start + batch_size]
-            batch = collate([{"input_ids": data.ids[i], "label": 0} for i in rows])
+            batch = collate([{"rows": [data.rows[i]], "label": 0} for i in rows])
             states = base.hidden_states(batch["input_ids"].to(device), stop_layer=start_layer)
             for row, i in enumerate(rows):
-                hidden[i] = states[row, :len(data.ids[i])].clone()
+                hidden[i] = states[row, :len(data.rows[i])].clone()
     finally:
         base.train(was_training)
     data.hidden = [h for h in hidden if h is not None]
-    data.start_layer = start_layer
 
 
 @dataclass
@@ -147,52 +181,68 @@ class TrainableSet:
     notes: list[str] = field(default_factory=list)
 
 
-def trainable_set(classifier: SequenceClassifier, mode: str, weight_decay: float,
+def trainable_set(model: SequenceClassifier | LabelText, mode: str, weight_decay: float,
                   lora: LoRAConfig | None = None) -> TrainableSet:
-    """Freeze everything, then unfreeze what ``mode`` trains (see the module docstring)."""
+    """Freeze everything, then unfreeze what ``mode`` trains (see the module docstring).
+
+    A classification head is new and always trains; classification as text reads the model's
+    own LM head, which trains only with ``head`` or ``all``.
+    """
     from scratchlm.training.optim import param_groups
 
     if mode not in TRAIN_MODES:
         raise ConfigError(f"unknown --train {mode!r}", f"use one of {', '.join(TRAIN_MODES)}")
-    base = classifier.base
+    base = model.base
     n_layer = len(base.layers)
-    classifier.requires_grad_(False)
-    classifier.score.requires_grad_(True)
+    model.requires_grad_(False)
+    head = model.head_parameters()
+    new_head = isinstance(model, SequenceClassifier)
+    if new_head or mode == "head":
+        for p in head:
+            p.requires_grad_(True)
     if mode == "all":
-        classifier.requires_grad_(True)
-        return TrainableSet(param_groups(classifier.parameters(), weight_decay), 0)
-    if mode == "head":
-        return TrainableSet(param_groups(classifier.score.parameters(), weight_decay), n_layer)
+        model.requires_grad_(True)
+        return TrainableSet(param_groups(model.parameters(), weight_decay), 0)
+    if mode == "head":  # a head tied to the token embedding changes the first block's input
+        tied = any(p is base.embed_tokens.weight for p in head)
+        return TrainableSet(param_groups(head, weight_decay), 0 if tied else n_layer)
     if mode == "last-block":
         base.layers[-1].requires_grad_(True)
         base.norm.requires_grad_(True)
-        return TrainableSet(param_groups(classifier.parameters(), weight_decay), n_layer - 1)
+        return TrainableSet(param_groups(model.parameters(), weight_decay), n_layer - 1)
     from scratchlm.finetune.lora import apply_lora, lora_param_groups
 
     apply_lora(base, lora or LoRAConfig(rank=16, alpha=16.0))
-    groups = [*lora_param_groups(base, weight_decay=0.0),
-              *param_groups(classifier.score.parameters(), weight_decay)]
-    return TrainableSet(groups, 0)
+    groups = lora_param_groups(base, weight_decay=0.0)
+    return TrainableSet([*groups, *(param_groups(head, weight_decay) if new_head else [])], 0)
 
 
 @torch.no_grad()
-def predict(classifier: SequenceClassifier, tokenizer: Tokenizer, texts: Sequence[str],
+def predict(model: SequenceClassifier | LabelText, tokenizer: Tokenizer, texts: Sequence[str],
             batch_size: int = 16) -> list[tuple[str, float]]:
-    """``(label, probability)`` of each text: the most probable class and its softmax probability."""
-    max_length = classifier.config.context_length
-    data = encode([LabelledText(t, classifier.labels[0]) for t in texts], tokenizer, classifier.labels,
-                  max_length)
+    """``(label, probability)`` of each text: the most probable class and its softmax probability
+    (for classification as text: over the labels' answer log-probabilities)."""
+    examples = [LabelledText(t, model.labels[0]) for t in texts]
+    data = encode_split(model, examples, tokenizer, model.config.context_length)
     collate = Collate(pad_id(tokenizer))
-    device = next(classifier.parameters()).device
-    classifier.eval()
+    device = next(model.parameters()).device
+    model.eval()
     out: list[tuple[str, float]] = []
     for start in range(0, len(data), batch_size):
         batch = collate([data[i] for i in range(start, min(start + batch_size, len(data)))])
-        logits = classifier(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-        probs = torch.softmax(logits.float(), dim=-1)
+        inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        probs = torch.softmax(model(**inputs).float(), dim=-1)
         best = probs.argmax(dim=-1)
-        out += [(classifier.labels[int(i)], float(p[i])) for i, p in zip(best, probs, strict=True)]
+        out += [(model.labels[int(i)], float(p[i])) for i, p in zip(best, probs, strict=True)]
     return out
+
+
+def encode_split(model: SequenceClassifier | LabelText, examples: Sequence[LabelledText],
+                 tokenizer: Tokenizer, max_length: int) -> EncodedTexts:
+    """A split as the model reads it: one row per text, or one per label (classification as text)."""
+    if isinstance(model, LabelText):
+        return encode_as_text(examples, tokenizer, model, max_length)
+    return encode(examples, tokenizer, model.labels, max_length)
 
 
 def accuracy_figures(totals: Any) -> dict[str, float]:
@@ -213,13 +263,15 @@ class ClassifyRecipe:
     lora: LoRAConfig | None = None
     max_length: int | None = None  # None: the model's context
     base_model: str | None = None  # the reference the run names instead of copying the base weights
+    as_text: bool = False  # classification as text (Burkov §5.3.2) instead of a classification head
+    template: str = DEFAULT_TEMPLATE
     data_info: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class ClassifyResult:
     figures: dict[str, Any]
-    classifier: SequenceClassifier
+    classifier: SequenceClassifier | LabelText
     trainer: Any
 
 
@@ -234,15 +286,17 @@ def finetune_classifier(base: nn.Module, tokenizer: Tokenizer, recipe: ClassifyR
 
     from scratchlm.checkpoint.io import RunManifest, write_json_atomic
     from scratchlm.training import LossEvaluator, Trainer
-    from scratchlm.training.losses import classification_loss
+    from scratchlm.training.losses import answer_loss, classification_loss
 
     started = time.perf_counter()
     torch.manual_seed(config.seed)  # the head's initial weights (and LoRA's) follow the run's seed
-    classifier = SequenceClassifier(base, recipe.labels)
+    classifier: SequenceClassifier | LabelText = (
+        LabelText.build(base, recipe.labels, recipe.template, tokenizer) if recipe.as_text
+        else SequenceClassifier(base, recipe.labels))
     chosen = trainable_set(classifier, recipe.mode, config.weight_decay, recipe.lora)
     max_length = min(recipe.max_length or base.config.context_length, base.config.context_length)
     pad = pad_id(tokenizer)
-    splits = {name: encode(part, tokenizer, recipe.labels, max_length)
+    splits = {name: encode_split(classifier, part, tokenizer, max_length)
               for name, part in (("train", recipe.train), ("val", recipe.val), ("test", recipe.test))}
     truncated = sum(data.truncated for data in splits.values())
     if truncated:
@@ -261,7 +315,8 @@ def finetune_classifier(base: nn.Module, tokenizer: Tokenizer, recipe: ClassifyR
                            adapter={"format": "peft", "path": "adapter"} if recipe.mode == "lora" else None)
     val = splits["val"] if len(splits["val"]) else None
     trainer = Trainer(classifier, config, splits["train"], val_data=val,
-                      loss_fn=classification_loss, collate=Collate(pad, chosen.frozen_blocks),
+                      loss_fn=answer_loss if recipe.as_text else classification_loss,
+                      collate=Collate(pad, chosen.frozen_blocks),
                       parameters=chosen.groups, evaluator=evaluator, run_dir=run_dir,
                       model_config=base.config, tokenizer=tokenizer,
                       run_info={"manifest": manifest, "data": recipe.data_info})
@@ -271,7 +326,7 @@ def finetune_classifier(base: nn.Module, tokenizer: Tokenizer, recipe: ClassifyR
         if len(data):
             for key, value in accuracy_figures(trainer.evaluate_split(data)).items():
                 figures[f"{name}_{key}"] = value
-    figures.update({"labels": recipe.labels, "train_mode": recipe.mode,
+    figures.update({"labels": recipe.labels, "train_mode": recipe.mode, "as_text": recipe.as_text,
                     "split_sizes": {name: len(data) for name, data in splits.items()},
                     "truncated": {name: data.truncated for name, data in splits.items()},
                     "max_length": max_length, "steps": trainer.step,

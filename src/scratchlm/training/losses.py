@@ -133,3 +133,15 @@ def classification_loss(model: torch.nn.Module, batch: Any) -> LossOutput:
     loss = cross_entropy_sum(logits, labels)
     correct = (logits.detach().argmax(dim=-1) == labels).sum()
     return LossOutput(loss, labels.numel(), {"accuracy": correct})
+
+
+def answer_loss(model: torch.nn.Module, batch: Any) -> LossOutput:
+    """Classification as text: ``model`` gives each label's answer log-probability [B, C]; the loss is
+    the negative log-probability of the true label's answer (its tokens only), summed over
+    examples, and the ``accuracy`` metric counts examples whose true answer is the most probable.
+    """
+    labels = batch["labels"]
+    scores = model(**{k: v for k, v in batch.items() if k != "labels"})
+    loss = -scores.gather(1, labels[:, None]).sum()
+    correct = (scores.detach().argmax(dim=-1) == labels).sum()
+    return LossOutput(loss, labels.numel(), {"accuracy": correct})
