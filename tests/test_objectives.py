@@ -136,3 +136,15 @@ def test_training_options_over_a_recipe_and_over_a_saved_run():
         train_config(options("--lr", "0.1"), recipe, saved=saved)
     with pytest.raises(ConfigError, match="batch_size"):
         train_config(options("--batch-size", "0"), recipe)
+
+
+def test_the_gradient_norm_runs_over_the_parameters_in_the_models_order():
+    """Float sums depend on order: the clipped norm (and so every update) must not depend on how
+    the optimizer groups the parameters (the demo is bit-identical across that refactor)."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+    trainer = Trainer(model, quiet(batch_size=4, max_steps=1), toy_classification(8, 4),
+                      loss_fn=classification_loss)
+    assert [id(p) for p in trainer.params] == [id(p) for p in model.parameters()]
+    with pytest.raises(ConfigError, match="not the model's"):
+        Trainer(model, quiet(batch_size=4, max_steps=1), toy_classification(8, 4),
+                loss_fn=classification_loss, parameters=[torch.nn.Parameter(torch.zeros(2))])

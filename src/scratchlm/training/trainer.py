@@ -102,8 +102,13 @@ class Trainer:
         if self.device.type == "cpu":
             runtime.keep_freed_memory()
         groups = optimizer_groups(parameters if parameters is not None else self.module.parameters(),
-                         config.weight_decay)
-        self.params = [p for g in groups for p in g["params"]]
+                                  config.weight_decay)
+        # In the model's own order: the gradient norm sums over them, and float sums depend on order.
+        trainable = {id(p) for g in groups for p in g["params"]}
+        self.params = [p for p in self.module.parameters() if id(p) in trainable]
+        if len(self.params) != len(trainable):
+            raise ConfigError("some trainable parameters are not the model's",
+                              "pass the model's own parameters")
         if not self.params:
             raise ConfigError("no trainable parameters", "pass parameters that require gradients")
         self._probe_note: str | None = None
