@@ -198,17 +198,17 @@ def _permuted_heads(file: GGUFFile, name: str, config: ModelConfig) -> int | Non
     return config.n_head if kind == "attn_q" else config.kv_heads if kind == "attn_k" else None
 
 
-def load_weights(model: Transformer, file: GGUFFile) -> None:
+def load_weights(model: Transformer, file: GGUFFile, packed: frozenset[str] = frozenset()) -> None:
     """Fill every parameter of ``model`` from ``file``: strict, shape-checked, Q/K rows restored.
 
     A float32 CPU parameter is dequantized straight into its own memory; other devices and
-    dtypes go through one float32 copy.
+    dtypes go through one float32 copy.  ``packed`` names tensors already in packed layers.
     """
     params = dict(model.named_parameters())  # a tied lm_head appears once, as embed_tokens.weight
     filled: set[str] = set()
     for name, tensor in file.tensors.items():
-        if name == _ROPE_FREQS:
-            continue  # read into config.rope_scaling
+        if name == _ROPE_FREQS or name in packed:
+            continue  # read into config.rope_scaling, or into a packed layer
         ours = our_name(name)
         if ours is None or ours not in params:
             hint = ("a tensor scratchlm's decoder has no place for" if ours is None
@@ -241,19 +241,89 @@ def load_weights(model: Transformer, file: GGUFFile) -> None:
                               "the file is incomplete or from an unsupported variant")
 
 
-def load_gguf(path: str | Path, device: torch.device | str = "cpu",
-              dtype: torch.dtype = torch.float32) -> tuple[Transformer, Tokenizer | None, ModelConfig]:
+def packed_model(file: GGUFFile, config: ModelConfig) -> Transformer:
+    """A CPU model that keeps each weight matrix in the file's own type (``dtype="gguf"``).
+
+    Q8_0/Q4_0/Q4_1 matrices (and the token embedding) become ``quant.linear`` layers over a copy
+    of the file's blocks (llama's Q/K rows restored by moving whole rows of blocks), F16 ones
+    ``generation.packed.PackedLinear``; everything else is float32 as ``load_weights`` fills it,
+    K-quants included (dequantized exactly: no packed kernel for them yet).
+    """
+    from torch import nn
+
+    from scratchlm.generation.packed import PackedLinear, fp16_packing_available
+    from scratchlm.quant.linear import QUANT_TYPES, QuantEmbedding, QuantLinear, stack_projections
+
+    with torch.device("meta"):
+        model = Transformer(config)
+    modules = dict(model.named_modules())
+    packed: set[str] = set()
+    fp16: list[str] = []
+    for name, tensor in file.tensors.items():
+        ours = our_name(name)
+        module_name = ours.removesuffix(".weight") if ours and ours.endswith(".weight") else None
+        module = modules.get(module_name) if module_name else None
+        if not isinstance(module, nn.Linear | nn.Embedding) or tuple(module.weight.shape) != tensor.shape:
+            continue  # not a matrix (or a mismatch load_weights reports)
+        if tensor.type_name == "F16" and isinstance(module, nn.Linear) and fp16_packing_available():
+            fp16.append(module_name)
+        if tensor.type_name not in QUANT_TYPES:
+            continue
+        rows, cols = tensor.shape
+        blocks = np.array(file.raw(tensor)).reshape(rows, -1)
+        heads = _permuted_heads(file, name, config)
+        if heads is not None:
+            blocks = np.ascontiguousarray(_unpermute_rows(blocks, heads))
+        blocks_t = torch.from_numpy(blocks.reshape(-1))
+        if isinstance(module, nn.Embedding):
+            layer: nn.Module = QuantEmbedding(blocks_t, tensor.type_name, rows, cols)
+        else:
+            bias_name = name.removesuffix(".weight") + ".bias"
+            bias = None
+            if module.bias is not None and bias_name in file.tensors:
+                values = file.load(bias_name)
+                bias = torch.from_numpy(_unpermute_rows(values, heads) if heads is not None else values)
+                packed.add(bias_name)
+            layer = QuantLinear(blocks_t, tensor.type_name, cols, rows, bias)
+        parent_name, _, attr = module_name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, layer)
+        packed.add(name)
+    if config.tie_embeddings and isinstance(model.embed_tokens, QuantEmbedding):
+        model.lm_head = model.embed_tokens.as_linear()
+    model._apply(lambda t: torch.empty(t.shape, dtype=torch.float32) if t.is_meta else t)
+    if isinstance(model.lm_head, nn.Linear) and isinstance(model.embed_tokens, nn.Embedding):
+        model.tie_weights()
+    load_weights(model, file, frozenset(packed))
+    for module_name in fp16:
+        parent_name, _, attr = module_name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if isinstance(getattr(parent, attr), nn.Linear) and not (
+                attr == "lm_head" and model.lm_head.weight is model.embed_tokens.weight):
+            setattr(parent, attr, PackedLinear(getattr(parent, attr)))
+    stack_projections(model)
+    return model
+
+
+def load_gguf(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+              packed: bool = False) -> tuple[Transformer, Tokenizer | None, ModelConfig]:
     """Model, tokenizer and config from a llama.cpp ``.gguf`` file (llama, qwen2, qwen3).
 
-    Weights are dequantized to float32 and then cast to ``dtype``.  The tokenizer (with the chat
+    Weights are dequantized to float32 and then cast to ``dtype``; with ``packed`` (CPU only) the
+    matrices keep the file's types instead (``packed_model``).  The tokenizer (with the chat
     template and eos token) comes from the ``tokenizer.*`` metadata; a file without any is loaded
     with tokenizer None.
     """
     file = read_gguf(path)
     config = config_from_gguf(file)
     file.check_types()  # before allocating the model
-    model = Transformer.empty(config, device=device, dtype=dtype)
-    load_weights(model, file)
+    if packed:
+        if torch.device(device).type != "cpu":
+            raise CheckpointError("GGUF's packed weights run on the CPU",
+                                  "load with --device cpu, or without --dtype gguf")
+        model = packed_model(file, config)
+    else:
+        model = Transformer.empty(config, device=device, dtype=dtype)
+        load_weights(model, file)
     model.eval()
     tokenizer = None
     if "tokenizer.ggml.model" in file.metadata:

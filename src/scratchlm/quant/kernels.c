@@ -1,0 +1,193 @@
+/* Matrix products with GGML-packed weights, read in place: y[t, r] = sum_k x[t, k] * W[r, k].
+ *
+ * W is row-major, each row a run of blocks of 32 values exactly as GGUF stores them (Q8_0: fp16 d,
+ * 32 int8; Q4_0: fp16 d, 16 bytes of nibbles, value (q - 8) d; Q4_1: fp16 d, fp16 m, nibbles,
+ * value q d + m; low nibbles are elements 0-15, high nibbles 16-31).  Activations stay fp32: per
+ * block, the product sum_i x_i q_i is taken in fp32 and scaled by d (Q4_1 adds m * sum_i x_i), so
+ * the result is that of the dequantized weights up to fp32 rounding of the sums (no activation
+ * rounding, unlike llama.cpp's int8 activations).
+ *
+ * Built by scratchlm.quant.kernels with the machine's own flags (-march=native); an AVX-512 path
+ * where the compiler targets it, else portable C that the compiler vectorises as it can.
+ * Threads: OpenMP, the runtime torch itself loads (libgomp), so one pool serves both.
+ */
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define SLM_AVX512 1
+#endif
+
+enum { Q8_0 = 0, Q4_0 = 1, Q4_1 = 2 };
+static const int BLOCK_BYTES[3] = {34, 18, 20};
+
+static inline float fp16_to_f32(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+    if (exp == 0x1F) {
+        bits = sign | 0x7F800000u | (man << 13);
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    } else if (man == 0) {
+        bits = sign;
+    } else {  /* subnormal: normalise */
+        exp = 113;
+        while (!(man & 0x400)) { man <<= 1; exp--; }
+        bits = sign | (exp << 23) | ((man & 0x3FF) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+#endif
+}
+
+/* One block as 32 floats q (Q4_0: q - 8), its scale d and (Q4_1) minimum m. */
+static inline void block_ints(int type, const uint8_t *blk, float *q, float *d, float *m) {
+    *d = fp16_to_f32(blk);
+    *m = 0.0f;
+    if (type == Q8_0) {
+        for (int i = 0; i < 32; i++) q[i] = (float)(int8_t)blk[2 + i];
+        return;
+    }
+    const uint8_t *qs = blk + (type == Q4_1 ? 4 : 2);
+    const float offset = type == Q4_0 ? 8.0f : 0.0f;
+    if (type == Q4_1) *m = fp16_to_f32(blk + 2);
+    for (int i = 0; i < 16; i++) {
+        q[i] = (float)(qs[i] & 0x0F) - offset;
+        q[i + 16] = (float)(qs[i] >> 4) - offset;
+    }
+}
+
+#ifdef SLM_AVX512
+static inline void block_vectors(const int type, const uint8_t *blk, __m512 *lo, __m512 *hi) {
+    if (type == Q8_0) {
+        *lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 2))));
+        *hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 18))));
+        return;
+    }
+    const __m128i raw = _mm_loadu_si128((const __m128i *)(blk + (type == Q4_1 ? 4 : 2)));
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    __m512i a = _mm512_cvtepu8_epi32(_mm_and_si128(raw, low4));
+    __m512i b = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), low4));
+    if (type == Q4_0) {
+        a = _mm512_sub_epi32(a, _mm512_set1_epi32(8));
+        b = _mm512_sub_epi32(b, _mm512_set1_epi32(8));
+    }
+    *lo = _mm512_cvtepi32_ps(a);
+    *hi = _mm512_cvtepi32_ps(b);
+}
+#endif
+
+/* out[t] = row . x_t for T tokens (T <= 4); xsum[t * nb + b]: sum of token t's block b (Q4_1). */
+static inline __attribute__((always_inline)) void row_dot(
+        const int type, const int T, const uint8_t *row, int64_t nb, const float *x, int64_t xs,
+        const float *xsum, float *out) {
+    const int bb = BLOCK_BYTES[type];
+    float mins[4] = {0, 0, 0, 0};
+#ifdef SLM_AVX512
+    __m512 acc[4];
+    for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *blk = row + b * bb;
+        __m512 lo, hi;
+        block_vectors(type, blk, &lo, &hi);
+        const __m512 d = _mm512_set1_ps(fp16_to_f32(blk));
+        for (int t = 0; t < T; t++) {
+            const float *xb = x + t * xs + b * 32;
+            __m512 p = _mm512_mul_ps(lo, _mm512_loadu_ps(xb));
+            p = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb + 16), p);
+            acc[t] = _mm512_fmadd_ps(p, d, acc[t]);
+        }
+        if (type == Q4_1) {
+            const float m = fp16_to_f32(blk + 2);
+            for (int t = 0; t < T; t++) mins[t] += m * xsum[t * nb + b];
+        }
+    }
+    for (int t = 0; t < T; t++) out[t] = _mm512_reduce_add_ps(acc[t]) + mins[t];
+#else
+    float acc[4] = {0, 0, 0, 0};
+    for (int64_t b = 0; b < nb; b++) {
+        float q[32], d, m;
+        block_ints(type, row + b * bb, q, &d, &m);
+        for (int t = 0; t < T; t++) {
+            const float *xb = x + t * xs + b * 32;
+            float p = 0.0f;
+            for (int i = 0; i < 32; i++) p += q[i] * xb[i];
+            acc[t] += p * d;
+            mins[t] += m * xsum[t * nb + b];
+        }
+    }
+    for (int t = 0; t < T; t++) out[t] = acc[t] + mins[t];
+#endif
+}
+
+#define ROW_CHUNK 16
+
+static inline __attribute__((always_inline)) void matmul_typed(
+        const int type, const uint8_t *w, int64_t rows, int64_t cols, const float *x, int64_t n_tok,
+        int64_t xs, const float *xsum, float *y, int64_t ys, int nthreads) {
+    const int64_t nb = cols / 32, row_bytes = nb * BLOCK_BYTES[type];
+    const int64_t chunks = (rows + ROW_CHUNK - 1) / ROW_CHUNK;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t c = 0; c < chunks; c++) {
+        const int64_t end = (c + 1) * ROW_CHUNK < rows ? (c + 1) * ROW_CHUNK : rows;
+        for (int64_t r = c * ROW_CHUNK; r < end; r++) {
+            const uint8_t *row = w + r * row_bytes;
+            float out[4];
+            int64_t t = 0;
+            for (; t + 4 <= n_tok; t += 4) {
+                row_dot(type, 4, row, nb, x + t * xs, xs, xsum + t * nb, out);
+                for (int i = 0; i < 4; i++) y[(t + i) * ys + r] = out[i];
+            }
+            for (; t < n_tok; t++) {
+                row_dot(type, 1, row, nb, x + t * xs, xs, xsum + t * nb, out);
+                y[t * ys + r] = out[0];
+            }
+        }
+    }
+}
+
+/* y[t * ys + r] = sum_k x[t * xs + k] W[r, k] for r < rows, t < n_tok.  xsum: n_tok * cols/32
+ * floats of scratch (used by Q4_1). */
+void slm_qmatmul(int type, const uint8_t *w, int64_t rows, int64_t cols, const float *x, int64_t n_tok,
+                 int64_t xs, float *xsum, float *y, int64_t ys, int nthreads) {
+    const int64_t nb = cols / 32;
+    if (type == Q4_1) {
+        for (int64_t t = 0; t < n_tok; t++)
+            for (int64_t b = 0; b < nb; b++) {
+                float s = 0.0f;
+                for (int i = 0; i < 32; i++) s += x[t * xs + b * 32 + i];
+                xsum[t * nb + b] = s;
+            }
+    }
+    switch (type) {
+        case Q8_0: matmul_typed(Q8_0, w, rows, cols, x, n_tok, xs, xsum, y, ys, nthreads); break;
+        case Q4_0: matmul_typed(Q4_0, w, rows, cols, x, n_tok, xs, xsum, y, ys, nthreads); break;
+        case Q4_1: matmul_typed(Q4_1, w, rows, cols, x, n_tok, xs, xsum, y, ys, nthreads); break;
+    }
+}
+
+/* out[i, :] = the dequantized row idx[i] of W (cols values each), as gguf computes them:
+ * Q8_0 q*d, Q4_0 (q-8)*d, Q4_1 q*d + m, each operation rounded to fp32. */
+void slm_dequantize_rows(int type, const uint8_t *w, int64_t cols, const int64_t *idx, int64_t n,
+                         float *out, int nthreads) {
+    const int64_t nb = cols / 32, row_bytes = nb * BLOCK_BYTES[type];
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t i = 0; i < n; i++) {
+        const uint8_t *row = w + idx[i] * row_bytes;
+        for (int64_t b = 0; b < nb; b++) {
+            float q[32], d, m;
+            block_ints(type, row + b * BLOCK_BYTES[type], q, &d, &m);
+            float *o = out + i * cols + b * 32;
+            /* built with -ffp-contract=off: q*d is rounded before the add, as gguf does */
+            if (type == Q4_1)
+                for (int j = 0; j < 32; j++) o[j] = q[j] * d + m;
+            else
+                for (int j = 0; j < 32; j++) o[j] = q[j] * d;
+        }
+    }
+}
