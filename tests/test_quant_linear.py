@@ -1,0 +1,213 @@
+"""Packed weights at run time: the compiled kernels and their fallback against dequantize-then-matmul,
+``load(path.gguf, dtype="gguf")`` and ``quantize=`` against the float path, on tiny models and on
+SmolLM2's real file."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import scratchlm
+from scratchlm.errors import CheckpointError, ConfigError
+from scratchlm.quant import kernels
+from scratchlm.quant.formats import dequantize, quantize
+from scratchlm.quant.linear import (
+    DECODE_TOKENS,
+    QuantEmbedding,
+    QuantLinear,
+    is_quantized,
+    quantize_model,
+    weight_bytes,
+)
+from test_gguf import random_model, write_model
+
+gguf = pytest.importorskip("gguf")
+TYPES = ["Q8_0", "Q4_0", "Q4_1"]
+
+
+@pytest.fixture(params=["compiled", "fallback"])
+def path(request, monkeypatch):
+    """Each test runs over the compiled kernels and over the reference path that replaces them."""
+    if request.param == "compiled":
+        if not kernels.kernels_available():
+            pytest.skip("no C compiler: the kernels could not be built")
+    else:
+        monkeypatch.setattr(kernels, "_lib", False)
+    return request.param
+
+
+def bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The stated bound: fp32 rounding of the sums, 1e-6 × Σ|x||w| per output (≥ 8 ulp of it)."""
+    return 1e-6 * (x.abs() @ w.abs().T) + 1e-30
+
+
+@pytest.mark.parametrize("type_name", TYPES)
+@pytest.mark.parametrize("tokens", [1, 3, DECODE_TOKENS, 21])
+def test_linear_equals_dequantized_matmul(path, type_name, tokens):
+    rng = np.random.default_rng(tokens)
+    w = rng.standard_normal((100, 96)).astype(np.float32)
+    w[3, :32] += 9.0  # a block far from zero: Q4_1's minimum and Q4_0's offset matter
+    blocks = torch.from_numpy(quantize(w, type_name).reshape(-1))
+    bias = torch.randn(100)
+    layer = QuantLinear(blocks, type_name, 96, 100, bias)
+    reference = torch.from_numpy(dequantize(blocks.numpy(), type_name, w.size).reshape(w.shape))
+    assert torch.equal(layer.dequantized(), reference)
+    x = torch.randn(tokens, 96)
+    y = layer(x.view(1, tokens, 96)).view(tokens, 100)
+    expected = x @ reference.T + bias
+    assert ((y - expected).abs() <= bound(x, reference) + 1e-6 * bias.abs()).all()
+
+
+@pytest.mark.parametrize("type_name", TYPES)
+def test_embedding_rows_and_tied_head_share_blocks(path, type_name):
+    w = np.random.default_rng(1).standard_normal((50, 64)).astype(np.float32)
+    blocks = torch.from_numpy(quantize(w, type_name).reshape(-1))
+    table = torch.from_numpy(dequantize(blocks.numpy(), type_name, w.size).reshape(w.shape))
+    embedding = QuantEmbedding(blocks, type_name, 50, 64)
+    ids = torch.tensor([[3, 0, 49], [7, 7, 1]])
+    assert torch.equal(embedding(ids), table[ids])
+    head = embedding.as_linear()
+    assert head.blocks.data_ptr() == embedding.blocks.data_ptr()
+
+
+def tiny_llama(seed: int = 0):
+    """A tiny Llama (dims multiples of 32) as an LM, float32."""
+    from scratchlm.api import LM
+    from scratchlm.models.config import ModelConfig
+    from scratchlm.models.transformer import Transformer
+
+    torch.manual_seed(seed)
+    config = ModelConfig(vocab_size=96, context_length=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                         intermediate_size=128, norm="rmsnorm", norm_bias=False, mlp="swiglu",
+                         positions="rope", qkv_bias=False, o_bias=False, mlp_bias=False, tie_embeddings=True)
+    model = Transformer(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    return LM(model, None, config)
+
+
+@pytest.mark.parametrize("type_name", TYPES)
+def test_quantize_model_rounds_as_llama_cpp_and_computes_as_its_dequantized_weights(type_name):
+    lm = tiny_llama()
+    weights = {name: p.detach().clone() for name, p in lm.model.named_parameters()}
+    float_bytes = weight_bytes(lm.model)
+    model = quantize_model(lm.model, type_name.lower())
+    assert is_quantized(model)
+    # blocks byte-identical to gguf's quantizer; q/k/v stacked in that order
+    attn = model.layers[0].self_attn
+    q_rows = weights["layers.0.self_attn.q_proj.weight"].shape[0]
+    expected = gguf.quants.quantize(weights["layers.0.self_attn.q_proj.weight"].numpy(),
+                                    gguf.GGMLQuantizationType[type_name])
+    assert np.array_equal(attn.qkv_proj.blocks[:q_rows].numpy(), expected)
+    assert model.lm_head.blocks.data_ptr() == model.embed_tokens.blocks.data_ptr()  # still tied
+    assert weight_bytes(model) < float_bytes / (3 if type_name == "Q8_0" else 5)
+
+    # the float model with the dequantized weights gives the same logits (prefill exactly up to
+    # matmul order; cached decode within the kernel's bound) and the same greedy tokens
+    reference = tiny_llama().model
+    with torch.no_grad():
+        for p in reference.parameters():
+            if p.dim() == 2:
+                blocks = quantize(p.numpy(), type_name).reshape(-1)
+                p.copy_(torch.from_numpy(dequantize(blocks, type_name, p.numel()).reshape(p.shape)))
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model(ids) - reference(ids)).abs().max() < 1e-4
+    from scratchlm.generation import SamplingParams, generate_ids
+
+    params = SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True)
+    ours = generate_ids(model, [ids[0].tolist(), ids[1, :5].tolist()], params)
+    theirs = generate_ids(reference, [ids[0].tolist(), ids[1, :5].tolist()], params)
+    assert [c.token_ids for c in ours] == [c.token_ids for c in theirs]
+
+
+def test_quantize_keeps_matrices_that_do_not_fill_blocks_in_float():
+    from scratchlm.models.config import ModelConfig
+    from scratchlm.models.transformer import Transformer
+
+    config = ModelConfig(vocab_size=50, context_length=16, n_layer=1, n_head=2, n_embd=64,
+                         intermediate_size=48, norm="rmsnorm", mlp="swiglu", positions="rope",
+                         qkv_bias=False, o_bias=False, mlp_bias=False)
+    with pytest.warns(UserWarning, match=r"kept in float.*layers\.0\.mlp\.down_proj \[64, 48\]"):
+        model = quantize_model(Transformer(config).eval(), "q8_0")
+    assert isinstance(model.layers[0].mlp.down_proj, nn.Linear)
+    assert isinstance(model.layers[0].self_attn.o_proj, QuantLinear)
+    odd = ModelConfig(vocab_size=50, context_length=16, n_layer=1, n_head=2, n_embd=24,
+                      intermediate_size=48, norm="rmsnorm", mlp="swiglu", positions="rope")
+    with pytest.raises(ConfigError, match="no weight matrix .* Q4_0 blocks of 32"):
+        quantize_model(Transformer(odd), "q4_0")
+
+
+@pytest.mark.parametrize("variant,matrix_type", [("llama", "Q4_1"), ("llama-tied", "Q8_0"),
+                                                 ("qwen2", "Q4_0"), ("qwen3", "Q4_1")])
+def test_gguf_dtype_keeps_blocks_and_matches_the_dequantized_path(tmp_path, variant, matrix_type):
+    """The file's blocks run packed (Q/K rows restored, biases kept) and give the float path's logits."""
+    model = random_model(variant)
+    path = write_model(tmp_path / "m.gguf", model, variant.split("-")[0], matrix_type)
+    packed = scratchlm.load(path, device="cpu", dtype="gguf")
+    plain = scratchlm.load(path, device="cpu")
+    assert is_quantized(packed.model)
+    assert packed.weight_bytes < plain.weight_bytes
+    ids = torch.randint(0, 96, (1, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (packed.model(ids) - plain.model(ids)).abs().max() < 1e-4
+        cache, ref_cache = packed.model.new_cache(1, 16), plain.model.new_cache(1, 16)
+        packed.model(ids[:, :9], cache=cache)
+        plain.model(ids[:, :9], cache=ref_cache)
+        step = packed.model(ids[:, 9:], cache=cache) - plain.model(ids[:, 9:], cache=ref_cache)
+        assert step.abs().max() < 1e-4
+
+
+def test_gguf_dtype_and_quantize_refuse_what_they_cannot_do(tmp_path, run_cli):
+    with pytest.raises(ConfigError, match="not a .gguf file"):
+        scratchlm.load(tmp_path / "x.safetensors", device="cpu", dtype="gguf")
+    with pytest.raises(ConfigError, match="unknown quantization 'q3_k'"):
+        scratchlm.load(tmp_path / "x.gguf", device="cpu", quantize="q3_k")
+    with pytest.raises(ConfigError, match="not both"):
+        scratchlm.load(tmp_path / "x.gguf", device="cpu", dtype="float16", quantize="q4_0")
+    path = write_model(tmp_path / "m.gguf", random_model("llama"), "llama", "Q8_0")
+    with pytest.raises(CheckpointError, match="run on the CPU"):
+        from scratchlm.checkpoint.gguf import load_gguf
+
+        load_gguf(path, device="meta", packed=True)
+    quantized = scratchlm.load(path, device="cpu", quantize="q8_0")
+    with pytest.raises(scratchlm.UserError, match="packed for CPU inference and cannot be saved"):
+        quantized.save(tmp_path / "out")
+    with pytest.raises(SystemExit) as exit_:  # argparse's own one-line usage error
+        run_cli("generate", "--model", str(path), "--prompt", "hi", "--quantize", "q5_0")
+    assert exit_.value.code == 2
+
+
+@pytest.mark.slow
+def test_smollm2_packed_greedy_answers_equal_the_dequantized_path(smollm2_gguf):
+    """The real Q4_1 file run packed: the same greedy answers as the dequantized fp32 path on the
+    held-out conversations, max |Δlogit| on a fixed text within the kernel bound, and the weights
+    in the file's size."""
+    from scratchlm.generation import SamplingParams, generate_ids
+
+    torch.set_num_threads(1)
+    packed = scratchlm.load(smollm2_gguf, device="cpu", dtype="gguf")
+    plain = scratchlm.load(smollm2_gguf, device="cpu")
+    assert packed.weight_bytes <= smollm2_gguf.stat().st_size
+    tok = plain.tokenizer
+    ids = torch.tensor([tok.encode("The quick brown fox jumps over the lazy dog. Paris is the capital of")])
+    with torch.no_grad():
+        cache, ref_cache = packed.model.new_cache(1, 32), plain.model.new_cache(1, 32)
+        prefill = (packed.model(ids[:, :-1], cache=cache) - plain.model(ids[:, :-1], cache=ref_cache))
+        step = packed.model(ids[:, -1:], cache=cache) - plain.model(ids[:, -1:], cache=ref_cache)
+    assert prefill.abs().max() < 1e-3 and step.abs().max() < 1e-3
+    prompts = [tok.encode(plain.chat_prompt(q), allowed_special="all") for q in CONVERSATIONS]
+    params = SamplingParams(temperature=0, max_new_tokens=24)
+    ours = [c.token_ids for c in generate_ids(packed.model, prompts, params, eos_id=tok.eos_id)]
+    theirs = [c.token_ids for c in generate_ids(plain.model, prompts, params, eos_id=tok.eos_id)]
+    assert ours == theirs
+    assert "Paris" in tok.decode(ours[0])
+
+
+# The SmolLM2 parity questions (test_gguf's and the serving test's), as user turns.
+CONVERSATIONS = ["What is the capital of France?", "Name three primary colors.", "What is 12 times 7?",
+                 "Why is the sky blue?", "Give me one tip for learning the Python programming language."]
