@@ -2,10 +2,11 @@
  *
  * W is row-major, each row a run of blocks of 32 values exactly as GGUF stores them (Q8_0: fp16 d,
  * 32 int8; Q4_0: fp16 d, 16 bytes of nibbles, value (q - 8) d; Q4_1: fp16 d, fp16 m, nibbles,
- * value q d + m; low nibbles are elements 0-15, high nibbles 16-31).  Activations stay fp32: per
- * block, the product sum_i x_i q_i is taken in fp32 and scaled by d (Q4_1 adds m * sum_i x_i), so
- * the result is that of the dequantized weights up to fp32 rounding of the sums (no activation
- * rounding, unlike llama.cpp's int8 activations).
+ * value q d + m; low nibbles are elements 0-15, high nibbles 16-31).  Activations stay fp32 (no
+ * activation rounding, unlike llama.cpp's int8 activations): Q4_0/Q4_1 blocks are expanded to
+ * their dequantized values (a 16-entry table per block) and multiplied in fp32; a Q8_0 block's
+ * sum_i x_i q_i is scaled by d.  So the result is that of the dequantized weights up to fp32
+ * rounding of the sums.
  *
  * Built by scratchlm.quant.kernels with the machine's own flags (-march=native); an AVX-512 path
  * where the compiler targets it, else portable C that the compiler vectorises as it can.
@@ -63,111 +64,139 @@ static inline void block_ints(int type, const uint8_t *blk, float *q, float *d, 
 }
 
 #ifdef SLM_AVX512
-static inline void block_vectors(const int type, const uint8_t *blk, __m512 *lo, __m512 *hi) {
+/* Block b of a row as two vectors of 16 floats (elements 0-15, 16-31).  Q4_0/Q4_1: the block's
+ * dequantized values themselves, looked up in a 16-entry table built per block exactly as gguf
+ * computes them ((q - 8) d; q d + m, the product rounded before the sum), so these rows compute
+ * with the dequantized weights.  Q8_0: the integers q, the caller scales by d. */
+static inline __attribute__((always_inline)) void block_vectors(const int type, const uint8_t *blk,
+                                                                __m512 *lo, __m512 *hi) {
     if (type == Q8_0) {
         *lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 2))));
         *hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 18))));
         return;
     }
-    const __m128i raw = _mm_loadu_si128((const __m128i *)(blk + (type == Q4_1 ? 4 : 2)));
-    const __m128i low4 = _mm_set1_epi8(0x0F);
-    __m512i a = _mm512_cvtepu8_epi32(_mm_and_si128(raw, low4));
-    __m512i b = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), low4));
+    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __m512 table;
     if (type == Q4_0) {
-        a = _mm512_sub_epi32(a, _mm512_set1_epi32(8));
-        b = _mm512_sub_epi32(b, _mm512_set1_epi32(8));
+        table = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(8.0f)), _mm512_set1_ps(fp16_to_f32(blk)));
+    } else {
+        table = _mm512_add_ps(_mm512_mul_ps(iota, _mm512_set1_ps(fp16_to_f32(blk))),
+                              _mm512_set1_ps(fp16_to_f32(blk + 2)));
     }
-    *lo = _mm512_cvtepi32_ps(a);
-    *hi = _mm512_cvtepi32_ps(b);
+    /* vpermps reads only the low 4 bits of each index: the low nibbles need no mask */
+    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + (type == Q4_1 ? 4 : 2))));
+    *lo = _mm512_permutexvar_ps(bytes, table);
+    *hi = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
 }
-#endif
 
-/* out[t] = row . x_t for T tokens (T <= 4); xsum[t * nb + b]: sum of token t's block b (Q4_1). */
-static inline __attribute__((always_inline)) void row_dot(
-        const int type, const int T, const uint8_t *row, int64_t nb, const float *x, int64_t xs,
-        const float *xsum, float *out) {
+/* out[i * T + t] = row_i . x_t for R rows (stride row_bytes) and T tokens, R * T <= 4. */
+static inline __attribute__((always_inline)) void rows_dot(
+        const int type, const int R, const int T, const uint8_t *row, int64_t row_bytes, int64_t nb,
+        const float *x, int64_t xs, float *out) {
     const int bb = BLOCK_BYTES[type];
-    float mins[4] = {0, 0, 0, 0};
-#ifdef SLM_AVX512
     __m512 acc[4];
-    for (int t = 0; t < T; t++) acc[t] = _mm512_setzero_ps();
+    for (int i = 0; i < R * T; i++) acc[i] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
-        const uint8_t *blk = row + b * bb;
-        __m512 lo, hi;
-        block_vectors(type, blk, &lo, &hi);
-        const __m512 d = _mm512_set1_ps(fp16_to_f32(blk));
-        for (int t = 0; t < T; t++) {
-            const float *xb = x + t * xs + b * 32;
-            __m512 p = _mm512_mul_ps(lo, _mm512_loadu_ps(xb));
-            p = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb + 16), p);
-            acc[t] = _mm512_fmadd_ps(p, d, acc[t]);
-        }
-        if (type == Q4_1) {
-            const float m = fp16_to_f32(blk + 2);
-            for (int t = 0; t < T; t++) mins[t] += m * xsum[t * nb + b];
+        for (int i = 0; i < R; i++) {
+            const uint8_t *blk = row + i * row_bytes + b * bb;
+            __m512 lo, hi;
+            block_vectors(type, blk, &lo, &hi);
+            if (type == Q8_0) {
+                const __m512 d = _mm512_set1_ps(fp16_to_f32(blk));
+                for (int t = 0; t < T; t++) {
+                    const float *xb = x + t * xs + b * 32;
+                    __m512 p = _mm512_mul_ps(lo, _mm512_loadu_ps(xb));
+                    p = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb + 16), p);
+                    acc[i * T + t] = _mm512_fmadd_ps(p, d, acc[i * T + t]);
+                }
+            } else {
+                for (int t = 0; t < T; t++) {
+                    const float *xb = x + t * xs + b * 32;
+                    acc[i * T + t] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xb), acc[i * T + t]);
+                    acc[i * T + t] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb + 16), acc[i * T + t]);
+                }
+            }
         }
     }
-    for (int t = 0; t < T; t++) out[t] = _mm512_reduce_add_ps(acc[t]) + mins[t];
-#else
-    float acc[4] = {0, 0, 0, 0};
-    for (int64_t b = 0; b < nb; b++) {
-        float q[32], d, m;
-        block_ints(type, row + b * bb, q, &d, &m);
-        for (int t = 0; t < T; t++) {
-            const float *xb = x + t * xs + b * 32;
-            float p = 0.0f;
-            for (int i = 0; i < 32; i++) p += q[i] * xb[i];
-            acc[t] += p * d;
-            mins[t] += m * xsum[t * nb + b];
-        }
-    }
-    for (int t = 0; t < T; t++) out[t] = acc[t] + mins[t];
-#endif
+    for (int i = 0; i < R * T; i++) out[i] = _mm512_reduce_add_ps(acc[i]);
 }
+#else
+static inline __attribute__((always_inline)) void rows_dot(
+        const int type, const int R, const int T, const uint8_t *row, int64_t row_bytes, int64_t nb,
+        const float *x, int64_t xs, float *out) {
+    const int bb = BLOCK_BYTES[type];
+    for (int i = 0; i < R; i++) {
+        float acc[4] = {0, 0, 0, 0};
+        for (int64_t b = 0; b < nb; b++) {
+            float q[32], d, m;
+            block_ints(type, row + i * row_bytes + b * bb, q, &d, &m);
+            if (type != Q8_0) {  /* the dequantized values, as gguf rounds them */
+                for (int j = 0; j < 32; j++) q[j] = q[j] * d + m;
+                d = 1.0f;
+            }
+            for (int t = 0; t < T; t++) {
+                const float *xb = x + t * xs + b * 32;
+                float p = 0.0f;
+                for (int j = 0; j < 32; j++) p += q[j] * xb[j];
+                acc[t] += p * d;
+            }
+        }
+        for (int t = 0; t < T; t++) out[i * T + t] = acc[t];
+    }
+}
+#endif
 
 #define ROW_CHUNK 16
 
-static inline __attribute__((always_inline)) void matmul_typed(
-        const int type, const uint8_t *w, int64_t rows, int64_t cols, const float *x, int64_t n_tok,
-        int64_t xs, const float *xsum, float *y, int64_t ys, int nthreads) {
-    const int64_t nb = cols / 32, row_bytes = nb * BLOCK_BYTES[type];
-    const int64_t chunks = (rows + ROW_CHUNK - 1) / ROW_CHUNK;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t c = 0; c < chunks; c++) {
-        const int64_t end = (c + 1) * ROW_CHUNK < rows ? (c + 1) * ROW_CHUNK : rows;
-        for (int64_t r = c * ROW_CHUNK; r < end; r++) {
-            const uint8_t *row = w + r * row_bytes;
-            float out[4];
-            int64_t t = 0;
-            for (; t + 4 <= n_tok; t += 4) {
-                row_dot(type, 4, row, nb, x + t * xs, xs, xsum + t * nb, out);
-                for (int i = 0; i < 4; i++) y[(t + i) * ys + r] = out[i];
-            }
-            for (; t < n_tok; t++) {
-                row_dot(type, 1, row, nb, x + t * xs, xs, xsum + t * nb, out);
-                y[t * ys + r] = out[0];
-            }
-        }
-    }
+/* One function per type, each with its own OpenMP region: an outlined region shared by the
+ * types would test the type in the inner loop (gcc outlines before propagating constants). */
+#define DEFINE_MATMUL(NAME, TYPE)                                                                  \
+static void NAME(const uint8_t *w, int64_t rows, int64_t cols, const float *x, int64_t n_tok,      \
+                 int64_t xs, float *y, int64_t ys, int nthreads) {                                \
+    const int type = TYPE;                                                                         \
+    const int64_t nb = cols / 32, row_bytes = nb * BLOCK_BYTES[TYPE];                              \
+    const int64_t chunks = (rows + ROW_CHUNK - 1) / ROW_CHUNK;                                     \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                             \
+    for (int64_t c = 0; c < chunks; c++) {                                                         \
+        const int64_t end = (c + 1) * ROW_CHUNK < rows ? (c + 1) * ROW_CHUNK : rows;               \
+        float out[4];                                                                              \
+        int64_t r = c * ROW_CHUNK;                                                                 \
+        if (n_tok == 1) { /* decoding: Q4 four rows at a time, four independent sums */            \
+            for (; type != Q8_0 && r + 4 <= end; r += 4) {                                         \
+                rows_dot(TYPE, 4, 1, w + r * row_bytes, row_bytes, nb, x, xs, out);                \
+                for (int i = 0; i < 4; i++) y[r + i] = out[i];                                     \
+            }                                                                                      \
+            for (; r < end; r++) {                                                                 \
+                rows_dot(TYPE, 1, 1, w + r * row_bytes, row_bytes, nb, x, xs, out);                \
+                y[r] = out[0];                                                                     \
+            }                                                                                      \
+            continue;                                                                              \
+        }                                                                                          \
+        for (; r < end; r++) {                                                                     \
+            const uint8_t *row = w + r * row_bytes;                                                \
+            int64_t t = 0;                                                                         \
+            for (; t + 4 <= n_tok; t += 4) {                                                       \
+                rows_dot(TYPE, 1, 4, row, row_bytes, nb, x + t * xs, xs, out);                     \
+                for (int i = 0; i < 4; i++) y[(t + i) * ys + r] = out[i];                          \
+            }                                                                                      \
+            for (; t < n_tok; t++) {                                                               \
+                rows_dot(TYPE, 1, 1, row, row_bytes, nb, x + t * xs, xs, out);                     \
+                y[t * ys + r] = out[0];                                                            \
+            }                                                                                      \
+        }                                                                                          \
+    }                                                                                              \
 }
+DEFINE_MATMUL(matmul_q8_0, Q8_0)
+DEFINE_MATMUL(matmul_q4_0, Q4_0)
+DEFINE_MATMUL(matmul_q4_1, Q4_1)
 
-/* y[t * ys + r] = sum_k x[t * xs + k] W[r, k] for r < rows, t < n_tok.  xsum: n_tok * cols/32
- * floats of scratch (used by Q4_1). */
+/* y[t * ys + r] = sum_k x[t * xs + k] W[r, k] for r < rows, t < n_tok. */
 void slm_qmatmul(int type, const uint8_t *w, int64_t rows, int64_t cols, const float *x, int64_t n_tok,
-                 int64_t xs, float *xsum, float *y, int64_t ys, int nthreads) {
-    const int64_t nb = cols / 32;
-    if (type == Q4_1) {
-        for (int64_t t = 0; t < n_tok; t++)
-            for (int64_t b = 0; b < nb; b++) {
-                float s = 0.0f;
-                for (int i = 0; i < 32; i++) s += x[t * xs + b * 32 + i];
-                xsum[t * nb + b] = s;
-            }
-    }
+                 int64_t xs, float *y, int64_t ys, int nthreads) {
     switch (type) {
-        case Q8_0: matmul_typed(Q8_0, w, rows, cols, x, n_tok, xs, xsum, y, ys, nthreads); break;
-        case Q4_0: matmul_typed(Q4_0, w, rows, cols, x, n_tok, xs, xsum, y, ys, nthreads); break;
-        case Q4_1: matmul_typed(Q4_1, w, rows, cols, x, n_tok, xs, xsum, y, ys, nthreads); break;
+        case Q8_0: matmul_q8_0(w, rows, cols, x, n_tok, xs, y, ys, nthreads); break;
+        case Q4_0: matmul_q4_0(w, rows, cols, x, n_tok, xs, y, ys, nthreads); break;
+        case Q4_1: matmul_q4_1(w, rows, cols, x, n_tok, xs, y, ys, nthreads); break;
     }
 }
 

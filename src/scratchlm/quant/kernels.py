@@ -82,7 +82,7 @@ def _build() -> ctypes.CDLL | None:
         os.replace(tmp, target)  # atomic: a concurrent build of the same key writes the same file
     lib = ctypes.CDLL(str(target))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.slm_qmatmul.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, i64, ptr, ptr, i64, ctypes.c_int]
+    lib.slm_qmatmul.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, i64, ptr, i64, ctypes.c_int]
     lib.slm_qmatmul.restype = None
     lib.slm_dequantize_rows.argtypes = [ctypes.c_int, ptr, i64, ptr, i64, ptr, ctypes.c_int]
     lib.slm_dequantize_rows.restype = None
@@ -112,9 +112,8 @@ def qmatmul(blocks: torch.Tensor, type_name: str, rows: int, cols: int, x: torch
     if lib is None:
         return x @ dequantize_rows(blocks, type_name, rows, cols).T
     y = torch.empty(n, rows, dtype=torch.float32)
-    scratch = torch.empty(n * (cols // 32), dtype=torch.float32)
     lib.slm_qmatmul(KERNEL_TYPES[type_name], blocks.data_ptr(), rows, cols, x.data_ptr(), n, cols,
-                    scratch.data_ptr(), y.data_ptr(), rows, torch.get_num_threads())
+                    y.data_ptr(), rows, torch.get_num_threads())
     return y
 
 
