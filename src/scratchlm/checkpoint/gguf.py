@@ -330,4 +330,8 @@ def load_gguf(path: str | Path, device: torch.device | str = "cpu", dtype: torch
         from scratchlm.tokenizers import load as load_tokenizer
 
         tokenizer = load_tokenizer(file.path)
+    if packed:  # the point of packing is the memory: give back what loading freed
+        from scratchlm.quant.linear import release_freed_memory
+
+        release_freed_memory()
     return model, tokenizer, config

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import warnings
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -180,11 +179,29 @@ def quantize_model(model: nn.Module, type_name: str) -> nn.Module:
         warnings.warn(f"kept in float (rows are not a multiple of {per_block}): {', '.join(kept)}",
                       stacklevel=2)
     stack_projections(model)
+    release_freed_memory()
     return model.eval()
 
 
 def _name_of(model: nn.Module, module: nn.Module) -> str:
     return next((name for name, m in model.named_modules() if m is module), "?")
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's freed pages back to the system (glibc's ``malloc_trim``; elsewhere nothing).
+
+    Packing frees the file's copies and the float weights it replaces, mostly in blocks of a few
+    hundred kB that glibc keeps for reuse once its mmap threshold has risen; without this, a
+    packed SmolLM2 stays ~37 MB above its weights and tokenizer after loading.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def is_quantized(model: nn.Module) -> bool:
@@ -209,6 +226,3 @@ def weight_bytes(model: nn.Module) -> int:
     return total
 
 
-def as_numpy_blocks(blocks: np.ndarray) -> torch.Tensor:
-    """A file's block bytes (a read-only memory map) as an owned uint8 tensor."""
-    return torch.from_numpy(np.array(blocks, dtype=np.uint8, copy=True).reshape(-1))
