@@ -4,6 +4,8 @@ SmolLM2's real file."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -211,3 +213,53 @@ def test_smollm2_packed_greedy_answers_equal_the_dequantized_path(smollm2_gguf):
 # The SmolLM2 parity questions (test_gguf's and the serving test's), as user turns.
 CONVERSATIONS = ["What is the capital of France?", "Name three primary colors.", "What is 12 times 7?",
                  "Why is the sky blue?", "Give me one tip for learning the Python programming language."]
+
+
+def test_served_packed_model_answers_8_concurrent_clients_as_sequential_ones():
+    """serve over packed weights: the engine, batched decoding and the KV cache work unchanged."""
+    pytest.importorskip("fastapi")
+    openai = pytest.importorskip("openai")
+    import concurrent.futures
+
+    from scratchlm.api import LM
+    from scratchlm.models import from_preset
+    from scratchlm.serving.openai_server import ServerConfig, ServerThread
+    from scratchlm.tokenizers.train_bpe import train_bpe
+    from test_serving import SPECIALS, wide_random_model
+
+    torch.set_num_threads(1)
+    source = Path(__file__).resolve().parent.parent / "src/scratchlm/generation/generate.py"
+    tokenizer = train_bpe(source.read_text(), 300, special_tokens=SPECIALS)  # as test_serving's tiny model
+    config = from_preset("tiny-llama", vocab_size=300, context_length=256)
+    lm = LM(quantize_model(wide_random_model(config, 0.3), "q4_1"), tokenizer, config)
+    with ServerThread(lm, ServerConfig("tiny", max_batch=8, max_queue=16, max_tokens_limit=64)) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=30)
+
+        def ask(i: int) -> str:
+            messages = [{"role": "user", "content": f"question {i}: " + "why " * i}]
+            reply = client.chat.completions.create(model="tiny", messages=messages, temperature=0,
+                                                   max_tokens=12)
+            return reply.choices[0].message.content
+
+        sequential = [ask(i) for i in range(8)]
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(ask, range(8)))
+    same = sum(a == b for a, b in zip(sequential, together, strict=True))
+    assert same >= 7, f"only {same}/8 batched answers equal the sequential ones"  # as test_serving allows
+
+
+def test_cli_dtype_gguf_on_a_run_dir_is_one_line(tmp_path, run_cli):
+    import string
+
+    from scratchlm.tokenizers.char import CharTokenizer
+
+    lm = tiny_llama()
+    lm.tokenizer = CharTokenizer.from_text(string.printable[:96])  # one character per id of the model
+    lm.save(tmp_path / "run")
+    run = str(tmp_path / "run")
+    code, out, err = run_cli("generate", "--model", run, "--prompt", "hi", "--dtype", "gguf")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith("error: dtype gguf keeps a .gguf file's own weight types")
+    code, out, err = run_cli("generate", "--model", run, "--prompt", "tiny",
+                             "--quantize", "q4_0", "--max-new-tokens", "4", "--temperature", "0")
+    assert code == 0, err
