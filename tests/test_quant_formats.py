@@ -83,3 +83,44 @@ def test_bad_sizes_and_types():
         dequantize(np.zeros(66, np.uint8), "IQ2_XXS", 256)
     with pytest.raises(ValueError, match="blocks of 32"):
         quantize(np.zeros((2, 48), np.float32), "Q4_0")
+
+
+@pytest.mark.parametrize("dtype", [None, "gguf"])
+def test_k_quant_file_loads_with_the_dequantized_weights(tmp_path, dtype):
+    """A llama file whose matrices are Q4_K / Q6_K / Q2_K blocks (random, as the tests build them):
+    every weight equals gguf's dequantization (K-quants are dequantized to fp32, also under
+    dtype="gguf", which packs only Q8_0/Q4_0/Q4_1)."""
+    import scratchlm
+    from scratchlm.models.config import ModelConfig
+    from test_gguf import add_config, llama_cpp_permute
+
+    config = ModelConfig(vocab_size=32, context_length=16, n_layer=1, n_head=2, n_kv_head=1, n_embd=256,
+                         intermediate_size=256, norm="rmsnorm", norm_bias=False, mlp="swiglu",
+                         positions="rope", qkv_bias=False, o_bias=False, mlp_bias=False)
+    shapes = {"token_embd.weight": (32, 256), "output.weight": (32, 256), "blk.0.attn_q.weight": (256, 256),
+              "blk.0.attn_k.weight": (128, 256), "blk.0.attn_v.weight": (128, 256),
+              "blk.0.attn_output.weight": (256, 256), "blk.0.ffn_gate.weight": (256, 256),
+              "blk.0.ffn_up.weight": (256, 256), "blk.0.ffn_down.weight": (256, 256)}
+    kinds = ["Q4_K", "Q6_K", "Q2_K", "Q3_K", "Q5_K"]
+    writer = gguf.GGUFWriter(str(tmp_path / "k.gguf"), "llama")
+    add_config(writer, config)
+    expected = {}
+    for i, (name, (rows, cols)) in enumerate(shapes.items()):
+        kind = kinds[i % len(kinds)]
+        blocks = random_blocks(kind, rows * cols // 256, seed=i).reshape(rows, -1)
+        writer.add_tensor(name, blocks, raw_dtype=Q[kind])
+        expected[name] = gguf.quants.dequantize(blocks, Q[kind]).reshape(rows, cols)
+    for name in ("blk.0.attn_norm.weight", "blk.0.ffn_norm.weight", "output_norm.weight"):
+        writer.add_tensor(name, np.ones(256, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    lm = scratchlm.load(tmp_path / "k.gguf", device="cpu", dtype=dtype)
+    params = dict(lm.model.named_parameters())
+    q = params["layers.0.self_attn.q_proj.weight"].detach().numpy()
+    np.testing.assert_array_equal(llama_cpp_permute(q, 2), expected["blk.0.attn_q.weight"])
+    np.testing.assert_array_equal(params["layers.0.mlp.down_proj.weight"].detach().numpy(),
+                                  expected["blk.0.ffn_down.weight"])
+    np.testing.assert_array_equal(params["embed_tokens.weight"].detach().numpy(),
+                                  expected["token_embd.weight"])
