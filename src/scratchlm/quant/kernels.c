@@ -200,23 +200,52 @@ void slm_qmatmul(int type, const uint8_t *w, int64_t rows, int64_t cols, const f
     }
 }
 
-/* out[i, :] = the dequantized row idx[i] of W (cols values each), as gguf computes them:
- * Q8_0 q*d, Q4_0 (q-8)*d, Q4_1 q*d + m, each operation rounded to fp32. */
+/* Row idx of W, dequantized into o (cols floats), as gguf computes the values: Q8_0 q*d, Q4_0
+ * (q-8)*d, Q4_1 q*d + m, each operation rounded to fp32 (built with -ffp-contract=off). */
+static inline __attribute__((always_inline)) void dequantize_row(const int type, const uint8_t *row,
+                                                                 int64_t nb, float *o) {
+    const int bb = BLOCK_BYTES[type];
+    for (int64_t b = 0; b < nb; b++, o += 32) {
+        const uint8_t *blk = row + b * bb;
+#ifdef SLM_AVX512
+        __m512 lo, hi;
+        block_vectors(type, blk, &lo, &hi);
+        if (type == Q8_0) {
+            const __m512 d = _mm512_set1_ps(fp16_to_f32(blk));
+            lo = _mm512_mul_ps(lo, d);
+            hi = _mm512_mul_ps(hi, d);
+        }
+        _mm512_storeu_ps(o, lo);
+        _mm512_storeu_ps(o + 16, hi);
+#else
+        float q[32], d, m;
+        block_ints(type, blk, q, &d, &m);
+        if (type == Q4_1)
+            for (int j = 0; j < 32; j++) o[j] = q[j] * d + m;
+        else
+            for (int j = 0; j < 32; j++) o[j] = q[j] * d;
+#endif
+    }
+}
+
+#define DEFINE_DEQUANTIZE(NAME, TYPE)                                                              \
+static void NAME(const uint8_t *w, int64_t cols, const int64_t *idx, int64_t n, float *out,       \
+                 int nthreads) {                                                                  \
+    const int64_t nb = cols / 32, row_bytes = nb * BLOCK_BYTES[TYPE];                              \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                             \
+    for (int64_t i = 0; i < n; i++)                                                                \
+        dequantize_row(TYPE, w + idx[i] * row_bytes, nb, out + i * cols);                          \
+}
+DEFINE_DEQUANTIZE(dequantize_q8_0, Q8_0)
+DEFINE_DEQUANTIZE(dequantize_q4_0, Q4_0)
+DEFINE_DEQUANTIZE(dequantize_q4_1, Q4_1)
+
+/* out[i, :] = the dequantized row idx[i] of W (cols values each). */
 void slm_dequantize_rows(int type, const uint8_t *w, int64_t cols, const int64_t *idx, int64_t n,
                          float *out, int nthreads) {
-    const int64_t nb = cols / 32, row_bytes = nb * BLOCK_BYTES[type];
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t i = 0; i < n; i++) {
-        const uint8_t *row = w + idx[i] * row_bytes;
-        for (int64_t b = 0; b < nb; b++) {
-            float q[32], d, m;
-            block_ints(type, row + b * BLOCK_BYTES[type], q, &d, &m);
-            float *o = out + i * cols + b * 32;
-            /* built with -ffp-contract=off: q*d is rounded before the add, as gguf does */
-            if (type == Q4_1)
-                for (int j = 0; j < 32; j++) o[j] = q[j] * d + m;
-            else
-                for (int j = 0; j < 32; j++) o[j] = q[j] * d;
-        }
+    switch (type) {
+        case Q8_0: dequantize_q8_0(w, cols, idx, n, out, nthreads); break;
+        case Q4_0: dequantize_q4_0(w, cols, idx, n, out, nthreads); break;
+        case Q4_1: dequantize_q4_1(w, cols, idx, n, out, nthreads); break;
     }
 }
