@@ -81,7 +81,9 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features).float().contiguous()
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != torch.float32 or not x2.is_contiguous():  # (each no-op call costs ~1 µs per token)
+            x2 = x2.float().contiguous()
         if x2.shape[0] <= DECODE_TOKENS:
             y = qmatmul(self.blocks, self.type_name, self.out_features, self.in_features, x2)
         else:
@@ -93,7 +95,8 @@ class QuantLinear(nn.Module):
                 y[:, start:start + rows] = x2 @ w.T
         if self.bias is not None:
             y += self.bias
-        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        y = y.view(*shape[:-1], self.out_features)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weights={self.type_name}"
