@@ -87,9 +87,11 @@ def test_bad_sizes_and_types():
 
 @pytest.mark.parametrize("dtype", [None, "gguf"])
 def test_k_quant_file_loads_with_the_dequantized_weights(tmp_path, dtype):
-    """A llama file whose matrices are Q4_K / Q6_K / Q2_K blocks (random, as the tests build them):
-    every weight equals gguf's dequantization (K-quants are dequantized to fp32, also under
-    dtype="gguf", which packs only Q8_0/Q4_0/Q4_1)."""
+    """A llama file whose matrices are K-quant blocks (random, as the tests build them): every
+    weight equals gguf's dequantization, loaded plainly or with dtype="gguf" (which keeps Q4_K and
+    Q6_K packed, re-blocked, and dequantizes the others)."""
+    import torch
+
     import scratchlm
     from scratchlm.models.config import ModelConfig
     from test_gguf import add_config, llama_cpp_permute
@@ -122,5 +124,14 @@ def test_k_quant_file_loads_with_the_dequantized_weights(tmp_path, dtype):
     np.testing.assert_array_equal(llama_cpp_permute(q, 2), expected["blk.0.attn_q.weight"])
     np.testing.assert_array_equal(params["layers.0.mlp.down_proj.weight"].detach().numpy(),
                                   expected["blk.0.ffn_down.weight"])
-    np.testing.assert_array_equal(params["embed_tokens.weight"].detach().numpy(),
-                                  expected["token_embd.weight"])
+    if dtype is None:
+        np.testing.assert_array_equal(params["embed_tokens.weight"].detach().numpy(),
+                                      expected["token_embd.weight"])
+        np.testing.assert_array_equal(params["lm_head.weight"].detach().numpy(), expected["output.weight"])
+    else:  # Q4_K embedding and Q6_K head stay packed (re-blocked), with the same values
+        from scratchlm.quant.linear import QuantEmbedding, QuantLinear
+
+        assert isinstance(lm.model.embed_tokens, QuantEmbedding) and isinstance(lm.model.lm_head, QuantLinear)
+        np.testing.assert_array_equal(lm.model.embed_tokens(torch.arange(32)).numpy(),
+                                      expected["token_embd.weight"])
+        np.testing.assert_array_equal(lm.model.lm_head.dequantized().numpy(), expected["output.weight"])

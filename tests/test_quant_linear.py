@@ -62,6 +62,40 @@ def test_linear_equals_dequantized_matmul(path, type_name, tokens):
     assert ((y - expected).abs() <= bound(x, reference) + 1e-6 * bias.abs()).all()
 
 
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q6_K"])
+def test_k_quants_reblocked_keep_their_values(path, type_name):
+    """Q4_K / Q6_K re-blocked into the kernels' 32-value layout: the values gguf dequantizes, bit for
+    bit, and products within the bound, decoding and prefilling."""
+    from test_quant_formats import random_blocks
+
+    rows, cols = 40, 512
+    raw = random_blocks(type_name, rows * cols // 256, seed=9).reshape(rows, -1)
+    reference = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[type_name])
+                                 .reshape(rows, cols))
+    layer = QuantLinear(torch.from_numpy(kernels.reblock(type_name, raw).reshape(-1)), type_name, cols, rows)
+    assert torch.equal(layer.dequantized(), reference)
+    for tokens in (1, 5, 30):
+        x = torch.randn(tokens, cols)
+        assert ((layer(x) - x @ reference.T).abs() <= bound(x, reference)).all()
+
+
+def test_portable_kernels_equal_the_reference(monkeypatch, tmp_path):
+    """The C path a machine without AVX-512 compiles (no intrinsics) gives the same numbers."""
+    if not kernels.kernels_available():
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("SCRATCHLM_KERNELS_PORTABLE", "1")
+    monkeypatch.setattr(kernels, "_lib", None)
+    for type_name in ("Q8_0", "Q4_0", "Q4_1"):
+        w = np.random.default_rng(2).standard_normal((36, 64)).astype(np.float32)
+        blocks = torch.from_numpy(quantize(w, type_name).reshape(-1))
+        layer = QuantLinear(blocks, type_name, 64, 36)
+        reference = torch.from_numpy(dequantize(blocks.numpy(), type_name, w.size).reshape(w.shape))
+        assert torch.equal(layer.dequantized(), reference)
+        x = torch.randn(3, 64)
+        assert ((layer(x) - x @ reference.T).abs() <= bound(x, reference)).all()
+    monkeypatch.setattr(kernels, "_lib", None)  # the next test builds (or finds) the native one again
+
+
 @pytest.mark.parametrize("type_name", TYPES)
 def test_embedding_rows_and_tied_head_share_blocks(path, type_name):
     w = np.random.default_rng(1).standard_normal((50, 64)).astype(np.float32)

@@ -246,14 +246,15 @@ def load_weights(model: Transformer, file: GGUFFile, packed: frozenset[str] = fr
 def packed_model(file: GGUFFile, config: ModelConfig) -> Transformer:
     """A CPU model that keeps each weight matrix in the file's own type (``dtype="gguf"``).
 
-    Q8_0/Q4_0/Q4_1 matrices (and the token embedding) become ``quant.linear`` layers over a copy
-    of the file's blocks (llama's Q/K rows restored by moving whole rows of blocks), F16 ones
-    ``generation.packed.PackedLinear``; everything else is float32 as ``load_weights`` fills it,
-    K-quants included (dequantized exactly: no packed kernel for them yet).
+    Q8_0/Q4_0/Q4_1/Q4_K/Q6_K matrices (and the token embedding) become ``quant.linear`` layers over
+    a copy of the file's blocks (K-quants re-blocked without loss; llama's Q/K rows restored by
+    moving whole rows of blocks), F16 ones ``generation.packed.PackedLinear``; everything else
+    (other K-quants included) is float32 as ``load_weights`` fills it, dequantized exactly.
     """
     from torch import nn
 
     from scratchlm.generation.packed import PackedLinear, fp16_packing_available
+    from scratchlm.quant.kernels import reblock
     from scratchlm.quant.linear import QUANT_TYPES, QuantEmbedding, QuantLinear, stack_projections
 
     with torch.device("meta"):
@@ -272,7 +273,7 @@ def packed_model(file: GGUFFile, config: ModelConfig) -> Transformer:
         if tensor.type_name not in QUANT_TYPES:
             continue
         rows, cols = tensor.shape
-        blocks = np.array(file.raw(tensor)).reshape(rows, -1)
+        blocks = reblock(tensor.type_name, np.array(file.raw(tensor)).reshape(rows, -1))
         heads = _permuted_heads(file, name, config)
         if heads is not None:
             blocks = np.ascontiguousarray(_unpermute_rows(blocks, heads))

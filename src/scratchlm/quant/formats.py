@@ -143,18 +143,29 @@ def _k_scale_min(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return scale, low_min
 
 
-def _q45_k(blocks: np.ndarray, out: np.ndarray, q: np.ndarray) -> None:
+def _q45_k_scales(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K's per-32 scale d·sc and offset dmin·min, float32 [n, 8, 1] each."""
     n = blocks.shape[0]
     sc, mn = _k_scale_min(blocks[:, 4:16])
     d = (_fp16(blocks, 0) * sc.astype(np.float32)).reshape(n, 8, 1)
     dm = (_fp16(blocks, 2) * mn.astype(np.float32)).reshape(n, 8, 1)
+    return d, dm
+
+
+def _q45_k(blocks: np.ndarray, out: np.ndarray, q: np.ndarray) -> None:
+    n = blocks.shape[0]
+    d, dm = _q45_k_scales(blocks)
     np.subtract(d * q.reshape(n, 8, 32).astype(np.float32), dm, out=out.reshape(n, 8, 32))
+
+
+def _q4_k_ints(blocks: np.ndarray) -> np.ndarray:
+    n = blocks.shape[0]
+    return _bits(blocks[:, 16:].reshape(n * 4, 32), 2, 4).reshape(n, 8, 32)
 
 
 def _q4_k(blocks: np.ndarray, out: np.ndarray) -> None:
     """fp16 d, fp16 dmin, 12 B of scales/mins, 128 B of nibbles (per 32 B: 32 low, then 32 high)."""
-    n = blocks.shape[0]
-    _q45_k(blocks, out, _bits(blocks[:, 16:].reshape(n * 4, 32), 2, 4))
+    _q45_k(blocks, out, _q4_k_ints(blocks))
 
 
 def _q5_k(blocks: np.ndarray, out: np.ndarray) -> None:
@@ -169,13 +180,32 @@ def _q6_k(blocks: np.ndarray, out: np.ndarray) -> None:
     """128 B of low nibbles, 64 B of 2-bit highs, 16 int8 scales (one per 16 values), fp16 d.
     Per half (128 values): 64 low bytes give values 0–63 (low nibble) and 64–127 (high); 32 high
     bytes give 2-bit field j of byte i to value 32·j + i."""
+    dl, q = _q6_k_parts(blocks)
+    np.multiply(dl, q.astype(np.float32), out=out.reshape(-1, 16, 16))
+
+
+def _q6_k_parts(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q6_K's per-16 scales d·sc, float32 [n, 16, 1], and its values q − 32, int8 [n, 16, 16]."""
     n = blocks.shape[0]
     scales = blocks[:, 192:208].view(np.int8).astype(np.float32)
     dl = (_fp16(blocks, 208) * scales).reshape(n, 16, 1)
     low = _bits(blocks[:, :128].reshape(n * 2, 64), 2, 4).reshape(n, 8, 32)
     high = _bits(blocks[:, 128:192].reshape(n * 2, 32), 4, 2).reshape(n, 8, 32)
-    q = ((low | (high << np.uint8(4))).astype(np.int8) - np.int8(32)).astype(np.float32)
-    np.multiply(dl, q.reshape(n, 16, 16), out=out.reshape(n, 16, 16))
+    q = (low | (high << np.uint8(4))).astype(np.int8) - np.int8(32)
+    return dl, q.reshape(n, 16, 16)
+
+
+def k_quant_parts(type_name: str, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """The pieces a K-quant block dequantizes from, in value order, for re-blocking without loss:
+    Q4_K: (d·sc [n·8], dmin·min [n·8], q uint8 [n·256]); Q6_K: (d·sc [n·16], None, q − 32 int8 [n·256]).
+    The products are formed exactly as the dequantizers form them."""
+    if type_name == "Q4_K":
+        d, dm = _q45_k_scales(blocks)
+        return d.reshape(-1), dm.reshape(-1), _q4_k_ints(blocks).reshape(-1)
+    if type_name == "Q6_K":
+        dl, q = _q6_k_parts(blocks)
+        return dl.reshape(-1), None, q.reshape(-1)
+    raise ValueError(f"{type_name} is not re-blocked")
 
 
 def _q8_k(blocks: np.ndarray, out: np.ndarray) -> None:

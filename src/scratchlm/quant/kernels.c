@@ -19,8 +19,17 @@
 #define SLM_AVX512 1
 #endif
 
-enum { Q8_0 = 0, Q4_0 = 1, Q4_1 = 2 };
-static const int BLOCK_BYTES[3] = {34, 18, 20};
+/* Q4_KR and Q6_KR are K-quants re-blocked without loss into blocks of 32 (quant/kernels.py):
+ * Q4_KR: fp32 d, fp32 m, 16 bytes of nibbles, value q d + m (d = Q4_K's d * sc, m = -dmin * min);
+ * Q6_KR: fp32 s0, fp32 s1, 32 int8 q (Q6_K's q - 32), value q s0 (elements 0-15), q s1 (16-31). */
+enum { Q8_0 = 0, Q4_0 = 1, Q4_1 = 2, Q4_KR = 3, Q6_KR = 4 };
+static const int BLOCK_BYTES[5] = {34, 18, 20, 24, 40};
+
+static inline float f32_at(const uint8_t *p) {
+    float f;
+    memcpy(&f, p, 4);
+    return f;
+}
 
 static inline float fp16_to_f32(const uint8_t *p) {
     uint16_t h;
@@ -46,20 +55,26 @@ static inline float fp16_to_f32(const uint8_t *p) {
 #endif
 }
 
-/* One block as 32 floats q (Q4_0: q - 8), its scale d and (Q4_1) minimum m. */
-static inline void block_ints(int type, const uint8_t *blk, float *q, float *d, float *m) {
-    *d = fp16_to_f32(blk);
-    *m = 0.0f;
+/* Q8_0: a block's 32 integers q and its scale d.  Other types: the 32 dequantized values in q
+ * (computed as gguf does, each operation rounded to fp32), and d = 1. */
+static inline void block_ints(int type, const uint8_t *blk, float *q, float *d) {
+    *d = 1.0f;
     if (type == Q8_0) {
+        *d = fp16_to_f32(blk);
         for (int i = 0; i < 32; i++) q[i] = (float)(int8_t)blk[2 + i];
-        return;
-    }
-    const uint8_t *qs = blk + (type == Q4_1 ? 4 : 2);
-    const float offset = type == Q4_0 ? 8.0f : 0.0f;
-    if (type == Q4_1) *m = fp16_to_f32(blk + 2);
-    for (int i = 0; i < 16; i++) {
-        q[i] = (float)(qs[i] & 0x0F) - offset;
-        q[i + 16] = (float)(qs[i] >> 4) - offset;
+    } else if (type == Q6_KR) {
+        const float s0 = f32_at(blk), s1 = f32_at(blk + 4);
+        for (int i = 0; i < 32; i++) q[i] = (float)(int8_t)blk[8 + i] * (i < 16 ? s0 : s1);
+    } else {
+        const uint8_t *qs = blk + (type == Q4_0 ? 2 : type == Q4_1 ? 4 : 8);
+        const float scale = type == Q4_KR ? f32_at(blk) : fp16_to_f32(blk);
+        const float min = type == Q4_KR ? f32_at(blk + 4) : type == Q4_1 ? fp16_to_f32(blk + 2) : 0.0f;
+        const float offset = type == Q4_0 ? 8.0f : 0.0f;
+        for (int i = 0; i < 16; i++) {
+            q[i] = ((float)(qs[i] & 0x0F) - offset) * scale;
+            q[i + 16] = ((float)(qs[i] >> 4) - offset) * scale;
+            if (type != Q4_0) { q[i] += min; q[i + 16] += min; }
+        }
     }
 }
 
@@ -70,21 +85,29 @@ static inline void block_ints(int type, const uint8_t *blk, float *q, float *d, 
  * with the dequantized weights.  Q8_0: the integers q, the caller scales by d. */
 static inline __attribute__((always_inline)) void block_vectors(const int type, const uint8_t *blk,
                                                                 __m512 *lo, __m512 *hi) {
-    if (type == Q8_0) {
-        *lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 2))));
-        *hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 18))));
+    if (type == Q8_0 || type == Q6_KR) {
+        const int at = type == Q8_0 ? 2 : 8;
+        *lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + at))));
+        *hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + at + 16))));
+        if (type == Q6_KR) {
+            *lo = _mm512_mul_ps(*lo, _mm512_set1_ps(f32_at(blk)));
+            *hi = _mm512_mul_ps(*hi, _mm512_set1_ps(f32_at(blk + 4)));
+        }
         return;
     }
     const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     __m512 table;
     if (type == Q4_0) {
         table = _mm512_mul_ps(_mm512_sub_ps(iota, _mm512_set1_ps(8.0f)), _mm512_set1_ps(fp16_to_f32(blk)));
-    } else {
+    } else if (type == Q4_1) {
         table = _mm512_add_ps(_mm512_mul_ps(iota, _mm512_set1_ps(fp16_to_f32(blk))),
                               _mm512_set1_ps(fp16_to_f32(blk + 2)));
+    } else {
+        table = _mm512_add_ps(_mm512_mul_ps(iota, _mm512_set1_ps(f32_at(blk))), _mm512_set1_ps(f32_at(blk + 4)));
     }
     /* vpermps reads only the low 4 bits of each index: the low nibbles need no mask */
-    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + (type == Q4_1 ? 4 : 2))));
+    const int at = type == Q4_0 ? 2 : type == Q4_1 ? 4 : 8;
+    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(blk + at)));
     *lo = _mm512_permutexvar_ps(bytes, table);
     *hi = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
 }
@@ -128,12 +151,8 @@ static inline __attribute__((always_inline)) void rows_dot(
     for (int i = 0; i < R; i++) {
         float acc[4] = {0, 0, 0, 0};
         for (int64_t b = 0; b < nb; b++) {
-            float q[32], d, m;
-            block_ints(type, row + i * row_bytes + b * bb, q, &d, &m);
-            if (type != Q8_0) {  /* the dequantized values, as gguf rounds them */
-                for (int j = 0; j < 32; j++) q[j] = q[j] * d + m;
-                d = 1.0f;
-            }
+            float q[32], d;
+            block_ints(type, row + i * row_bytes + b * bb, q, &d);
             for (int t = 0; t < T; t++) {
                 const float *xb = x + t * xs + b * 32;
                 float p = 0.0f;
@@ -162,7 +181,7 @@ static void NAME(const uint8_t *w, int64_t rows, int64_t cols, const float *x, i
         float out[4];                                                                              \
         int64_t r = c * ROW_CHUNK;                                                                 \
         if (n_tok == 1) { /* decoding: Q4 four rows at a time, four independent sums */            \
-            for (; type != Q8_0 && r + 4 <= end; r += 4) {                                         \
+            for (; type != Q8_0 && type != Q6_KR && r + 4 <= end; r += 4) {                        \
                 rows_dot(TYPE, 4, 1, w + r * row_bytes, row_bytes, nb, x, xs, out);                \
                 for (int i = 0; i < 4; i++) y[r + i] = out[i];                                     \
             }                                                                                      \
@@ -189,6 +208,8 @@ static void NAME(const uint8_t *w, int64_t rows, int64_t cols, const float *x, i
 DEFINE_MATMUL(matmul_q8_0, Q8_0)
 DEFINE_MATMUL(matmul_q4_0, Q4_0)
 DEFINE_MATMUL(matmul_q4_1, Q4_1)
+DEFINE_MATMUL(matmul_q4_kr, Q4_KR)
+DEFINE_MATMUL(matmul_q6_kr, Q6_KR)
 
 /* y[t * ys + r] = sum_k x[t * xs + k] W[r, k] for r < rows, t < n_tok. */
 void slm_qmatmul(int type, const uint8_t *w, int64_t rows, int64_t cols, const float *x, int64_t n_tok,
@@ -197,6 +218,8 @@ void slm_qmatmul(int type, const uint8_t *w, int64_t rows, int64_t cols, const f
         case Q8_0: matmul_q8_0(w, rows, cols, x, n_tok, xs, y, ys, nthreads); break;
         case Q4_0: matmul_q4_0(w, rows, cols, x, n_tok, xs, y, ys, nthreads); break;
         case Q4_1: matmul_q4_1(w, rows, cols, x, n_tok, xs, y, ys, nthreads); break;
+        case Q4_KR: matmul_q4_kr(w, rows, cols, x, n_tok, xs, y, ys, nthreads); break;
+        case Q6_KR: matmul_q6_kr(w, rows, cols, x, n_tok, xs, y, ys, nthreads); break;
     }
 }
 
@@ -218,12 +241,9 @@ static inline __attribute__((always_inline)) void dequantize_row(const int type,
         _mm512_storeu_ps(o, lo);
         _mm512_storeu_ps(o + 16, hi);
 #else
-        float q[32], d, m;
-        block_ints(type, blk, q, &d, &m);
-        if (type == Q4_1)
-            for (int j = 0; j < 32; j++) o[j] = q[j] * d + m;
-        else
-            for (int j = 0; j < 32; j++) o[j] = q[j] * d;
+        float q[32], d;
+        block_ints(type, blk, q, &d);
+        for (int j = 0; j < 32; j++) o[j] = type == Q8_0 ? q[j] * d : q[j];
 #endif
     }
 }
@@ -239,6 +259,8 @@ static void NAME(const uint8_t *w, int64_t cols, const int64_t *idx, int64_t n, 
 DEFINE_DEQUANTIZE(dequantize_q8_0, Q8_0)
 DEFINE_DEQUANTIZE(dequantize_q4_0, Q4_0)
 DEFINE_DEQUANTIZE(dequantize_q4_1, Q4_1)
+DEFINE_DEQUANTIZE(dequantize_q4_kr, Q4_KR)
+DEFINE_DEQUANTIZE(dequantize_q6_kr, Q6_KR)
 
 /* out[i, :] = the dequantized row idx[i] of W (cols values each). */
 void slm_dequantize_rows(int type, const uint8_t *w, int64_t cols, const int64_t *idx, int64_t n,
@@ -247,5 +269,7 @@ void slm_dequantize_rows(int type, const uint8_t *w, int64_t cols, const int64_t
         case Q8_0: dequantize_q8_0(w, cols, idx, n, out, nthreads); break;
         case Q4_0: dequantize_q4_0(w, cols, idx, n, out, nthreads); break;
         case Q4_1: dequantize_q4_1(w, cols, idx, n, out, nthreads); break;
+        case Q4_KR: dequantize_q4_kr(w, cols, idx, n, out, nthreads); break;
+        case Q6_KR: dequantize_q6_kr(w, cols, idx, n, out, nthreads); break;
     }
 }

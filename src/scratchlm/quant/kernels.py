@@ -28,13 +28,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from scratchlm.quant.formats import FORMATS, dequantize
+from scratchlm.quant.formats import FORMATS, dequantize, k_quant_parts
 
-__all__ = ["KERNEL_TYPES", "qmatmul", "dequantize_rows", "kernels_available"]
+__all__ = ["KERNEL_TYPES", "KERNEL_BLOCK_BYTES", "reblock", "qmatmul", "dequantize_rows", "kernels_available"]
 
-KERNEL_TYPES = {"Q8_0": 0, "Q4_0": 1, "Q4_1": 2}  # the C enum
+# GGML type → the C enum of the layout the kernels read.  Q8_0/Q4_0/Q4_1 are read as the file
+# stores them; Q4_K and Q6_K are re-blocked first (``reblock``), without loss, into blocks of 32.
+KERNEL_TYPES = {"Q8_0": 0, "Q4_0": 1, "Q4_1": 2, "Q4_K": 3, "Q6_K": 4}
+KERNEL_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q4_K": 24, "Q6_K": 40}  # per 32 values
 _SOURCE = Path(__file__).with_name("kernels.c")
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
+# SCRATCHLM_KERNELS_PORTABLE=1: the portable C path (no AVX-512 code), as a machine without it builds
+_PORTABLE_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 _lib: ctypes.CDLL | None | bool = None  # None: not tried yet; False: unavailable
 
 
@@ -63,9 +68,10 @@ def _build() -> ctypes.CDLL | None:
         warnings.warn("no C compiler found: packed GGUF weights run through the slow reference path "
                       "(install gcc or clang, or set CC)", stacklevel=3)
         return None
+    flags = _PORTABLE_FLAGS if os.environ.get("SCRATCHLM_KERNELS_PORTABLE") else _FLAGS
     source = _SOURCE.read_bytes()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(b"\0".join([source, " ".join(_FLAGS).encode(), version.encode(),
+    key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(),
                                      _cpu_flags().encode()])).hexdigest()[:16]
     cache = Path(os.environ.get("SCRATCHLM_CACHE", Path.home() / ".cache" / "scratchlm")).expanduser()
     target = cache / f"quant_kernels_{key}.so"
@@ -73,7 +79,7 @@ def _build() -> ctypes.CDLL | None:
         cache.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
         os.close(fd)
-        result = subprocess.run([cc, *_FLAGS, "-o", tmp, str(_SOURCE)], capture_output=True, text=True)
+        result = subprocess.run([cc, *flags, "-o", tmp, str(_SOURCE)], capture_output=True, text=True)
         if result.returncode != 0:
             os.unlink(tmp)
             warnings.warn(f"compiling the packed-weight kernels with {cc} failed, so packed GGUF weights "
@@ -101,6 +107,46 @@ def kernels_available() -> bool:
     return _library() is not None
 
 
+def reblock(type_name: str, blocks: np.ndarray) -> np.ndarray:
+    """A GGUF tensor's blocks [rows, row bytes] in the layout the kernels read, [rows, cols/32 · bytes].
+
+    Q4_K → 32-value blocks of fp32 d = d·sc and m = −dmin·min plus the 16 bytes of nibbles (low
+    nibbles elements 0–15); Q6_K → 32-value blocks of two fp32 scales d·sc (one per 16 values)
+    plus 32 int8 q − 32.  The scales are the very products ``gguf.quants`` forms when it
+    dequantizes, so the kernels' values equal its values bit for bit.  Other types pass through.
+    """
+    if type_name not in ("Q4_K", "Q6_K"):
+        return blocks
+    rows = blocks.shape[0]
+    scales, offsets, q = k_quant_parts(type_name, blocks.reshape(-1, FORMATS[type_name].block_bytes))
+    n = scales.size // (2 if type_name == "Q6_K" else 1)  # 32-value blocks
+    if type_name == "Q4_K":
+        q = q.reshape(n, 32)
+        packed = q[:, :16] | (q[:, 16:] << np.uint8(4))
+        head = np.stack([scales.reshape(n), -offsets.reshape(n)], axis=1).astype(np.float32)
+    else:
+        packed = q.reshape(n, 32).view(np.uint8)
+        head = scales.reshape(n, 2).astype(np.float32)
+    return np.concatenate([head.view(np.uint8), packed], axis=1).reshape(rows, -1)
+
+
+def _dequantize_layout(table: np.ndarray, type_name: str, cols: int) -> np.ndarray:
+    """The reference path's dequantization of rows in the kernels' layout (float32 [rows, cols])."""
+    rows = table.shape[0]
+    if type_name in ("Q4_K", "Q6_K"):
+        blocks = table.reshape(-1, KERNEL_BLOCK_BYTES[type_name])
+        head = np.ascontiguousarray(blocks[:, :8]).view(np.float32)
+        if type_name == "Q4_K":
+            q = np.concatenate([blocks[:, 8:] & np.uint8(0x0F), blocks[:, 8:] >> np.uint8(4)], axis=1)
+            values = q.astype(np.float32) * head[:, :1] + head[:, 1:]
+        else:
+            q = blocks[:, 8:].view(np.int8).astype(np.float32).reshape(-1, 2, 16)
+            values = q * head.reshape(-1, 2, 1)
+        return values.reshape(rows, cols)
+    values = dequantize(np.ascontiguousarray(table).reshape(-1), type_name, rows * cols)
+    return values.reshape(rows, cols)
+
+
 def qmatmul(blocks: torch.Tensor, type_name: str, rows: int, cols: int, x: torch.Tensor) -> torch.Tensor:
     """``x @ Wᵀ`` for x [n, cols] (fp32, contiguous) and W [rows, cols] packed in ``blocks`` (uint8).
 
@@ -120,14 +166,12 @@ def qmatmul(blocks: torch.Tensor, type_name: str, rows: int, cols: int, x: torch
 def dequantize_rows(blocks: torch.Tensor, type_name: str, rows: int, cols: int,
                     index: torch.Tensor | None = None) -> torch.Tensor:
     """Rows ``index`` (default: all) of the packed W, as float32 [len(index), cols], bit-identical to
-    ``quant.formats.dequantize``."""
+    ``quant.formats.dequantize`` of the file's blocks."""
     lib = _library()
     if lib is None:
-        fmt = FORMATS[type_name]
-        table = blocks.numpy().reshape(rows, cols // fmt.per_block * fmt.block_bytes)
+        table = blocks.numpy().reshape(rows, -1)
         picked = table if index is None else table[index.numpy()]
-        values = dequantize(np.ascontiguousarray(picked).reshape(-1), type_name, picked.shape[0] * cols)
-        return torch.from_numpy(values.reshape(-1, cols))
+        return torch.from_numpy(_dequantize_layout(picked, type_name, cols))
     if index is None:
         index = torch.arange(rows)
     index = index.to(torch.int64).contiguous()

@@ -1,9 +1,13 @@
-"""Linear layers and embeddings whose weights stay packed in GGML blocks (Q8_0, Q4_0, Q4_1).
+"""Linear layers and embeddings whose weights stay packed in GGML blocks (Q8_0, Q4_0, Q4_1, and
+Q4_K / Q6_K re-blocked without loss).
 
 Decoding one token reads every weight once, so on a CPU its time is mostly the bytes of weights:
 a 4.5-bit Q4_1 weight read in place costs a quarter of an fp16 one.  ``QuantLinear`` holds W as
 the file's own blocks (``blocks``: uint8 [out_features, in_features/32 · block bytes], the rows of
 a GGUF tensor in torch order) and computes ``x Wᵀ + b`` without materialising W:
+
+Q4_K and Q6_K (the types of ``Q4_K_M`` files) are re-blocked at load into blocks of 32 with fp32
+scales (``kernels.reblock``: 6 and 10 bits per weight instead of 4.5 and 6.6, the same values).
 
 * up to ``DECODE_TOKENS`` rows of x (decoding, batched decoding): the compiled kernel
   (``quant.kernels``), fp32 activations, each block's integer dot product scaled by its d (+ m·Σx
@@ -28,8 +32,8 @@ import torch
 from torch import nn
 
 from scratchlm.errors import ConfigError
-from scratchlm.quant.formats import FORMATS, quantize
-from scratchlm.quant.kernels import KERNEL_TYPES, dequantize_rows, qmatmul
+from scratchlm.quant.formats import FORMATS, QUANTIZABLE, quantize
+from scratchlm.quant.kernels import KERNEL_BLOCK_BYTES, KERNEL_TYPES, dequantize_rows, qmatmul
 
 __all__ = ["QuantLinear", "QuantEmbedding", "quantize_model", "weight_bytes", "is_quantized",
            "QUANT_TYPES", "DECODE_TOKENS", "PREFILL_ROWS"]
@@ -42,9 +46,8 @@ PREFILL_ROWS = 2048  # rows of W dequantized at a time for a prefill matmul (204
 def _check_blocks(blocks: torch.Tensor, type_name: str, rows: int, cols: int) -> torch.Tensor:
     if type_name not in KERNEL_TYPES:
         raise ValueError(f"{type_name} weights are not kept packed; packed types: {', '.join(QUANT_TYPES)}")
-    fmt = FORMATS[type_name]
-    if cols % fmt.per_block or blocks.dtype != torch.uint8 or \
-            blocks.numel() != rows * (cols // fmt.per_block) * fmt.block_bytes:
+    if cols % FORMATS[type_name].per_block or blocks.dtype != torch.uint8 or \
+            blocks.numel() != rows * (cols // 32) * KERNEL_BLOCK_BYTES[type_name]:
         raise ValueError(f"{blocks.numel()} bytes are not a [{rows}, {cols}] {type_name} matrix")
     return blocks.reshape(rows, -1).contiguous()
 
@@ -149,9 +152,9 @@ def quantize_model(model: nn.Module, type_name: str) -> nn.Module:
     model with no matrix that can be quantized is a ``ConfigError``.
     """
     type_name = type_name.upper()
-    if type_name not in KERNEL_TYPES:
+    if type_name not in QUANTIZABLE:
         raise ConfigError(f"cannot quantize to {type_name.lower()}",
-                          f"use one of {', '.join(t.lower() for t in QUANT_TYPES)}")
+                          f"use one of {', '.join(t.lower() for t in QUANTIZABLE)}")
     if any(p.device.type != "cpu" for p in model.parameters()):
         raise ConfigError("quantized weights run on the CPU", "load the model with --device cpu")
     per_block, kept = FORMATS[type_name].per_block, []
