@@ -297,3 +297,22 @@ def test_cli_dtype_gguf_on_a_run_dir_is_one_line(tmp_path, run_cli):
     code, out, err = run_cli("generate", "--model", run, "--prompt", "tiny",
                              "--quantize", "q4_0", "--max-new-tokens", "4", "--temperature", "0")
     assert code == 0, err
+
+
+def test_bad_gguf_files_are_one_line_with_dtype_gguf(tmp_path, run_cli):
+    """Truncated (caught before any weight is used), unsupported type, unsupported architecture."""
+    from test_gguf import model_tensors, random_values, write_gguf
+
+    model = random_model("llama")
+    data = write_model(tmp_path / "m.gguf", model, "llama", "Q4_1").read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[:-100])
+    tensors = model_tensors(model, "llama")
+    tensors["blk.0.ffn_up.weight"] = (tensors["blk.0.ffn_up.weight"][0], "MXFP4")
+    write_gguf(tmp_path / "mx.gguf", "llama", tensors, model.config)
+    write_gguf(tmp_path / "g.gguf", "gpt2", {"token_embd.weight": (random_values(4, 32), "F32")})
+    for name, message in (("cut", "past the end of the file"),
+                          ("mx", "blk.0.ffn_up.weight is stored as MXFP4"),
+                          ("g", "GGUF architecture 'gpt2' is not supported")):
+        code, out, err = run_cli("generate", "--model", str(tmp_path / f"{name}.gguf"), "--prompt", "hi",
+                                 "--dtype", "gguf")
+        assert code == 2 and out == "" and err.count("\n") == 1 and message in err, err

@@ -179,7 +179,8 @@ def load(ref: str | Path, device: str | torch.device | None = None,
     and the model is then for inference only.
 
     Packed weights (``quant/``, CPU, inference only): ``dtype="gguf"`` keeps a .gguf file's
-    Q8_0/Q4_0/Q4_1 matrices in their blocks and computes with them in place;
+    Q8_0/Q4_0/Q4_1 matrices in their blocks (Q4_K/Q6_K re-blocked without loss) and computes with
+    them in place;
     ``quantize="q8_0" | "q4_0" | "q4_1"`` (or that name as ``dtype``) rounds a float model's
     matrices into such blocks as llama.cpp does.
     """

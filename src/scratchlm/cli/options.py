@@ -42,7 +42,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, metavar="{" + ",".join(DTYPES + QUANT_DTYPES[:1]) + "}",
                         help="weight precision; None = float32.  On the CPU, float16 is the fast "
                         "inference mode: fp16 weights, fp32 arithmetic; gguf keeps a .gguf file's own "
-                        "Q8_0/Q4_0/Q4_1 blocks and computes with them in place (fastest)")
+                        "Q8_0/Q4_0/Q4_1/Q4_K/Q6_K blocks and computes with them in place (least memory)")
     parser.add_argument("--quantize", default=None, choices=QUANT_DTYPES[1:],
                         help="round the weight matrices into GGUF blocks at load, as llama.cpp does "
                         "(CPU inference; fp32 arithmetic); None = keep them as loaded")
