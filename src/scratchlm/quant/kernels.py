@@ -98,7 +98,12 @@ def _build() -> ctypes.CDLL | None:
 def _library() -> ctypes.CDLL | None:
     global _lib
     if _lib is None:
-        _lib = _build() or False
+        try:
+            _lib = _build() or False
+        except OSError as err:  # an unwritable cache, a library that will not load
+            warnings.warn(f"the packed-weight kernels are unavailable ({err}), so packed GGUF weights run "
+                          "through the slow reference path", stacklevel=2)
+            _lib = False
     return _lib or None
 
 
