@@ -351,10 +351,10 @@ def test_tokenizer_and_chat_template_from_metadata(tmp_path):
 def test_unsupported_type_names_it(tmp_path):
     model = random_model("llama")
     tensors = model_tensors(model, "llama")
-    tensors["blk.1.ffn_down.weight"] = (tensors["blk.1.ffn_down.weight"][0], "Q5_0")
-    with pytest.raises(CheckpointError, match=r"blk\.1\.ffn_down\.weight is stored as Q5_0") as err:
-        load_gguf(write_gguf(tmp_path / "q5.gguf", "llama", tensors, model.config))
-    assert "Q4_1" in str(err.value)  # the fix lists what is supported
+    tensors["blk.1.ffn_down.weight"] = (tensors["blk.1.ffn_down.weight"][0], "MXFP4")
+    with pytest.raises(CheckpointError, match=r"blk\.1\.ffn_down\.weight is stored as MXFP4") as err:
+        load_gguf(write_gguf(tmp_path / "mxfp4.gguf", "llama", tensors, model.config))
+    assert "Q4_1" in str(err.value) and "Q6_K" in str(err.value)  # the fix lists what is supported
 
 
 def test_unsupported_architecture_lists_supported(tmp_path):

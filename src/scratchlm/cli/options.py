@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from scratchlm.api import DTYPES, LM
+from scratchlm.api import DTYPES, LM, QUANT_DTYPES
 from scratchlm.finetune.lora_config import ALL_LINEAR, LoRAConfig
 from scratchlm.generation.sampling import SamplingParams
 from scratchlm.runtime import set_threads
@@ -19,7 +19,8 @@ def load_model(args: argparse.Namespace) -> LM:
     from scratchlm.api import load
 
     set_threads(args.threads)
-    return load(args.model, device=args.device, dtype=args.dtype, adapter=args.adapter)
+    return load(args.model, device=args.device, dtype=args.dtype, adapter=args.adapter,
+                quantize=getattr(args, "quantize", None))
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -32,9 +33,13 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         "adapter_model.safetensors) to apply to --model; None = the model as it is")
     parser.add_argument("--device", default=None,
                         help="cpu, cuda, cuda:1, ...; None = cuda if available, else cpu")
-    parser.add_argument("--dtype", default=None, metavar="{" + ",".join(DTYPES) + "}",
+    parser.add_argument("--dtype", default=None, metavar="{" + ",".join(DTYPES + QUANT_DTYPES[:1]) + "}",
                         help="weight precision; None = float32.  On the CPU, float16 is the fast "
-                        "inference mode: fp16 weights, fp32 arithmetic")
+                        "inference mode: fp16 weights, fp32 arithmetic; gguf keeps a .gguf file's own "
+                        "Q8_0/Q4_0/Q4_1/Q4_K/Q6_K blocks and computes with them in place (least memory)")
+    parser.add_argument("--quantize", default=None, choices=QUANT_DTYPES[1:],
+                        help="round the weight matrices into GGUF blocks at load, as llama.cpp does "
+                        "(CPU inference; fp32 arithmetic); None = keep them as loaded")
     parser.add_argument("--threads", type=int, default=0, metavar="N",
                         help="CPU threads; 0 = PyTorch's default, one per core (on cores shared with other "
                         "jobs, fewer can be much faster)")

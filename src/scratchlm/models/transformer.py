@@ -87,7 +87,7 @@ class Transformer(nn.Module):
         Not a buffer: ``model.to(torch.bfloat16)`` would round them, and positions times a
         rounded frequency drift far from the checkpoint's angles at long contexts.
         """
-        device = self.embed_tokens.weight.device
+        device = self.norm.weight.device  # (not the embedding's: quant/ may hold it packed)
         if self._rope_inv_freq is None or self._rope_inv_freq.device != device:
             c = self.config
             self._rope_inv_freq = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling).to(device)
@@ -120,7 +120,7 @@ class Transformer(nn.Module):
 
     def new_cache(self, batch_size: int, max_length: int | None = None,
                   dtype: torch.dtype | None = None) -> KVCache:
-        param = self.embed_tokens.weight
+        param = self.norm.weight  # the model's float dtype, also when quant/ packs the embedding
         return KVCache(self.config, batch_size, max_length or self.config.context_length,
                        device=param.device, dtype=dtype or param.dtype)
 
