@@ -130,8 +130,9 @@ def test_recurrent_and_ngram_models_have_no_hf_format(preset, tmp_path, run_cli)
 
 
 def test_gguf_to_run(tmp_path, run_cli):
-    gguf = pytest.importorskip("gguf")
-    test_gguf = pytest.importorskip("test_gguf", reason="the GGUF engineer's helpers write tiny GGUF files")
+    import gguf
+
+    import test_gguf  # its helpers write tiny GGUF files
     from scratchlm.tokenizers.bpe import bytes_to_token
 
     tokens = [bytes_to_token(bytes([b])) for b in range(256)] + ["he", "Ġt", "<|im_start|>", "<|im_end|>"]

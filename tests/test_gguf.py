@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -16,7 +17,6 @@ from scratchlm.errors import CheckpointError
 from scratchlm.models.config import ModelConfig
 from scratchlm.models.transformer import Transformer
 
-gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
 TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"]
 
@@ -410,8 +410,8 @@ def render_chat(template: str, messages: list[dict], **extra) -> str:
 @pytest.fixture(scope="module")
 def smollm2_transformers(smollm2_gguf_module):
     """transformers' model from the same GGUF file, fp32: ~35 s to load here, so once per module."""
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("accelerate", reason="transformers needs accelerate to load GGUF files")
+    import accelerate  # noqa: F401  (a dev dependency: transformers needs it to load GGUF files)
+    import transformers
     path = smollm2_gguf_module
     model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                               dtype=torch.float32)

@@ -47,7 +47,6 @@ def gpt2() -> ByteLevelBPE:
 
 @pytest.fixture(scope="module")
 def tiktoken_gpt2():
-    pytest.importorskip("tiktoken")
     import tiktoken.load
 
     encoder_json = shared_path("data", "gpt2", "encoder.json")
@@ -233,7 +232,7 @@ def test_saved_tokenizer_json_encodes_like_hf_tokenizers(gpt2, saved_gpt2, text)
 
 
 def _hf_tokenizer(path, _cache={}):  # noqa: B006 - a per-process cache of parsed files
-    tokenizers = pytest.importorskip("tokenizers")
+    import tokenizers
     if str(path) not in _cache:
         _cache[str(path)] = tokenizers.Tokenizer.from_file(str(path))
     return _cache[str(path)]

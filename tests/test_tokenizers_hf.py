@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import tokenizers
 from hypothesis import given
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
 from conftest import shared_path
 from scratchlm.data.corpora import read_corpus
@@ -18,9 +20,6 @@ from scratchlm.errors import DataError, UserError
 from scratchlm.tokenizers import ByteLevelBPE, load
 from scratchlm.tokenizers.bpe import GPT4_PATTERN, LLAMA3_PATTERN, QWEN2_PATTERN
 from test_tokenizers_bpe import PARITY, TEXT
-
-tokenizers = pytest.importorskip("tokenizers")
-from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers  # noqa: E402
 
 CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
 
@@ -137,7 +136,7 @@ def test_tokenizer_config_supplies_chat_template_and_eos(pairs, tmp_path):
 
 
 def test_pretrained_tokenizer_fast_loads_our_save(pairs, tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     ours = pairs["llama3"][0]
     ours.chat_template = CHAT_TEMPLATE
     ours.save(tmp_path)
