@@ -122,9 +122,24 @@ def test_sharded_and_pickled_checkpoints(hf_dir, hf_model, tmp_path):
     assert_same_logits(our_logits(load_hf(pickled)[0]), hf_logits(hf_model))
 
 
-def test_dtype_and_import_is_strict_about_fused_rows(hf_dir):
+def test_dtype(hf_dir):
     model, _, _ = load_hf(hf_dir, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+@pytest.mark.parametrize("name, shape", [("transformer.h.0.attn.c_attn.weight", (32, 64)),
+                                         ("transformer.h.1.attn.c_attn.bias", (95,))])
+def test_import_is_strict_about_fused_rows(hf_dir, tmp_path, name, shape):
+    """c_attn holds q, k and v: a fused tensor with the rows of two (or one short) is refused."""
+    bad = copy_dir(hf_dir, tmp_path / "bad")
+    tensors = load_file(bad / "model.safetensors")
+    tensors[name] = tensors[name][..., :shape[-1]].contiguous()
+    save_file(tensors, bad / "model.safetensors")
+    with pytest.raises(CheckpointError) as info:
+        load_hf(bad)
+    message = one_line_error(info)
+    expected = "[" + ", ".join(map(str, shape)) + "]"
+    assert f"{name!r}" in message and expected in message
 
 
 # -------------------------------------------------------------------------------------------

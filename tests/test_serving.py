@@ -153,6 +153,7 @@ def test_seed_reproduces_a_sample(client):
                                          seed=seed).choices[0].text
 
     assert ask(7) == ask(7)
+    assert any(ask(seed) != ask(7) for seed in (8, 9, 10))  # the seed is used, not a fixed one
 
 
 def error_of(response: httpx.Response) -> dict:
