@@ -129,10 +129,10 @@ def test_recurrent_and_ngram_models_have_no_hf_format(preset, tmp_path, run_cli)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing written, no temporaries
 
 
-def test_gguf_to_run(tmp_path, run_cli):
+def _tiny_gguf_vocab():
+    """Metadata of a tiny byte-level vocabulary with a chat template, for write_model."""
     import gguf
 
-    import test_gguf  # its helpers write tiny GGUF files
     from scratchlm.tokenizers.bpe import bytes_to_token
 
     tokens = [bytes_to_token(bytes([b])) for b in range(256)] + ["he", "Ġt", "<|im_start|>", "<|im_end|>"]
@@ -146,8 +146,15 @@ def test_gguf_to_run(tmp_path, run_cli):
         writer.add_eos_token_id(259)
         writer.add_chat_template(TEMPLATE)
 
+    return len(tokens), vocab
+
+
+def test_gguf_to_run(tmp_path, run_cli):
+    import test_gguf  # its helpers write tiny GGUF files
+
+    n_tokens, vocab = _tiny_gguf_vocab()
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(**dict(test_gguf.TINY, vocab_size=len(tokens)))).eval()
+    model = Transformer(ModelConfig(**dict(test_gguf.TINY, vocab_size=n_tokens))).eval()
     path = test_gguf.write_model(tmp_path / "m.gguf", model, "llama", "Q8_0", metadata=vocab)
     code, _, err = run_cli("convert", path, tmp_path / "run")
     assert code == 0, err
@@ -157,3 +164,27 @@ def test_gguf_to_run(tmp_path, run_cli):
         assert torch.equal(source.model(ids), converted.model(ids))
     assert converted.chat_template == TEMPLATE and converted.tokenizer.eos_token == "<|im_end|>"
     assert converted.tokenizer.encode("he the") == source.tokenizer.encode("he the")
+
+
+def test_gguf_to_hf_loads_in_transformers_with_the_same_logits(tmp_path, run_cli):
+    """README: ``scratchlm convert MODEL.gguf DIR --to hf``.  GGUF stores q/k rows permuted for
+    llama.cpp's RoPE; the Hugging Face checkpoint must hold them un-permuted, which only weights of
+    realistic scale (attention far from uniform) can show."""
+    import test_gguf  # its helpers write tiny GGUF files
+
+    n_tokens, vocab = _tiny_gguf_vocab()
+    model = realistic_weights(Transformer(ModelConfig(**dict(test_gguf.TINY, vocab_size=n_tokens))))
+    path = test_gguf.write_model(tmp_path / "m.gguf", model, "llama", "F32", metadata=vocab)
+    code, out, err = run_cli("convert", path, tmp_path / "hf", "--to", "hf")
+    assert code == 0, err
+    assert out.startswith(f"wrote {tmp_path / 'hf'} (Hugging Face:")
+    ids = torch.tensor([[1, 2, 3, 256, 257, 258, 40, 41, 42, 7]])
+    with torch.no_grad():
+        expected = model(ids)
+        assert (scratchlm.load(path, device="cpu").model(ids) - expected).abs().max().item() <= PARITY_ATOL
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (theirs(ids).logits - expected).abs().max().item() <= PARITY_ATOL
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert hf_tok.encode("he the", add_special_tokens=False) == \
+        scratchlm.load(path, device="cpu").tokenizer.encode("he the")
