@@ -438,7 +438,7 @@ def test_smollm2_loads_through_scratchlm_load(smollm2_gguf):
 
 @pytest.mark.slow
 def test_smollm2_matches_transformers(smollm2_gguf_module, smollm2_transformers):
-    """Same logits as transformers' loading of the file (≤ 1e-3), same greedy chat answer: Paris."""
+    """Same logits as transformers' loading of the file (≤ 1e-4 in fp32), same greedy chat answer: Paris."""
     from scratchlm.generation import SamplingParams, generate_ids
 
     model, tokenizer, _ = load_gguf(smollm2_gguf_module)
@@ -447,7 +447,7 @@ def test_smollm2_matches_transformers(smollm2_gguf_module, smollm2_transformers)
         "The quick brown fox jumps over the lazy dog. Paris is the capital of")])
     with torch.no_grad():
         diff = (model(ids) - theirs(ids).logits).abs().max().item()
-    assert diff <= 1e-3
+    assert diff <= 1e-4, diff  # docs/benchmarks.md quotes this bound
 
     prompt = tokenizer.encode(render_chat(tokenizer.chat_template, QUESTION), allowed_special="all")
     ours = generate_ids(model, [prompt], SamplingParams(temperature=0, max_new_tokens=40),

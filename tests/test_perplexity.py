@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from scratchlm.errors import ConfigError
+from scratchlm.errors import ConfigError, DataError
 from scratchlm.evaluation.perplexity import perplexity, sliding_window_nll, windows
 from scratchlm.models import build_model, from_preset
 from scratchlm.tokenizers import CharTokenizer
@@ -140,3 +140,69 @@ def test_nats_per_char_divides_by_characters_not_tokens():
     assert result.nats_per_char == pytest.approx(total / characters, rel=1e-5)
     assert result.bits_per_char == pytest.approx(total / characters / math.log(2), rel=1e-5)
     assert result.loss == pytest.approx(total / (len(ids) - 1), rel=1e-5)
+
+
+def test_defaults_and_edges():
+    """The default stride is half the context; the result says what it used; a two-character text
+    scores one character; specials in the text are encoded as specials, not refused."""
+    tok = CharTokenizer.from_text(STRIDE_TEXT)
+    model = realistic_model(tok.vocab_size, 16)
+    result = perplexity(model, tok, STRIDE_TEXT)
+    assert (result.context_length, result.stride) == (16, 8)
+    assert result.loss == pytest.approx(perplexity(model, tok, STRIDE_TEXT, context_length=16, stride=8).loss)
+
+    two = perplexity(model, tok, "RO")
+    assert (two.tokens, two.characters) == (1, 1)
+    assert two.nats_per_char == pytest.approx(direct_nll(model, tok.encode("RO"), 16, 8))
+
+    from scratchlm.tokenizers.train_bpe import train_bpe
+
+    bpe = train_bpe(STRIDE_TEXT * 2, 280, special_tokens=("<|endoftext|>",), progress=False)
+    text = STRIDE_TEXT[:60] + "<|endoftext|>" + STRIDE_TEXT[60:120]
+    with_special = perplexity(realistic_model(bpe.vocab_size, 16), bpe, text)
+    assert with_special.tokens == len(bpe.encode(text, allowed_special="all")) - 1
+
+
+class Confident(torch.nn.Module):
+    """Always sure of the wrong token: a loss of 10,000 nats per token."""
+
+    def __init__(self, vocab_size: int):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, ids):
+        logits = torch.zeros(*ids.shape, self.vocab_size)
+        logits[..., -1] = 1e4  # an id the text never holds
+        return logits
+
+
+def test_a_huge_loss_has_infinite_perplexity_and_no_overflow():
+    tok = CharTokenizer.from_text("bcd")
+    result = perplexity(Confident(tok.vocab_size + 1), tok, "bcdbcd", context_length=4)
+    assert result.loss == pytest.approx(1e4) and result.perplexity == math.inf
+
+
+def test_every_error_says_what_and_how_to_fix():
+    tok = CharTokenizer.from_text(STRIDE_TEXT)
+    model = realistic_model(tok.vocab_size, 16)
+    cases = [
+        (dict(context_length=64), ConfigError, "context length 64 exceeds the model's 16 positions",
+         "pass a context length of at most 16"),
+        (dict(context_length=1), ConfigError, "context length 1 is too short to predict anything",
+         "pass a context length of 2 tokens or more"),
+        (dict(stride=17), ConfigError, "stride 17 must be between 1 and the context length 16",
+         "a larger stride would skip tokens"),
+        (dict(batch_size=0), ConfigError, "batch size must be positive, got 0", "pass e.g. --batch-size 8"),
+    ]
+    for kwargs, error, what, fix in cases:
+        with pytest.raises(error) as info:
+            perplexity(model, tok, STRIDE_TEXT, **kwargs)
+        assert (info.value.what, info.value.fix) == (what, fix)
+    with pytest.raises(DataError) as info:
+        perplexity(model, tok, "")
+    assert (info.value.what, info.value.fix) == ("the text is empty", "pass a text to evaluate")
+    with pytest.raises(ConfigError) as info:
+        perplexity(Confident(5), tok, STRIDE_TEXT)  # no config, no context length given
+    assert (info.value.what, info.value.fix) == ("the model does not say its context length",
+                                                 "pass context_length")
