@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from conftest import PARITY_ATOL, realistic_weights
 from scratchlm.checkpoint.hf import FAMILIES, export_weights, load_hf, save_hf
@@ -139,3 +139,46 @@ def test_refused_configs(saved, tmp_path, change, message):
     with pytest.raises(CheckpointError, match=message) as info:
         load_hf(bad)
     assert "\n" not in str(info.value)
+
+
+def test_v4_linear_rope_scaling_with_the_legacy_type_key(saved, tmp_path):
+    """transformers v4 files spell the scaling ``rope_scaling: {"type": "linear", "factor": F}``."""
+    model_type, path, _ = saved
+    legacy = tmp_path / "legacy"
+    shutil.copytree(path, legacy)
+    cfg = json.loads((legacy / "config.json").read_text())
+    cfg["rope_theta"] = cfg.pop("rope_parameters")["rope_theta"]
+    cfg["rope_scaling"] = {"type": "linear", "factor": 4.0}
+    (legacy / "config.json").write_text(json.dumps(cfg))
+    model, _, config = load_hf(legacy)
+    assert config.rope_scaling["rope_type"] == "linear" and config.rope_scaling["factor"] == 4.0
+    assert "rope_theta" not in config.rope_scaling
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(legacy, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = theirs(IDS).logits
+        assert max_diff(model(IDS), expected) <= PARITY_ATOL
+        default, _, _ = load_hf(path)
+        assert max_diff(default(IDS), expected) > 0.01  # the scaling changes the function
+
+
+def test_a_tied_head_stored_anyway_is_accepted(tmp_path):
+    """Some tied checkpoints still store lm_head.weight (a copy of the embedding): not 'unexpected'."""
+    model = realistic_weights(CASES["qwen2"]())
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    assert "lm_head.weight" not in tensors
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    ours, _, config = load_hf(tmp_path)
+    assert config.tie_embeddings
+    with torch.no_grad():
+        assert max_diff(ours(IDS), model(IDS).logits) <= PARITY_ATOL
+
+
+def test_export_refuses_parameters_the_format_has_no_place_for():
+    from scratchlm.errors import ConfigError
+    from scratchlm.models import build_model, from_preset
+
+    model = build_model(from_preset("tiny-gpt2", qk_norm=True))  # GPT-2 has no q/k norms
+    with pytest.raises(ConfigError, match="the gpt2 format has no place for .*q_norm"):
+        export_weights(FAMILIES["gpt2"], model)
