@@ -151,6 +151,10 @@ def test_defaults_and_edges():
     assert (result.context_length, result.stride) == (16, 8)
     assert result.loss == pytest.approx(perplexity(model, tok, STRIDE_TEXT, context_length=16, stride=8).loss)
 
+    smallest = perplexity(model, tok, STRIDE_TEXT[:40], context_length=2, batch_size=1)
+    assert (smallest.context_length, smallest.stride) == (2, 1)  # half of 2, the smallest context
+    assert smallest.loss == pytest.approx(direct_nll(model, tok.encode(STRIDE_TEXT[:40]), 2, 1) / 39)
+
     two = perplexity(model, tok, "RO")
     assert (two.tokens, two.characters) == (1, 1)
     assert two.nats_per_char == pytest.approx(direct_nll(model, tok.encode("RO"), 16, 8))
