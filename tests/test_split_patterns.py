@@ -11,6 +11,7 @@ test_tokenizers_bpe.py when GPT-2's ranks are in ../shared), and Hugging Face ``
 
 from __future__ import annotations
 
+import importlib
 import inspect
 
 import regex
@@ -59,7 +60,10 @@ def test_published_copies_match_the_installed_sources():
         assert f'r"""{alternative}"""' in source
     assert transformers.models.qwen2.tokenization_qwen2.PRETOKENIZE_REGEX == PUBLISHED["qwen2"]
     # transformers' tiktoken converter defaults to Llama 3's pattern
-    default = inspect.signature(transformers.convert_slow_tokenizer.TikTokenConverter).parameters["pattern"]
+    # (the module, imported by name: transformers also exports a *function* convert_slow_tokenizer,
+    # which shadows the module attribute once something imports it from the top level)
+    converter = importlib.import_module("transformers.convert_slow_tokenizer").TikTokenConverter
+    default = inspect.signature(converter).parameters["pattern"]
     assert default.default == PUBLISHED["llama3"]
 
 
