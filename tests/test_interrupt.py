@@ -132,7 +132,7 @@ def saved_step(run: Path, after_step: int, max_steps: int) -> int:
 
 
 def test_sigint_mid_run_then_resume_equals_the_uninterrupted_run(run_cli, tmp_path, corpus):
-    steps = 150
+    steps = 400  # enough that the run is still going when the signal lands, on a fast machine too
     common = ["pretrain", *RUN, "--data", corpus, "--max-steps", steps]
     code, _, err = run_cli(*common, "--out", tmp_path / "ref")
     assert code == 0, err

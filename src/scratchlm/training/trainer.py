@@ -133,7 +133,8 @@ class Trainer:
         self.last_sample: str | None = None
         self._perm: tuple[int, torch.Tensor] | None = None
         self._consistent = True  # False while an update is half applied: no checkpoint then
-        self._stop_requested = False
+        self._stop_requested = False  # set by Ctrl-C on this process; never cleared by a step
+        self._stop_agreed = False  # every process has seen a stop request at the last step's all-reduce
         self._session_start = 0.0
         self._elapsed_at_start = 0.0
         self._shared_elapsed = 0.0  # data-parallel: the ranks' mean clock at the last step (see progress)
@@ -274,7 +275,9 @@ class Trainer:
         self.step += 1
         self.tokens += int(totals.count)
         self._consistent = True
-        self._stop_requested = stops > 0
+        # Decided from the all-reduced flags, so every rank stops after the same step; a Ctrl-C that
+        # lands after this step's snapshot is kept in _stop_requested for the next one.
+        self._stop_agreed = stops > 0
         return totals, norm
 
     # --- evaluation -------------------------------------------------------------------------------
@@ -443,7 +446,7 @@ class Trainer:
                 self.save()
             for callback in self.callbacks:
                 callback(self)
-            if self._stop_requested:
+            if self._stop_agreed:
                 raise KeyboardInterrupt
             progress = self.progress()
         self._progress.close()
