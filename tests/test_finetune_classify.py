@@ -183,9 +183,9 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(run_cli, tmp_path, bas
     out = tmp_path / "run"
     cases = [
         (["--data", tmp_path / "missing.tsv"], "not found"),
-        (["--data", empty], "is empty"),
+        (["--data", empty], "has no rows"),
         (["--data", one_class, "--no-balance"], "one class only"),
-        (["--data", no_text], "row 2"),
+        (["--data", no_text], ":2: no tab"),
         (["--data", good, "--test-data", test_only], "'odd'"),
         (["--data", good, "--split", "0.5,0.1"], "three fractions"),
         (["--data", good, "--train", "lora", "--lora-rank", "0"], "--lora-rank"),

@@ -21,34 +21,12 @@ from scratchlm.errors import ConfigError, DataError
 
 
 def read_labelled_tsv(path: str | Path) -> tuple[list[str], list[str]]:
-    """Texts and labels from a ``label<TAB>text`` file (no header; blank lines are skipped).
+    """Texts and labels of a ``label<TAB>text`` file (``finetune.data.read_labelled``, which also
+    reads CSV and JSONL): a malformed row is a ``DataError`` naming its line number."""
+    from scratchlm.finetune.data import read_labelled
 
-    A line without a tab, or with an empty label or text, is a ``DataError`` naming its line number.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file not found: {path}", "check the path to the label<TAB>text file")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})",
-                        "convert it to UTF-8") from None
-    texts, labels = [], []
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        label, tab, text = line.partition("\t")
-        if not tab:
-            raise DataError(f"{path}:{lineno}: no tab between label and text",
-                            "write each row as label<TAB>text")
-        if not label.strip() or not text.strip():
-            raise DataError(f"{path}:{lineno}: empty {'label' if not label.strip() else 'text'}",
-                            "write each row as label<TAB>text, both non-empty")
-        labels.append(label.strip())
-        texts.append(text)
-    if not texts:
-        raise DataError(f"{path} has no rows", "pass a file with label<TAB>text lines")
-    return texts, labels
+    examples = read_labelled(path)
+    return [x.text for x in examples], [x.label for x in examples]
 
 
 def shuffled_split(texts: Sequence[str], labels: Sequence, test_ratio: float = 0.1, seed: int = 42):

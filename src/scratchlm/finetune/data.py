@@ -25,28 +25,58 @@ class LabelledText:
 
 
 def read_labelled(path: str | Path) -> list[LabelledText]:
-    """The examples of a TSV, CSV or JSONL file; a row without a label or text is a ``DataError``."""
+    """The examples of a TSV, CSV or JSONL file; a row without a label or text is a ``DataError``
+    naming its line."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}", "pass a TSV/CSV (label, text) or JSONL file")
-    raw = path.read_text(encoding="utf-8", errors="strict")
-    if not raw.strip():
-        raise DataError(f"{path} is empty", "pass a file with one labelled text per line")
-    if path.suffix.lower() in (".jsonl", ".json"):
-        return _read_jsonl(path, raw)
-    delimiter = "," if path.suffix.lower() == ".csv" else "\t"
-    rows = list(csv.reader(raw.splitlines(), delimiter=delimiter, quoting=csv.QUOTE_MINIMAL
-                           if delimiter == "," else csv.QUOTE_NONE))
-    if rows and [cell.strip().lower() for cell in rows[0][:2]] == ["label", "text"]:
-        rows = rows[1:]
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})",
+                        "convert it to UTF-8") from None
+    suffix = path.suffix.lower()
+    examples = (_read_jsonl(path, raw) if suffix in (".jsonl", ".json")
+                else _read_csv(path, raw) if suffix == ".csv" else _read_tsv(path, raw))
+    if not examples:
+        raise DataError(f"{path} has no rows", "pass a file with one labelled text per line")
+    return examples
+
+
+def _is_header(label: str, text: str) -> bool:
+    return (label.strip().lower(), text.strip().lower()) == ("label", "text")
+
+
+def _read_tsv(path: Path, raw: str) -> list[LabelledText]:
+    """``label<TAB>text`` lines: the text is everything after the first tab."""
     examples = []
-    for number, row in enumerate(rows, start=1):
+    for number, line in enumerate(raw.splitlines(), start=1):
+        if not line.strip():
+            continue
+        label, tab, text = line.partition("\t")
+        if not tab:
+            raise DataError(f"{path}:{number}: no tab between label and text",
+                            "write each row as label<TAB>text")
+        if not label.strip() or not text.strip():
+            raise DataError(f"{path}:{number}: empty {'label' if not label.strip() else 'text'}",
+                            "write each row as label<TAB>text, both non-empty")
+        if number == 1 and _is_header(label, text):
+            continue
+        examples.append(LabelledText(text, label.strip()))
+    return examples
+
+
+def _read_csv(path: Path, raw: str) -> list[LabelledText]:
+    examples = []
+    for number, row in enumerate(csv.reader(raw.splitlines()), start=1):
         if not row or not any(cell.strip() for cell in row):
             continue
-        label, text = (row[0].strip(), delimiter.join(row[1:]).strip()) if len(row) > 1 else (row[0], "")
+        label, text = row[0].strip(), ",".join(row[1:]).strip()
         if not label or not text:
-            raise DataError(f"{path}, row {number}: a row needs a label and a text, separated by "
-                            f"{'a comma' if delimiter == ',' else 'a tab'}", "fix or remove the row")
+            raise DataError(f"{path}:{number}: a row needs a label and a text, separated by a comma",
+                            "fix or remove the row")
+        if number == 1 and _is_header(label, text):
+            continue
         examples.append(LabelledText(text, label))
     return examples
 
@@ -59,11 +89,11 @@ def _read_jsonl(path: Path, raw: str) -> list[LabelledText]:
         try:
             item = json.loads(line)
         except json.JSONDecodeError:
-            raise DataError(f"{path}, line {number}: not JSON", "write one JSON object per line") from None
+            raise DataError(f"{path}:{number}: not JSON", "write one JSON object per line") from None
         text = item.get("text") if isinstance(item, dict) else None
         label = item.get("label") if isinstance(item, dict) else None
         if not isinstance(text, str) or not text.strip() or label is None or str(label).strip() == "":
-            raise DataError(f"{path}, line {number}: an item needs a \"text\" and a \"label\"",
+            raise DataError(f"{path}:{number}: an item needs a \"text\" and a \"label\"",
                             'write {"text": "...", "label": "..."}')
         examples.append(LabelledText(text, str(label)))
     return examples
