@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -171,8 +172,9 @@ class Progress:
             self.bar.refresh()
 
     def write(self, message: str) -> None:
+        """A status line above the bar, on stderr with it (stdout is left to the command's results)."""
         if self.bar is not None:
-            self.bar.write(message)
+            self.bar.write(message, file=sys.stderr)
 
     def close(self) -> None:
         if self.bar is not None:
