@@ -1,6 +1,7 @@
 """Evaluate a model.  'perplexity': sliding-window perplexity of a text, also in nats and bits per
 character (comparable across tokenizers).  The model is anything scratchlm.load opens: a run dir
 from 'scratchlm pretrain', a Hugging Face model directory or hub id, or a .gguf file.
+'rouge', 'mc', 'ranking', 'judge' and 'report': task metrics over JSONL files (see each --help).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     p.set_defaults(func=run_perplexity)
+    configure_task_evals(sub)
 
 
 def run_perplexity(args: argparse.Namespace) -> int:
@@ -56,4 +58,60 @@ def run_perplexity(args: argparse.Namespace) -> int:
           f"stride {result.stride}\nloss           {result.loss:.4f} nats/token\nperplexity     "
           f"{result.perplexity:.3f}\nnats/char      {result.nats_per_char:.4f}\nbits/char      "
           f"{result.bits_per_char:.4f}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Task evaluations: rouge, mc, ranking, judge, report (scratchlm.evaluation.*)
+# --------------------------------------------------------------------------------------------
+
+def configure_task_evals(sub: argparse._SubParsersAction) -> None:
+    def add(name: str, help_: str, description: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_, description=description,
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+    from scratchlm.evaluation import rouge
+
+    p = add("rouge", "ROUGE-1/2/L/Lsum of predictions against references", rouge.__doc__)
+    p.add_argument("--predictions", required=True, default=argparse.SUPPRESS, metavar="FILE",
+                   help="JSONL with 'response' and 'reference' (or 'output') per line, e.g. a finetuning "
+                   "run's test_responses.jsonl; or a text file, one prediction per line, with --references")
+    p.add_argument("--references", default=None, metavar="FILE",
+                   help="references, one per line (text) or JSONL with 'reference'/'output'")
+    p.add_argument("--stemmer", action="store_true", help="Porter-stem words longer than 3 characters "
+                   "(rouge-score's use_stemmer; needs nltk)")
+    p.add_argument("--beta", type=float, default=1.0,
+                   help="F-measure weight of recall: F = (1+b^2)PR/(R+b^2 P); 1 = rouge-score's F1, "
+                   "8 = Burkov's ROUGE-L")
+    p.add_argument("--recall", action="store_true",
+                   help="Burkov's dataset-level ROUGE: averages pool the counts (total matches over total "
+                   "reference and prediction lengths) instead of averaging per-item scores, and the "
+                   "table leads with recall")
+    p.add_argument("--out", default=None, metavar="FILE", help="write per-item scores here (JSONL)")
+    p.add_argument("--json", action="store_true", help="print the averages as one JSON object")
+    p.set_defaults(func=run_rouge)
+
+
+def run_rouge(args: argparse.Namespace) -> int:
+    from scratchlm.evaluation.records import read_predictions, write_jsonl
+    from scratchlm.evaluation.rouge import ROUGE_TYPES
+    from scratchlm.evaluation.rouge import rouge as score_rouge
+
+    predictions, references = read_predictions(args.predictions, args.references)
+    result = score_rouge(predictions, references, stem=args.stemmer, beta=args.beta, micro=args.recall)
+    if args.out:
+        write_jsonl(args.out, ({"index": i, **{k: s.to_dict() for k, s in item.items()}}
+                               for i, item in enumerate(result.items)))
+    if args.json:
+        print(json.dumps(result.to_dict()))
+        return 0
+    columns = ("recall", "precision", "fmeasure") if args.recall else ("precision", "recall", "fmeasure")
+    f_name = "F1" if args.beta == 1 else f"F(beta={args.beta:g})"
+    names = {"precision": "precision", "recall": "recall", "fmeasure": f_name}
+    average = "pooled counts" if args.recall else "mean of items"
+    print(f"{len(result.items)} items, {average}")
+    print(f"{'':<10}" + "".join(f"{names[c]:>14}" for c in columns))
+    for name in ROUGE_TYPES:
+        score = result.average[name].to_dict()
+        print(f"{name:<10}" + "".join(f"{score[c]:>14.6f}" for c in columns))
     return 0
