@@ -91,6 +91,31 @@ def configure_task_evals(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the averages as one JSON object")
     p.set_defaults(func=run_rouge)
 
+    from scratchlm.evaluation import ranking
+
+    p = add("ranking", "Elo and Bradley-Terry ratings (with bootstrap intervals) from pairwise comparisons",
+            ranking.__doc__)
+    p.add_argument("--comparisons", required=True, default=argparse.SUPPRESS, metavar="FILE",
+                   help='JSONL, one {"a": NAME, "b": NAME, "winner": "a"|"b"|"tie"} per line (what '
+                   "'eval judge --mode pairwise' writes)")
+    p.add_argument("--k", type=float, default=32, help="Elo's update size")
+    p.add_argument("--initial", type=float, default=1500,
+                   help="Elo's starting rating, and the mean of the Bradley-Terry ratings")
+    p.add_argument("--anchor", default=None, metavar="MODEL=RATING",
+                   help="shift the Bradley-Terry ratings so that MODEL has RATING (Chatbot Arena pins one)")
+    p.add_argument("--l2", type=float, default=0.01,
+                   help="Bradley-Terry prior strength (keeps a model that never wins or never loses finite); "
+                   "0 = plain maximum likelihood")
+    p.add_argument("--bootstrap", type=int, default=1000,
+                   help="bootstrap rounds for the 95%% intervals; 0 = none")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
+    p.add_argument("--plot", default=None, metavar="PNG",
+                   help="where to draw the ratings with their intervals; None = ratings.png beside the "
+                   "comparisons file; 'none' = no plot")
+    p.add_argument("--json", action="store_true",
+                   help="print a JSON list of {model, elo, bt, bt_low, bt_high, wins, losses, ties}")
+    p.set_defaults(func=run_ranking)
+
 
 def run_rouge(args: argparse.Namespace) -> int:
     from scratchlm.evaluation.records import read_predictions, write_jsonl
@@ -114,4 +139,41 @@ def run_rouge(args: argparse.Namespace) -> int:
     for name in ROUGE_TYPES:
         score = result.average[name].to_dict()
         print(f"{name:<10}" + "".join(f"{score[c]:>14.6f}" for c in columns))
+    return 0
+
+
+def run_ranking(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from scratchlm.evaluation.ranking import parse_comparisons, plot_ratings, rank
+    from scratchlm.evaluation.records import read_jsonl
+
+    anchor = None
+    if args.anchor is not None:
+        name, _, value = args.anchor.rpartition("=")
+        try:
+            anchor = (name, float(value))
+        except ValueError:
+            anchor = None
+        if not name or anchor is None:
+            raise ConfigError(f"--anchor {args.anchor!r} is not MODEL=RATING", "pass e.g. --anchor gpt2=1000")
+    comparisons = parse_comparisons(read_jsonl(args.comparisons, "comparisons file"), args.comparisons)
+    ratings = rank(comparisons, k=args.k, initial=args.initial, l2=args.l2, bootstrap=args.bootstrap,
+                   seed=args.seed, anchor=anchor)
+    plot = Path(args.comparisons).parent / "ratings.png" if args.plot is None else args.plot
+    if str(plot).lower() != "none":
+        plot_ratings(ratings, plot, title=f"{len(comparisons)} comparisons")
+    if args.json:
+        print(json.dumps([r.to_dict() for r in ratings]))
+        return 0
+    width = max(5, *(len(r.model) for r in ratings))
+    print(f"{len(comparisons)} comparisons, {len(ratings)} models; Bradley-Terry 95% intervals from "
+          f"{args.bootstrap} bootstrap rounds")
+    print(f"{'model':<{width}}  {'BT':>7}  {'95% interval':>15}  {'Elo':>7}  {'wins':>5}  {'losses':>6}  "
+          f"{'ties':>5}")
+    for r in ratings:
+        print(f"{r.model:<{width}}  {r.bt:7.1f}  {r.bt_low:7.1f}-{r.bt_high:<7.1f}  {r.elo:7.1f}  "
+              f"{r.wins:5d}  {r.losses:6d}  {r.ties:5d}")
+    if str(plot).lower() != "none":
+        print(f"plot: {plot}")
     return 0
