@@ -116,6 +116,30 @@ def configure_task_evals(sub: argparse._SubParsersAction) -> None:
                    help="print a JSON list of {model, elo, bt, bt_low, bt_high, wins, losses, ties}")
     p.set_defaults(func=run_ranking)
 
+    from scratchlm.evaluation import mc
+
+    p = add("mc", "multiple-choice accuracy by log-likelihood (lm-evaluation-harness's acc and acc_norm)",
+            mc.__doc__)
+    add_model_options(p)
+    p.add_argument("--data", required=True, default=argparse.SUPPRESS, metavar="FILE",
+                   help='JSONL items {"context": ..., "choices": [...], "label": i}; HellaSwag (ctx, endings, '
+                   "label), ARC (question, choices, answerKey) and PIQA (goal, sol1, sol2, label) exports are "
+                   "recognised")
+    p.add_argument("--fields", default=None, metavar="context=F,choices=F,label=F",
+                   help="the file's names for the context, choices and label fields")
+    p.add_argument("--delimiter", default=mc.DELIMITER,
+                   help="text between the context and each choice (lm-eval's target_delimiter)")
+    p.add_argument("--few-shot", type=int, default=0, metavar="N",
+                   help="prefix every context with the first N items of --few-shot-file, answered")
+    p.add_argument("--few-shot-file", default=None, metavar="FILE", help="items for --few-shot (same format)")
+    p.add_argument("--add-bos", action="store_true",
+                   help="start every sequence with the BOS token (as lm-eval does for tokenizers that add one)")
+    p.add_argument("--batch-size", type=int, default=8, help="items per forward pass")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="per-item JSONL: each choice's log-likelihood, token count, greedy flag; predictions")
+    p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    p.set_defaults(func=run_mc)
+
 
 def run_rouge(args: argparse.Namespace) -> int:
     from scratchlm.evaluation.records import read_predictions, write_jsonl
@@ -176,4 +200,48 @@ def run_ranking(args: argparse.Namespace) -> int:
               f"{r.wins:5d}  {r.losses:6d}  {r.ties:5d}")
     if str(plot).lower() != "none":
         print(f"plot: {plot}")
+    return 0
+
+
+def run_mc(args: argparse.Namespace) -> int:
+    import sys
+
+    from tqdm import tqdm
+
+    from scratchlm.evaluation.mc import evaluate_mc, parse_fields, read_items, with_few_shot
+    from scratchlm.evaluation.records import read_jsonl, write_jsonl
+
+    fields = parse_fields(args.fields)
+    items = read_items(read_jsonl(args.data, "data file"), args.data, fields)
+    if args.few_shot < 0:
+        raise ConfigError(f"--few-shot must be 0 or more, got {args.few_shot}", "pass e.g. --few-shot 5")
+    if args.few_shot:
+        if not args.few_shot_file:
+            raise ConfigError("--few-shot needs --few-shot-file", "pass the file to take the examples from")
+        shots = read_items(read_jsonl(args.few_shot_file, "few-shot file"), args.few_shot_file, fields)
+        if len(shots) < args.few_shot:
+            raise ConfigError(f"--few-shot {args.few_shot} but {args.few_shot_file} has {len(shots)} items",
+                              "ask for fewer shots or give more examples")
+        items = with_few_shot(items, shots[:args.few_shot], args.delimiter)
+    lm = load_model(args)
+    if lm.tokenizer is None:
+        raise ConfigError(f"{args.model} has no tokenizer, so its choices cannot be scored",
+                          "pass a model directory that includes tokenizer files")
+    with tqdm(total=len(items), desc="items", unit="item", disable=None, file=sys.stderr) as bar:
+        result = evaluate_mc(lm.model, lm.tokenizer, items, delimiter=args.delimiter, batch_size=args.batch_size,
+                             add_bos=args.add_bos, progress=bar.update)
+    if args.out:
+        write_jsonl(args.out, (r.to_dict() for r in result.items))
+    skipped = [r for r in result.items if r.skipped]
+    if skipped:
+        shown = ", ".join(str(r.index) for r in skipped[:10]) + (" ..." if len(skipped) > 10 else "")
+        print(f"warning: skipped {len(skipped)} item{'s' if len(skipped) != 1 else ''} that do not fit the "
+              f"model's context (index {shown}): {skipped[0].skipped}", file=sys.stderr)
+    metrics = result.metrics()
+    if args.json:
+        print(json.dumps({"model": str(args.model), "data": args.data, **metrics}))
+        return 0
+    print(f"model      {args.model}\ndata       {args.data} ({metrics['n']} items scored, "
+          f"{metrics['skipped']} skipped)\nacc        {metrics['acc']:.4f} ± {metrics['acc_stderr']:.4f}\n"
+          f"acc_norm   {metrics['acc_norm']:.4f} ± {metrics['acc_norm_stderr']:.4f}")
     return 0
