@@ -143,9 +143,9 @@ def hf_pair(tmp_path_factory, tokenizer):
     transformers = pytest.importorskip("transformers")
     directory = tmp_path_factory.mktemp("tiny-llama-mc")
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                      bos_token_id=None, eos_token_id=319)
+    config = transformers.LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=128, bos_token_id=None, eos_token_id=319)
     model = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():
         for p in model.parameters():

@@ -122,9 +122,9 @@ def configure_task_evals(sub: argparse._SubParsersAction) -> None:
             mc.__doc__)
     add_model_options(p)
     p.add_argument("--data", required=True, default=argparse.SUPPRESS, metavar="FILE",
-                   help='JSONL items {"context": ..., "choices": [...], "label": i}; HellaSwag (ctx, endings, '
-                   "label), ARC (question, choices, answerKey) and PIQA (goal, sol1, sol2, label) exports are "
-                   "recognised")
+                   help='JSONL items {"context": ..., "choices": [...], "label": i}; HellaSwag (ctx, '
+                   "endings, label), ARC (question, choices, answerKey) and PIQA (goal, sol1, sol2, label) "
+                   "exports are recognised")
     p.add_argument("--fields", default=None, metavar="context=F,choices=F,label=F",
                    help="the file's names for the context, choices and label fields")
     p.add_argument("--delimiter", default=mc.DELIMITER,
@@ -133,7 +133,7 @@ def configure_task_evals(sub: argparse._SubParsersAction) -> None:
                    help="prefix every context with the first N items of --few-shot-file, answered")
     p.add_argument("--few-shot-file", default=None, metavar="FILE", help="items for --few-shot (same format)")
     p.add_argument("--add-bos", action="store_true",
-                   help="start every sequence with the BOS token (as lm-eval does for tokenizers that add one)")
+                   help="start every sequence with the BOS token (lm-eval does for tokenizers that add one)")
     p.add_argument("--batch-size", type=int, default=8, help="items per forward pass")
     p.add_argument("--out", default=None, metavar="FILE",
                    help="per-item JSONL: each choice's log-likelihood, token count, greedy flag; predictions")
@@ -228,8 +228,8 @@ def run_mc(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.model} has no tokenizer, so its choices cannot be scored",
                           "pass a model directory that includes tokenizer files")
     with tqdm(total=len(items), desc="items", unit="item", disable=None, file=sys.stderr) as bar:
-        result = evaluate_mc(lm.model, lm.tokenizer, items, delimiter=args.delimiter, batch_size=args.batch_size,
-                             add_bos=args.add_bos, progress=bar.update)
+        result = evaluate_mc(lm.model, lm.tokenizer, items, delimiter=args.delimiter,
+                             batch_size=args.batch_size, add_bos=args.add_bos, progress=bar.update)
     if args.out:
         write_jsonl(args.out, (r.to_dict() for r in result.items))
     skipped = [r for r in result.items if r.skipped]

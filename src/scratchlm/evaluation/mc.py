@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from scratchlm.errors import ConfigError, DataError
-from scratchlm.training.logprobs import IGNORE_INDEX, sequence_logprobs, token_logprobs
+from scratchlm.training.logprobs import IGNORE_INDEX, sequence_logprobs
 
 DELIMITER = " "  # lm-eval's default target_delimiter
 FEWSHOT_DELIMITER = "\n\n"  # lm-eval's default fewshot_delimiter
@@ -259,7 +259,8 @@ def score_batch(model: Any, batch: Sequence[Encoded]) -> list[list[ChoiceScore]]
     if longest > 1:
         cache.select(rows)
         inputs = targets[:, :-1].clamp(min=0)  # right padding: read, never scored
-        positions = torch.tensor(lengths, device=device)[rows, None] + torch.arange(longest - 1, device=device)
+        starts = torch.tensor(lengths, device=device)[rows, None]
+        positions = starts + torch.arange(longest - 1, device=device)
         rest = model(inputs, cache=cache, attention_mask=mask[rows] if padded else None,
                      position_ids=positions if padded else None)
         logits = torch.cat([logits, rest], dim=1)
