@@ -140,6 +140,44 @@ def configure_task_evals(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     p.set_defaults(func=run_mc)
 
+    from scratchlm.evaluation import judge
+
+    p = add("judge", "score responses 0-100, or compare two models pairwise, with an LLM judge",
+            judge.__doc__)
+    p.add_argument("--responses", required=True, default=argparse.SUPPRESS, metavar="FILE",
+                   help="JSONL with instruction, input, output and response (a finetuning run's "
+                   "test_responses.jsonl)")
+    p.add_argument("--mode", choices=("score", "pairwise"), default=None,
+                   help="None = pairwise with --against, else score")
+    p.add_argument("--against", default=None, metavar="FILE",
+                   help="pairwise: the other model's responses to the same instructions, in the same order")
+    p.add_argument("--names", default=None, metavar="A,B",
+                   help="pairwise: the two models' names; None = their run directories' (or files') names")
+    p.add_argument("--judge-url", default=None, metavar="URL",
+                   help="an OpenAI-compatible server (scratchlm serve, Ollama, vLLM): http://host:port[/v1]")
+    p.add_argument("--judge-model", default=None, metavar="NAME", help="the model name the server knows")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="VAR",
+                   help="environment variable holding the server's API key (unset: no key sent)")
+    p.add_argument("--judge", default=None, metavar="REF",
+                   help="or a model loaded in this process (anything scratchlm.load opens)")
+    p.add_argument("--device", default=None, help="--judge: cpu, cuda, ...; None = cuda if available")
+    p.add_argument("--prompt", default=None, metavar="FILE",
+                   help="the judge prompt, with {input} {output} {response} (score) or {input} {output} "
+                   "{response_a} {response_b} (pairwise); None = Raschka's score prompt / ours for pairwise")
+    p.add_argument("--parallel", type=int, default=4, help="requests in flight to the server")
+    p.add_argument("--retries", type=int, default=4, help="tries after the first, waiting --backoff × 1, 2, 4...")
+    p.add_argument("--backoff", type=float, default=1.0, help="seconds before the first retry (doubling)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for one reply")
+    p.add_argument("--max-tokens", type=int, default=16, help="most tokens in one judge reply")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="judgments JSONL, appended as they arrive and resumed from; None = "
+                   "judge_scores.jsonl or judge_pairwise.jsonl beside --responses")
+    p.add_argument("--comparisons", default=None, metavar="FILE",
+                   help="pairwise: the comparisons file for 'eval ranking'; None = comparisons.jsonl "
+                   "beside --out")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    p.set_defaults(func=run_judge)
+
 
 def run_rouge(args: argparse.Namespace) -> int:
     from scratchlm.evaluation.records import read_predictions, write_jsonl
@@ -245,3 +283,105 @@ def run_mc(args: argparse.Namespace) -> int:
           f"{metrics['skipped']} skipped)\nacc        {metrics['acc']:.4f} ± {metrics['acc_stderr']:.4f}\n"
           f"acc_norm   {metrics['acc_norm']:.4f} ± {metrics['acc_norm_stderr']:.4f}")
     return 0
+
+
+def _model_name(path: str) -> str:
+    """A model's name from its responses file: the run directory's name for test_responses.jsonl."""
+    from pathlib import Path
+
+    p = Path(path).resolve()
+    return p.parent.name if p.stem == "test_responses" else p.stem
+
+
+def run_judge(args: argparse.Namespace) -> int:
+    import os
+    import sys
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from scratchlm.evaluation import judge as J
+    from scratchlm.evaluation.records import read_jsonl, write_jsonl
+
+    mode = args.mode or ("pairwise" if args.against else "score")
+    if mode == "pairwise" and not args.against:
+        raise ConfigError("--mode pairwise needs --against FILE", "pass the other model's responses")
+    if mode == "score" and args.against:
+        raise ConfigError("--against is for --mode pairwise", "leave out --against, or pass --mode pairwise")
+    if (args.judge is None) == (args.judge_url is None):
+        raise ConfigError("name one judge: --judge-url URL --judge-model NAME, or --judge REF",
+                          "e.g. --judge-url http://127.0.0.1:8000/v1 --judge-model NAME")
+    if args.judge_url and not args.judge_model:
+        raise ConfigError("--judge-url needs --judge-model", "pass the model name the server serves")
+    if args.prompt:
+        prompt_path = Path(args.prompt)
+        if not prompt_path.is_file():
+            raise ConfigError(f"--prompt {args.prompt} does not exist", "check the path")
+        template = J.check_template(prompt_path.read_text(encoding="utf-8"), mode)
+    else:
+        template = J.SCORE_PROMPT if mode == "score" else J.PAIRWISE_PROMPT
+    entries = J.read_entries(read_jsonl(args.responses, "responses file"), args.responses)
+    if mode == "score":
+        requests = J.score_requests(entries, template)
+        parse = J.parse_score
+    else:
+        other = J.read_entries(read_jsonl(args.against, "responses file"), args.against)
+        requests = J.pairwise_requests(entries, other, template)
+        parse = J.parse_verdict
+    default_out = "judge_scores.jsonl" if mode == "score" else "judge_pairwise.jsonl"
+    out = Path(args.out) if args.out else Path(args.responses).parent / default_out
+    if args.judge_url:
+        judge = J.HTTPJudge(args.judge_url, args.judge_model, os.environ.get(args.api_key_env),
+                            timeout=args.timeout, retries=args.retries, backoff=args.backoff,
+                            max_tokens=args.max_tokens)
+        parallel = args.parallel
+    else:
+        from scratchlm.api import load
+
+        judge, parallel = J.LocalJudge(load(args.judge, device=args.device), args.max_tokens), 1
+    with tqdm(total=len(requests), desc="judging", unit="req", disable=None, file=sys.stderr) as bar:
+        judgments = J.judge_all(judge, requests, out, parallel=parallel, parse=parse, progress=bar.update)
+    if mode == "score":
+        summary = J.summarise_scores(judgments)
+        result = {"mode": "score", "out": str(out), **summary.to_dict()}
+        if args.json:
+            print(json.dumps(result))
+            return 0
+        low, high = summary.interval
+        print(f"judged {len(judgments)} responses ({out})\nmean score   {summary.mean:.2f}  "
+              f"(95% interval {low:.2f} to {high:.2f}, n = {len(summary.scores)})")
+        _print_unparsed(summary.unparsed, lambda u: repr(u["reply"][:60]))
+        return 0
+    names = args.names.split(",") if args.names else [_model_name(args.responses), _model_name(args.against)]
+    if len(names) != 2 or not all(names) or names[0] == names[1]:
+        if args.names:
+            raise ConfigError(f"--names {args.names!r} is not two different names",
+                              "pass e.g. --names base,tuned")
+        names = [names[0] + "-a", names[1] + "-b"]
+    comparisons, left_out = J.combine_pairwise(judgments, *names)
+    comparisons_path = Path(args.comparisons) if args.comparisons else out.parent / "comparisons.jsonl"
+    write_jsonl(comparisons_path, comparisons)
+    wins = {w: sum(c["winner"] == w for c in comparisons) for w in ("a", "b", "tie")}
+    result = {"mode": "pairwise", "out": str(out), "comparisons": str(comparisons_path), "a": names[0],
+              "b": names[1], "wins_a": wins["a"], "wins_b": wins["b"], "ties": wins["tie"],
+              "unparsed": len(left_out), "unparsed_items": [u["index"] for u in left_out]}
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"judged {len(entries)} pairs in both orders ({out})\n{names[0]} wins {wins['a']}, {names[1]} wins "
+          f"{wins['b']}, ties {wins['tie']} (disagreeing orders count as ties)\n"
+          f"comparisons: {comparisons_path} "
+          f"(rank them with 'scratchlm eval ranking --comparisons {comparisons_path}')")
+    _print_unparsed(left_out, lambda u: " / ".join(repr(r[:40]) for r in u["replies"]))
+    return 0
+
+
+def _print_unparsed(unparsed: list, show) -> None:
+    if not unparsed:
+        return
+    print(f"unparsed     {len(unparsed)} repl{'y' if len(unparsed) == 1 else 'ies'} left out of the results "
+          "(kept in the judgments file):")
+    for u in unparsed[:20]:
+        print(f"  item {u['index']}: {show(u)}")
+    if len(unparsed) > 20:
+        print(f"  ... and {len(unparsed) - 20} more")
