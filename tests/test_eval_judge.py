@@ -116,8 +116,8 @@ def test_prompt_is_raschkas_verbatim() -> None:
     prompt = score_requests([entry])[0].prompt
     assert prompt.startswith("Given the input `Below is an instruction that describes a task. Write a "
                              "response that appropriately completes the request.\n\n### Instruction:\n"
-                             "Rewrite the sentence.\n\n### Input:\nThe cake was baked by me.` and correct output "
-                             "`I baked the cake.`, score the model response `I baked it.` on a scale")
+                             "Rewrite the sentence.\n\n### Input:\nThe cake was baked by me.` and correct "
+                             "output `I baked the cake.`, score the model response `I baked it.` on a scale")
     assert fill("{x} {y} {{z}} {x}", {"x": "1", "y": "{x}"}) == "1 {x} {{z}} 1"  # one pass, other braces kept
 
 

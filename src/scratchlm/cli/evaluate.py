@@ -165,7 +165,8 @@ def configure_task_evals(sub: argparse._SubParsersAction) -> None:
                    help="the judge prompt, with {input} {output} {response} (score) or {input} {output} "
                    "{response_a} {response_b} (pairwise); None = Raschka's score prompt / ours for pairwise")
     p.add_argument("--parallel", type=int, default=4, help="requests in flight to the server")
-    p.add_argument("--retries", type=int, default=4, help="tries after the first, waiting --backoff x 1, 2, 4")
+    p.add_argument("--retries", type=int, default=4,
+                   help="tries after the first, waiting --backoff x 1, 2, 4, ...")
     p.add_argument("--backoff", type=float, default=1.0, help="seconds before the first retry (doubling)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for one reply")
     p.add_argument("--max-tokens", type=int, default=16, help="most tokens in one judge reply")
