@@ -179,6 +179,20 @@ def configure_task_evals(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.set_defaults(func=run_judge)
 
+    from scratchlm.evaluation import report
+
+    p = add("report", "one HTML (or Markdown) page: curves, ROUGE, judge scores, ranking, samples",
+            report.__doc__)
+    p.add_argument("paths", nargs="+", metavar="RUN_OR_FILE",
+                   help="run directories and/or metrics.jsonl, results.json, test_responses.jsonl, "
+                   "judge_scores.jsonl, comparisons.jsonl files")
+    p.add_argument("--out", default="report.html", metavar="FILE", help="report.html or report.md")
+    p.add_argument("--title", default="scratchlm evaluation report", help="the page's title")
+    p.add_argument("--samples", type=int, default=5, help="responses shown beside their references")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap rounds for the ranking's intervals")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap resampling")
+    p.set_defaults(func=run_report)
+
 
 def run_rouge(args: argparse.Namespace) -> int:
     from scratchlm.evaluation.records import read_predictions, write_jsonl
@@ -386,3 +400,12 @@ def _print_unparsed(unparsed: list, show) -> None:
         print(f"  item {u['index']}: {show(u)}")
     if len(unparsed) > 20:
         print(f"  ... and {len(unparsed) - 20} more")
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from scratchlm.evaluation.report import write_report
+
+    path = write_report(args.paths, args.out, title=args.title, samples=args.samples,
+                        bootstrap=args.bootstrap, seed=args.seed)
+    print(f"wrote {path}")
+    return 0
