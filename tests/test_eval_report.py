@@ -58,7 +58,7 @@ def test_sections_from_a_run_dir(run_dir) -> None:
     assert [f.title for f in curves.figures] == ["loss", "accuracy"]
     assert all(f.png.startswith(b"\x89PNG") for s in sections for f in s.figures)
     assert len(rouge.samples) == 5 and rouge.tables[0].rows[0][0] == "rouge1"
-    assert "11 parsed replies; 1 replies did not parse" in judge.text[0]
+    assert "11 parsed replies; unparsed: 1." in judge.text[0]
     assert judge.tables[0].rows == [["2", "not sure"]]
     assert {row[0] for row in ranking.tables[0].rows} == {"base", "tuned", "other"}
 
