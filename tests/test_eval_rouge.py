@@ -138,3 +138,13 @@ def test_read_predictions_jsonl_pair_files(tmp_path) -> None:
     (tmp_path / "p.jsonl").write_text('{"response": "x"}\n')
     (tmp_path / "r.jsonl").write_text('{"output": "y"}\n')
     assert read_predictions(tmp_path / "p.jsonl", tmp_path / "r.jsonl") == (["x"], ["y"])
+
+
+def test_eval_help_stays_light() -> None:
+    """Building the eval parser (every subcommand's --help) imports neither torch nor numpy."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from scratchlm.cli import build_parser; build_parser('eval'); "
+            "assert 'torch' not in sys.modules and 'numpy' not in sys.modules, sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -65,14 +65,23 @@ def run_perplexity(args: argparse.Namespace) -> int:
 # Task evaluations: rouge, mc, ranking, judge, report (scratchlm.evaluation.*)
 # --------------------------------------------------------------------------------------------
 
+def _doc(module: str) -> str:
+    """The docstring of ``scratchlm.evaluation.<module>``, read without importing it (torch, numpy):
+    building the parser for --help stays fast."""
+    import ast
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec(f"scratchlm.evaluation.{module}")
+    return ast.get_docstring(ast.parse(Path(spec.origin).read_text(encoding="utf-8"))) or ""
+
+
 def configure_task_evals(sub: argparse._SubParsersAction) -> None:
     def add(name: str, help_: str, description: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help_, description=description,
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
-    from scratchlm.evaluation import rouge
-
-    p = add("rouge", "ROUGE-1/2/L/Lsum of predictions against references", rouge.__doc__)
+    p = add("rouge", "ROUGE-1/2/L/Lsum of predictions against references", _doc("rouge"))
     p.add_argument("--predictions", required=True, default=argparse.SUPPRESS, metavar="FILE",
                    help="JSONL with 'response' and 'reference' (or 'output') per line, e.g. a finetuning "
                    "run's test_responses.jsonl; or a text file, one prediction per line, with --references")
@@ -91,10 +100,8 @@ def configure_task_evals(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the averages as one JSON object")
     p.set_defaults(func=run_rouge)
 
-    from scratchlm.evaluation import ranking
-
     p = add("ranking", "Elo and Bradley-Terry ratings (with bootstrap intervals) from pairwise comparisons",
-            ranking.__doc__)
+            _doc("ranking"))
     p.add_argument("--comparisons", required=True, default=argparse.SUPPRESS, metavar="FILE",
                    help='JSONL, one {"a": NAME, "b": NAME, "winner": "a"|"b"|"tie"} per line (what '
                    "'eval judge --mode pairwise' writes)")
@@ -116,10 +123,8 @@ def configure_task_evals(sub: argparse._SubParsersAction) -> None:
                    help="print a JSON list of {model, elo, bt, bt_low, bt_high, wins, losses, ties}")
     p.set_defaults(func=run_ranking)
 
-    from scratchlm.evaluation import mc
-
     p = add("mc", "multiple-choice accuracy by log-likelihood (lm-evaluation-harness's acc and acc_norm)",
-            mc.__doc__)
+            _doc("mc"))
     add_model_options(p)
     p.add_argument("--data", required=True, default=argparse.SUPPRESS, metavar="FILE",
                    help='JSONL items {"context": ..., "choices": [...], "label": i}; HellaSwag (ctx, '
@@ -127,7 +132,7 @@ def configure_task_evals(sub: argparse._SubParsersAction) -> None:
                    "exports are recognised")
     p.add_argument("--fields", default=None, metavar="context=F,choices=F,label=F",
                    help="the file's names for the context, choices and label fields")
-    p.add_argument("--delimiter", default=mc.DELIMITER,
+    p.add_argument("--delimiter", default=" ",
                    help="text between the context and each choice (lm-eval's target_delimiter)")
     p.add_argument("--few-shot", type=int, default=0, metavar="N",
                    help="prefix every context with the first N items of --few-shot-file, answered")
@@ -140,10 +145,8 @@ def configure_task_evals(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     p.set_defaults(func=run_mc)
 
-    from scratchlm.evaluation import judge
-
     p = add("judge", "score responses 0-100, or compare two models pairwise, with an LLM judge",
-            judge.__doc__)
+            _doc("judge"))
     p.add_argument("--responses", required=True, default=argparse.SUPPRESS, metavar="FILE",
                    help="JSONL with instruction, input, output and response (a finetuning run's "
                    "test_responses.jsonl)")
@@ -179,10 +182,8 @@ def configure_task_evals(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     p.set_defaults(func=run_judge)
 
-    from scratchlm.evaluation import report
-
     p = add("report", "one HTML (or Markdown) page: curves, ROUGE, judge scores, ranking, samples",
-            report.__doc__)
+            _doc("report"))
     p.add_argument("paths", nargs="+", metavar="RUN_OR_FILE",
                    help="run directories and/or metrics.jsonl, results.json, test_responses.jsonl, "
                    "judge_scores.jsonl, comparisons.jsonl files")
