@@ -50,9 +50,14 @@ def tokenizer():
     return train_bpe(CORPUS, 320, special_tokens=("<|endoftext|>",))
 
 
-@pytest.fixture(scope="module", params=["tiny-llama", "tiny-gpt2", "tiny-lstm"])
+@pytest.fixture(scope="module", params=["tiny-llama", "tiny-gpt2", "tiny-lstm", "ngram-kn5"])
 def lm(request, tokenizer) -> LM:
+    """Every model family speaks the cache protocol (new_cache, select, return_hidden, lm_head)."""
     config = from_preset(request.param, vocab_size=320, context_length=128)
+    if config.arch == "ngram":
+        from scratchlm.models.ngram_module import NGramModel
+
+        return LM(NGramModel.fit(config, tokenizer.encode(CORPUS)), tokenizer, config)
     return LM(wide_random(config), tokenizer, config)
 
 
