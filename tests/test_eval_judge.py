@@ -124,7 +124,7 @@ def test_prompt_is_raschkas_verbatim() -> None:
 @pytest.mark.parametrize("reply, score", [
     ("85", 85), (" 85.\n", 85), ("Score: 85", 85), ("85/100", 85), ("85 out of 100", 85), ("0", 0),
     ("100", 100), ("101", None), ("-5", None), ("85.5", None), ("80 or 90", None), ("great", None),
-    ("", None),
+    ("", None), ("**90**", 90), ("score = 7", 7), ("The answer is 3.", None), ("1000 grams", None),
 ])
 def test_parse_score(reply, score) -> None:
     assert parse_score(reply) == score

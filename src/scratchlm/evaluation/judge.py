@@ -6,9 +6,9 @@ with one reply, greedily (temperature 0, seed 123 as Raschka's Ollama call).
 
 * **score** (Raschka ch. 7): the prompt is his, verbatim by default: given the Alpaca-formatted
   input and the correct output, score the model response from 0 to 100, "Respond with the integer
-  number only."  A reply counts when it holds exactly one number and it is an integer in 0..100
-  (``"85"``, ``"Score: 85."``, ``"85/100"``); anything else is kept as *unparsed* and listed —
-  never dropped, never scored 0.
+  number only."  A reply counts when it is such an integer (``"85"``, ``"Score: 85."``,
+  ``"85/100"``); anything else — a sentence that holds a number too — is kept as *unparsed* and
+  listed, never dropped, never scored 0.
 * **pairwise**: two response files answering the same instructions.  Each pair is asked twice,
   once with each model's response first, which cancels the judge's position bias: the two
   verdicts (A, B or tie, mapped back to the models) agree, or the pair is a tie.  The result is a
@@ -182,17 +182,18 @@ def check_template(template: str, mode: str) -> str:
     return template
 
 
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+_SCORE = re.compile(r"(?:score\s*[:=]?\s*)?(\d{1,3})(?:\s*(?:/|out of)\s*100)?\s*[.!]?", re.IGNORECASE)
 
 
 def parse_score(reply: str) -> int | None:
-    """The 0–100 integer a reply holds; None unless it holds exactly one number and it is one
-    (``"85/100"`` counts: the 100 is the scale)."""
-    numbers = _NUMBER.findall(re.sub(r"(?:/|out of)\s*100\b", "", reply))
-    if len(numbers) != 1 or "." in numbers[0]:
+    """The 0–100 integer a reply is: the number alone, give or take ``Score:``, ``/100`` or
+    ``out of 100`` and a final full stop (and surrounding whitespace, quotes, ``*``); None for
+    anything else — a sentence that happens to hold a number is not a score."""
+    m = _SCORE.fullmatch(reply.strip().strip("*`'\"").strip())
+    if m is None:
         return None
-    value = int(numbers[0])
-    return value if 0 <= value <= 100 else None
+    value = int(m.group(1))
+    return value if value <= 100 else None
 
 
 _VERDICT = re.compile(r"\b(A|B|tie)\b", re.IGNORECASE)
