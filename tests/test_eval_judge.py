@@ -158,7 +158,7 @@ def test_score_good_bad_slow(tmp_path, fake, run_cli) -> None:
     assert len(fake.requests) == 6  # the slow one was asked twice (timeout, then retried)
     assert fake.requests[0]["temperature"] == 0
     code, out, _ = run_cli(*judge_args(fake, "--responses", responses))
-    assert code == 0 and "mean score   65.00" in out and "item 2: 'I cannot score this'" in out
+    assert code == 0 and "mean score 65.00" in out and "item 2: 'I cannot score this'" in out
     assert len(fake.requests) == 6  # all five were in the file: nothing asked again
 
 
@@ -344,3 +344,13 @@ def test_local_judge(tmp_path, tiny_lm, run_cli) -> None:
                           temperature=0, max_new_tokens=3)
     first = json.loads((tmp_path / "judge_scores.jsonl").read_text().splitlines()[0])
     assert first["reply"] == direct
+
+
+def test_summary_without_scores() -> None:
+    from scratchlm.evaluation.judge import summarise_scores
+
+    summary = summarise_scores([{"index": 1, "parsed": None, "reply": "x"}, {"index": 0, "parsed": None,
+                                                                             "reply": "y"}])
+    assert summary.describe() == "no reply held a score; unparsed: 2"
+    assert [u["index"] for u in summary.unparsed] == [0, 1]
+    assert "interval" in summarise_scores([{"index": 0, "parsed": 5, "reply": "5"}]).describe()

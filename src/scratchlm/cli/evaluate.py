@@ -363,9 +363,7 @@ def run_judge(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(result))
             return 0
-        low, high = summary.interval
-        print(f"judged {len(judgments)} responses ({out})\nmean score   {summary.mean:.2f}  "
-              f"(95% interval {low:.2f} to {high:.2f}, n = {len(summary.scores)})")
+        print(f"judged {len(judgments)} responses ({out})\n{summary.describe()}")
         _print_unparsed(summary.unparsed, lambda u: repr(u["reply"][:60]))
         return 0
     names = args.names.split(",") if args.names else [_model_name(args.responses), _model_name(args.against)]

@@ -322,6 +322,15 @@ class ScoreSummary:
         half = 1.96 * sd / math.sqrt(n)
         return (self.mean - half, self.mean + half)
 
+    def describe(self) -> str:
+        """One line: the mean with its interval, or that no reply parsed."""
+        if not self.scores:
+            return f"no reply held a score; unparsed: {len(self.unparsed)}"
+        low, high = self.interval
+        interval = f"95% interval {low:.2f} to {high:.2f}" if low == low else "no interval from one score"
+        return (f"mean score {self.mean:.2f} ({interval}) over {len(self.scores)} parsed replies; "
+                f"unparsed: {len(self.unparsed)}")
+
     def to_dict(self) -> dict[str, Any]:
         low, high = self.interval
         return {"mean": self.mean, "low": low, "high": high, "n": len(self.scores),
@@ -335,7 +344,7 @@ def summarise_scores(judgments: Iterable[Mapping[str, Any]]) -> ScoreSummary:
             unparsed.append({"index": j["index"], "reply": j["reply"]})
         else:
             scores.append(int(j["parsed"]))
-    return ScoreSummary(scores, unparsed)
+    return ScoreSummary(scores, sorted(unparsed, key=lambda u: u["index"]))
 
 
 def combine_pairwise(judgments: Sequence[Mapping[str, Any]], name_a: str, name_b: str

@@ -219,9 +219,9 @@ def plot_ratings(ratings: Sequence[Rating], path: str | Path, title: str = "") -
     ax.set_yticks(y, [r.model for r in order])
     ax.set_xlabel("rating (Elo scale)")
     ax.grid(alpha=0.3, axis="x")
-    ax.legend(loc="best", fontsize="small")
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, fontsize="small", frameon=False)
     if title:
-        ax.set_title(title)
+        ax.set_title(title, pad=24)
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:

@@ -143,8 +143,7 @@ def judge_section(path: Path, records: list[dict[str, Any]]) -> Section:
     summary = summarise_scores(records)
     low, high = summary.interval
     section = Section("Judge scores", str(path))
-    section.text.append(f"Mean score {summary.mean:.2f} (95% interval {low:.2f} to {high:.2f}) over "
-                        f"{len(summary.scores)} parsed replies; unparsed: {len(summary.unparsed)}.")
+    section.text.append(summary.describe()[0].upper() + summary.describe()[1:] + ".")
     if summary.scores:
         def draw(p: Path) -> None:
             fig, ax = _pyplot().subplots(figsize=(7, 3.6), dpi=110)
