@@ -49,3 +49,17 @@ def one_torch_thread():
     import torch
 
     torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def absl_handler_off_captured_streams():
+    """absl.logging (imported by rouge-score and lm-eval, the parity oracles of the eval tests) makes
+    a handler on the sys.stderr of that moment, pytest's capture stream, and closes that stream
+    when a later ``logging.config.dictConfig`` (uvicorn's, in the serving tests) shuts down every
+    handler; pytest then crashes at exit.  Point it at the real stderr, which it never closes."""
+    yield
+    import sys
+
+    absl_logging = sys.modules.get("absl.logging")
+    if absl_logging is not None:
+        absl_logging.get_absl_handler().python_handler.stream = sys.__stderr__
