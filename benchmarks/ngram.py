@@ -1,11 +1,11 @@
-"""Claim: ``NGramLM`` fits and scores a 5-gram model on tinyshakespeare >= 20x faster than ``nltk.lm``.
+"""Claim: ``NGramCounts`` fits and scores a 5-gram model on tinyshakespeare >= 20x faster than ``nltk.lm``.
 
 What is timed, in one process on the same data:
 
 * the corpus: every non-blank line of tinyshakespeare, lowercased ``\\w+`` words (32,777 lines,
   208,530 words);
 * fit: nltk ``padded_everygram_pipeline`` + ``Laplace(5).fit`` (the same counting code serves every
-  nltk model class, so it is measured once) against ``NGramLM(5, smoothing).fit``;
+  nltk model class, so it is measured once) against ``NGramCounts(5, smoothing).fit``;
 * score: log2 P of every word and of one ``</s>`` per line with 4 ``<s>`` of left padding
   (241,307 5-grams).  Ours scores them all (``token_logscores``).  nltk scores the same n-grams
   one ``logscore`` call at a time, so it is timed on the first ``--nltk-sample`` of them
@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from scratchlm.data.corpora import read_corpus
-from scratchlm.models.ngram import BOS, EOS, NGramLM, sentences_of
+from scratchlm.models.ngram import BOS, EOS, NGramCounts, sentences_of
 
 
 def best_of(fn, repeat: int) -> tuple[float, object]:
@@ -78,7 +78,7 @@ def main() -> None:
         ("kneser-ney d=0.1 (nltk's)", {"smoothing": "kneser-ney", "discount": 0.1}, ref_kn, args.kn_sample),
         ("kneser-ney modified (ours only)", {"smoothing": "kneser-ney"}, None, 0),
     ]:
-        fit_s, lm = best_of(lambda kw=kwargs: NGramLM(n, **kw).fit(sents), args.repeat)
+        fit_s, lm = best_of(lambda kw=kwargs: NGramCounts(n, **kw).fit(sents), args.repeat)
         score_s, ours = best_of(lambda lm=lm: lm.token_logscores(sents), args.repeat)
         line = {"model": label, "ours_fit": fit_s, "ours_score": score_s, "ppl": 2 ** -ours.mean()}
         if ref_model is not None:
@@ -109,7 +109,7 @@ def main() -> None:
     except ImportError:
         print("\nKenLM: python package not installed (pip install kenlm) - no ceiling measured")
         return
-    lm = NGramLM(n, "kneser-ney").fit(sents)
+    lm = NGramCounts(n, "kneser-ney").fit(sents)
     with tempfile.TemporaryDirectory() as tmp:
         arpa = Path(tmp) / "kn.arpa"
         t = time.perf_counter()

@@ -244,11 +244,12 @@ def load_run(run: Path) -> dict[str, Any]:
 def timing(run: dict[str, Any]) -> str:
     info, last = run["info"], run["evals"][-1]
     training = run["config"]["training"]
+    sampling = run["config"].get("evaluation") or training  # runs before 'evaluation' kept it in training
     wall = f"{info['wall_s']:.0f} s for the whole command, " if "wall_s" in info else ""
     load = (f"; load average {info['load_before']:.1f} before and {info['load_after']:.1f} after"
             if "load_before" in info else "")
     return (f"{wall}{last['elapsed']:.0f} s on the trainer's clock ({last['step']} steps, "
-            f"{len(run['evals'])} evaluations with a {training['sample_tokens']}-token sample each, a "
+            f"{len(run['evals'])} evaluations with a {sampling['sample_tokens']}-token sample each, a "
             f"checkpoint), {info.get('machine', 'machine not recorded')}{load}")
 
 
@@ -488,10 +489,11 @@ def page(main: dict[str, Any], other: dict[str, Any] | None, plot_name: str) -> 
         "",
     ]
     sample = last_sample(main["dir"])
+    sampling = main["config"].get("evaluation") or training
     if sample:
         lines += [
             f'Sample after the last epoch (book\'s init; prompt "{PROMPT}", temperature '
-            f"{training.get('sample_temperature', 0.8)}, {training['sample_tokens']} tokens; the book "
+            f"{sampling.get('sample_temperature', 0.8)}, {sampling['sample_tokens']} tokens; the book "
             "prints greedy continuations):",
             "",
             "```",

@@ -65,8 +65,8 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
+from scratchlm.runtime import fast_bf16, keep_freed_memory
 from scratchlm.training.losses import next_token_loss
-from scratchlm.training.trainer import fast_bf16, keep_freed_memory
 
 SIZES = {
     # name: (n_layer, n_head, n_embd, n_positions, vocab, context, batch, default steps)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -49,6 +50,27 @@ def one_torch_thread():
     import torch
 
     torch.set_num_threads(1)
+
+
+@contextlib.contextmanager
+def ctrl_c_at(step: int):
+    """Inside the block, every Trainer behaves as if Ctrl-C came right after update ``step``."""
+    from scratchlm.training.trainer import Trainer
+
+    original = Trainer.__init__
+
+    def with_interrupt(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+
+        def interrupt(trainer):
+            if trainer.step == step:
+                raise KeyboardInterrupt
+
+        self.callbacks.append(interrupt)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Trainer, "__init__", with_interrupt)
+        yield
 
 
 @pytest.fixture(autouse=True)

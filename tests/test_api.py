@@ -125,7 +125,7 @@ FP16_LOGITS_ATOL = 0.02
 
 
 @pytest.mark.skipif(not fp16_packing_available(), reason="needs FBGEMM (x86 torch builds)")
-@pytest.mark.parametrize("overrides", [{}, {"qkv_bias": True}, {"qk_norm": True, "head_dim": 16}],
+@pytest.mark.parametrize("overrides", [{}, {"qkv_bias": True}, {"qk_norm": True, "head_dim_override": 16}],
                          ids=["llama", "qwen2-biases", "qwen3-qk-norm"])
 def test_fp16_mode_stacks_projections_and_stays_close_to_fp32(overrides):
     from scratchlm.generation.packed import PackedLinear
@@ -241,13 +241,14 @@ def test_cli_streams_a_continuation(run_cli, hf_dir, monkeypatch):
     assert code == 0, err
     lm = scratchlm.load(hf_dir, device="cpu")
     expected = lm.generate("Every effort moves you", temperature=0, max_new_tokens=6, ignore_eos=True)
-    assert out == "Every effort moves you" + expected
+    newline = "" if expected.endswith("\n") else "\n"  # the output ends its last line
+    assert out == "Every effort moves you" + expected + newline
     import io
 
     monkeypatch.setattr("sys.stdin", io.StringIO("Every effort moves you"))
     code, out, _ = run_cli("generate", "--model", hf_dir, "--device", "cpu", "--temperature", "0",
                            "--max-new-tokens", "6", "--ignore-eos")
-    assert code == 0 and out == expected
+    assert code == 0 and out == expected + newline
 
 
 def test_cli_threads_option(run_cli, tmp_path):

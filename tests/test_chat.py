@@ -32,9 +32,10 @@ def tiny_chat_lm(template: str | None = SMOLLM2) -> LM:
     """A Llama-shaped model whose greedy reply to any ChatML-ending prompt is "Hi!" + <|im_end|>."""
     tok = train_bpe(TEXT, 300, special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>"))
     tok.chat_template = template
-    config = ModelConfig(vocab_size=tok.vocab_size, context_length=128, n_layer=2, n_head=4, n_kv_head=2,
-                         n_embd=32, intermediate_size=64, norm="rmsnorm", norm_bias=False, mlp="swiglu",
-                         mlp_bias=False, positions="rope", qkv_bias=False, o_bias=False, tie_embeddings=False)
+    config = ModelConfig(vocab_size=tok.vocab_size, context_length=128, n_layer=2, n_head=4,
+                         n_kv_head_override=2, n_embd=32, intermediate_size_override=64, norm="rmsnorm",
+                         norm_bias=False, mlp="swiglu", mlp_bias=False, positions="rope", qkv_bias=False,
+                         o_bias=False, tie_embeddings=False)
     model = Transformer(config).eval()
     last = tok.encode("\n")[-1]  # every generation prompt here ends with "assistant\n"
     h, i, bang = (tok.encode(c)[0] for c in "Hi!")
@@ -114,12 +115,12 @@ def test_run_dir_keeps_the_template_and_cli_chat(lm, tmp_path, run_cli):
     assert loaded.chat("Hello there", temperature=0, max_new_tokens=20) == "Hi!"
 
     code, out, err = run_cli("generate", "--model", run, "--chat", "Hello there", "--temperature", "0")
-    assert (code, out, err) == (0, "Hi!", "")
+    assert (code, out, err) == (0, "Hi!\n", "")  # the output ends its last line
     code, out, _ = run_cli("generate", "--model", run, "--chat", "Hello there", "--system", "Be nice.",
                            "--temperature", "0", "--echo")
     assert code == 0
     assert out == ("<|im_start|>system\nBe nice.<|im_end|>\n<|im_start|>user\nHello there<|im_end|>\n"
-                   "<|im_start|>assistant\nHi!")
+                   "<|im_start|>assistant\nHi!\n")
     code, _, err = run_cli("generate", "--model", run, "--chat", "a", "--prompt", "b")
     assert code == 2 and err.startswith("error: --prompt and --chat both given")
     code, _, err = run_cli("generate", "--model", run, "--prompt", "b", "--system", "s")
@@ -139,8 +140,8 @@ def test_smollm2_gguf_answers_paris(smollm2_gguf):
 def test_chat_session_leaves_out_the_oldest_turns_once_the_context_is_full(lm):
     import io
 
+    from scratchlm.cli.chat import ChatSession
     from scratchlm.generation import SamplingParams
-    from scratchlm.serving.chat import ChatSession
 
     out = io.StringIO()
     session = ChatSession(lm, SamplingParams(temperature=0, max_new_tokens=8), system="Be brief.", out=out)

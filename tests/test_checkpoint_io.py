@@ -13,7 +13,7 @@ from scratchlm.data.windows import SlidingWindowDataset
 from scratchlm.errors import CheckpointError
 from scratchlm.models import build_model, from_preset
 from scratchlm.tokenizers import CharTokenizer
-from scratchlm.training import TrainConfig, Trainer
+from scratchlm.training import LanguageModelEvaluator, TrainConfig, Trainer
 
 TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 20
 
@@ -34,7 +34,7 @@ def make_model(vocab: int, seed: int = 0, **overrides):
 
 def config(**kw) -> TrainConfig:
     base = dict(batch_size=4, grad_accum=2, max_steps=12, eval_every=4, warmup_steps=3, log_every=1,
-                sample_tokens=0, progress=False, lr=3e-3)
+                progress=False, lr=3e-3)
     return TrainConfig(**{**base, **kw})
 
 
@@ -59,7 +59,7 @@ def test_save_and_load_round_trip(tmp_path, data):
     model = make_model(tok.vocab_size)
     io.save_run(tmp_path / "run", model, model.config, tok)
     assert io.is_run_dir(tmp_path / "run")
-    loaded, tokenizer, cfg = io.load_run(tmp_path / "run")
+    loaded, tokenizer, cfg, _ = io.load_run(tmp_path / "run")
     assert cfg == model.config and not loaded.training
     ids = torch.tensor([tok.encode("Speak, speak.")])
     torch.testing.assert_close(loaded(ids), model.eval()(ids), rtol=0, atol=0)
@@ -70,7 +70,7 @@ def test_save_and_load_round_trip(tmp_path, data):
     with safe_open(str(tmp_path / "run" / io.WEIGHTS_FILE), "pt") as f:
         assert "lm_head.weight" not in f.keys()  # noqa: SIM118  (tied weights are stored once)
     payload = json.loads((tmp_path / "run" / io.CONFIG_FILE).read_text())
-    assert payload["format"] == io.FORMAT and payload["format_version"] == io.FORMAT_VERSION
+    assert payload["format"] == io.FORMAT and payload["format_version"] == 1  # a plain model: readable by v1
 
 
 def test_foreign_and_corrupt_run_dirs(tmp_path, data):
@@ -138,7 +138,8 @@ def train(run_dir, data, cfg, *, resume=False, callbacks=(), seed=0, dropout=0.1
     tok, train_set, val_set = data
     model = make_model(tok.vocab_size, seed=seed, dropout=dropout)
     trainer = Trainer(model, cfg, train_set, val_data=val_set, run_dir=run_dir, tokenizer=tok,
-                      val_tokens_per_char=1.0, callbacks=callbacks)
+                      evaluator=LanguageModelEvaluator(tokenizer=tok, tokens_per_char=1.0, sample_tokens=0),
+                      callbacks=callbacks)
     try:
         trainer.fit(resume=resume)
     except KeyboardInterrupt:
@@ -166,7 +167,7 @@ def test_keyboard_interrupt_writes_a_checkpoint(tmp_path, data):
     _, trainer = train(tmp_path / "run", data, config(max_steps=50, eval_every=0), callbacks=[stop_at(3)])
     assert trainer.step == 3
     assert json.loads((tmp_path / "run" / io.STATE_INFO_FILE).read_text())["step"] == 3
-    model, _, _ = io.load_run(tmp_path / "run")
+    model = io.load_run(tmp_path / "run").model
     for name, value in trainer.module.state_dict().items():
         assert torch.equal(model.state_dict()[name], value), name
 
@@ -184,6 +185,31 @@ def test_resume_with_another_config_changes_nothing(tmp_path, data):
                                          n_layer=3))
         Trainer(bigger, config(), train_set, run_dir=run).fit(resume=True)
     assert snapshot(run) == before
+
+
+def test_a_run_dir_with_the_older_config_keys_loads_and_resumes(tmp_path, data):
+    """Run dirs saved before ModelConfig named its overrides *_override hold the plain names."""
+    tok, train_set, val_set = data
+    run = tmp_path / "run"
+
+    def fit(resume, callbacks=()):
+        model = make_model(tok.vocab_size, intermediate_size_override=48, n_kv_head_override=2)
+        trainer = Trainer(model, config(), train_set, val_data=val_set, run_dir=run, tokenizer=tok,
+                          callbacks=callbacks)
+        try:
+            trainer.fit(resume=resume)
+        except KeyboardInterrupt:
+            pass
+        return trainer
+
+    fit(False, [stop_at(4)])
+    payload = json.loads((run / io.CONFIG_FILE).read_text())
+    for key in ("n_kv_head", "head_dim", "intermediate_size"):
+        payload["model"][key] = payload["model"].pop(key + "_override")
+    (run / io.CONFIG_FILE).write_text(json.dumps(payload))
+    loaded = io.load_run(run).config
+    assert (loaded.intermediate_size, loaded.n_kv_head) == (48, 2)
+    assert fit(True).step == 12
 
 
 def test_resume_from_a_corrupt_checkpoint_changes_nothing(tmp_path, data):

@@ -118,13 +118,13 @@ def test_refuses_to_overwrite(hf_dir, tmp_path, run_cli):
 @pytest.mark.parametrize("preset", ["tiny-lstm", "ngram-kn5"])
 def test_recurrent_and_ngram_models_have_no_hf_format(preset, tmp_path, run_cli):
     from scratchlm.models import build_model, from_preset
-    from scratchlm.models.ngram_module import NGramModel
+    from scratchlm.models.ngram_module import NGramLM
     from scratchlm.tokenizers.char import CharTokenizer
 
     tokenizer = CharTokenizer.from_text("to be or not to be")
     config = from_preset(preset, vocab_size=tokenizer.vocab_size)
     ids = tokenizer.encode("to be or not to be")
-    model = NGramModel.fit(config, ids) if config.arch == "ngram" else build_model(config)
+    model = NGramLM.fit(config, ids) if config.arch == "ngram" else build_model(config)
     scratchlm.LM(model, tokenizer, config).save(tmp_path / "run")
     code, out, err = run_cli("convert", tmp_path / "run", tmp_path / "hf", "--to", "hf")
     assert (code, out) == (2, "")

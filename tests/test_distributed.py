@@ -29,7 +29,7 @@ def model():
 
 def config(batch_size: int, grad_accum: int) -> TrainConfig:
     return TrainConfig(batch_size=batch_size, grad_accum=grad_accum, max_steps=3, eval_every=3,
-                       eval_batches=2, warmup_steps=1, lr=1e-2, sample_tokens=0, progress=False, device="cpu")
+                       eval_batches=2, warmup_steps=1, lr=1e-2, progress=False, device="cpu")
 
 
 def _worker(rank: int, world: int, init_file: str, run_dir: str, max_time: float | None = None) -> None:
@@ -70,7 +70,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
         result = trainer.fit()
     finally:
         torch.set_num_threads(threads)
-    ddp_model, _, _ = load_run(run_dir)  # written by rank 0 alone
+    ddp_model = load_run(run_dir).model  # written by rank 0 alone
     initial = model().state_dict()
     for name, value in single.state_dict().items():
         # Float summation order differs (two partial sums + all-reduce); Adam divides by the gradient's

@@ -55,9 +55,9 @@ def lm(request, tokenizer) -> LM:
     """Every model family speaks the cache protocol (new_cache, select, return_hidden, lm_head)."""
     config = from_preset(request.param, vocab_size=320, context_length=128)
     if config.arch == "ngram":
-        from scratchlm.models.ngram_module import NGramModel
+        from scratchlm.models.ngram_module import NGramLM
 
-        return LM(NGramModel.fit(config, tokenizer.encode(CORPUS)), tokenizer, config)
+        return LM(NGramLM.fit(config, tokenizer.encode(CORPUS)), tokenizer, config)
     return LM(wide_random(config), tokenizer, config)
 
 

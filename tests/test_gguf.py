@@ -20,15 +20,16 @@ gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
 TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"]
 
-TINY = dict(vocab_size=96, context_length=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
-            intermediate_size=64, norm="rmsnorm", norm_bias=False, norm_eps=1e-6, mlp="swiglu",
+TINY = dict(vocab_size=96, context_length=64, n_layer=2, n_head=4, n_kv_head_override=2, n_embd=32,
+            intermediate_size_override=64, norm="rmsnorm", norm_bias=False, norm_eps=1e-6, mlp="swiglu",
             mlp_bias=False, positions="rope", rope_theta=10000.0, qkv_bias=False, o_bias=False,
             tie_embeddings=False)
 VARIANTS = {
     "llama": dict(TINY),
     "llama-tied": dict(TINY, tie_embeddings=True),
     "qwen2": dict(TINY, qkv_bias=True, tie_embeddings=True, rope_theta=1e6),
-    "qwen3": dict(TINY, qk_norm=True, head_dim=16, n_kv_head=1),  # head_dim × n_head != n_embd
+    # head_dim × n_head != n_embd
+    "qwen3": dict(TINY, qk_norm=True, head_dim_override=16, n_kv_head_override=1),
 }
 # The GGUF name of each of our per-layer parameters (llama.cpp's tensor names), written out
 # independently of the loader's table.
@@ -74,12 +75,12 @@ def add_config(writer, config: ModelConfig) -> None:
     writer.add_block_count(config.n_layer)
     writer.add_context_length(config.context_length)
     writer.add_embedding_length(config.n_embd)
-    writer.add_feed_forward_length(config.ffn_size)
+    writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.n_head)
-    writer.add_head_count_kv(config.kv_heads)
+    writer.add_head_count_kv(config.n_kv_head)
     writer.add_layer_norm_rms_eps(config.norm_eps)
     writer.add_rope_freq_base(config.rope_theta)
-    if config.head_dim is not None:
+    if config.head_dim_override is not None:
         writer.add_key_length(config.head_dim)
         writer.add_value_length(config.head_dim)
 
@@ -111,7 +112,7 @@ def model_tensors(model: Transformer, arch: str, matrix_type: str = "F32"
         if arch == "llama" and ".q_proj." in name:
             values = llama_cpp_permute(values, config.n_head)
         elif arch == "llama" and ".k_proj." in name:
-            values = llama_cpp_permute(values, config.kv_heads)
+            values = llama_cpp_permute(values, config.n_kv_head)
         out[gguf_name(name)] = (values, matrix_type if values.ndim == 2 else "F32")
     return out
 
@@ -245,7 +246,7 @@ def test_quantized_model_weights(tmp_path, matrix_type):
         if ".q_proj." in name:
             value = llama_cpp_permute(value, config.n_head)
         elif ".k_proj." in name:
-            value = llama_cpp_permute(value, config.kv_heads)
+            value = llama_cpp_permute(value, config.n_kv_head)
         np.testing.assert_array_equal(value, expected, err_msg=name)
     assert loaded.embed_tokens.weight.dtype == torch.float32
 
@@ -281,7 +282,8 @@ def llama3_divisors(head_dim: int, theta: float, factor: float, low: float = 1.0
 
 
 def test_llama3_rope_scaling_from_rope_freqs(tmp_path):
-    config = ModelConfig(**dict(TINY, n_embd=256, n_head=2, n_kv_head=2, rope_theta=500000.0))  # head_dim 128
+    # head_dim 128
+    config = ModelConfig(**dict(TINY, n_embd=256, n_head=2, n_kv_head_override=2, rope_theta=500000.0))
     model = Transformer(config)
     tensors = model_tensors(model, "llama")
     tensors["rope_freqs.weight"] = (llama3_divisors(128, 500000.0, 32.0), "F32")
@@ -349,10 +351,10 @@ def test_tokenizer_and_chat_template_from_metadata(tmp_path):
 def test_unsupported_type_names_it(tmp_path):
     model = random_model("llama")
     tensors = model_tensors(model, "llama")
-    tensors["blk.1.ffn_down.weight"] = (tensors["blk.1.ffn_down.weight"][0], "Q5_0")
-    with pytest.raises(CheckpointError, match=r"blk\.1\.ffn_down\.weight is stored as Q5_0") as err:
-        load_gguf(write_gguf(tmp_path / "q5.gguf", "llama", tensors, model.config))
-    assert "Q4_1" in str(err.value)  # the fix lists what is supported
+    tensors["blk.1.ffn_down.weight"] = (tensors["blk.1.ffn_down.weight"][0], "MXFP4")
+    with pytest.raises(CheckpointError, match=r"blk\.1\.ffn_down\.weight is stored as MXFP4") as err:
+        load_gguf(write_gguf(tmp_path / "mxfp4.gguf", "llama", tensors, model.config))
+    assert "Q4_1" in str(err.value) and "Q6_K" in str(err.value)  # the fix lists what is supported
 
 
 def test_unsupported_architecture_lists_supported(tmp_path):
@@ -429,7 +431,7 @@ def test_smollm2_loads_through_scratchlm_load(smollm2_gguf):
 
     lm = scratchlm.load(smollm2_gguf, device="cpu")
     c = lm.config
-    sizes = (c.n_layer, c.n_head, c.kv_heads, c.n_embd, c.ffn_size, c.vocab_size)
+    sizes = (c.n_layer, c.n_head, c.n_kv_head, c.n_embd, c.intermediate_size, c.vocab_size)
     assert sizes == (30, 9, 3, 576, 1536, 49152)
     assert (c.rope_theta, c.norm_eps, c.tie_embeddings, c.context_length) == (100000.0, 1e-5, True, 8192)
     assert lm.tokenizer.eos_token == "<|im_end|>"

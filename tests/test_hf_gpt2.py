@@ -85,7 +85,7 @@ def one_line_error(info: pytest.ExceptionInfo) -> str:
 def test_load_hf_logits_equal_transformers(hf_dir, hf_model):
     model, tokenizer, config = load_hf(hf_dir)
     assert tokenizer is None  # the directory has no tokenizer files
-    sizes = (config.n_layer, config.n_head, config.n_embd, config.ffn_size, config.context_length)
+    sizes = (config.n_layer, config.n_head, config.n_embd, config.intermediate_size, config.context_length)
     assert sizes == (2, 4, 32, 48, 24)
     assert config.tie_embeddings and model.lm_head.weight is model.embed_tokens.weight
     assert not model.training
@@ -173,7 +173,7 @@ def test_export_bias_free_model_writes_zero_biases(tmp_path):
 
 
 def test_export_refuses_configs_gpt2_cannot_express(tmp_path):
-    config = from_preset("tiny-gpt2", n_kv_head=2)
+    config = from_preset("tiny-gpt2", n_kv_head_override=2)
     with pytest.raises(ConfigError, match="grouped-query attention"):
         save_hf(Transformer(config), config, tmp_path)
 

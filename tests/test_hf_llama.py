@@ -115,6 +115,11 @@ def test_export_writes_the_tokenizers_bos_and_eos(tmp_path):
     assert transformers.AutoConfig.from_pretrained(tmp_path / "with").eos_token_id == eos
     save_hf(model, config, tmp_path / "without")  # no tokenizer: no ids are made up
     assert "eos_token_id" not in json.loads((tmp_path / "without" / "generation_config.json").read_text())
+    small = from_preset("tiny-llama", vocab_size=260)  # the tokenizer's bos/eos are past its vocabulary
+    save_hf(build_model(small).eval(), small, tmp_path / "outside", tokenizer=tokenizer)
+    for name in ("config.json", "generation_config.json"):  # one rule (save_hf's), for convert too
+        data = json.loads((tmp_path / "outside" / name).read_text())
+        assert "bos_token_id" not in data and "eos_token_id" not in data, name
 
 
 def test_v4_config_form(saved, tmp_path):

@@ -19,7 +19,7 @@ from scratchlm.models.transformer import Transformer
 VARIANTS = {
     "gpt2": from_preset("tiny-gpt2"),
     "llama-gqa": from_preset("tiny-llama"),
-    "qwen3-like": from_preset("tiny-llama", qk_norm=True, head_dim=16, tie_embeddings=False),
+    "qwen3-like": from_preset("tiny-llama", qk_norm=True, head_dim_override=16, tie_embeddings=False),
 }
 
 
@@ -158,7 +158,7 @@ def test_kv_cache_shapes_per_block_and_head():
     config = from_preset("tiny-gpt2")
     model = make_model(config)
     cache = model.new_cache(batch_size=1, max_length=8)
-    assert cache.keys.shape == (config.n_layer, 1, config.n_head, 8, config.head_size)
+    assert cache.keys.shape == (config.n_layer, 1, config.n_head, 8, config.head_dim)
     with torch.no_grad():
         model(torch.tensor([[1, 2, 3]]), cache=cache)
         assert cache.length == 3
@@ -231,7 +231,7 @@ def test_num_parameters_matches_module_for_every_preset(name):  # n-grams: tests
 
 @pytest.mark.parametrize("overrides", [
     dict(qkv_bias=True, o_bias=True, mlp_bias=True),
-    dict(n_kv_head=1, qk_norm=True, head_dim=24, intermediate_size=40),
+    dict(n_kv_head_override=1, qk_norm=True, head_dim_override=24, intermediate_size_override=40),
     dict(norm="layernorm", norm_bias=False, mlp="gelu", positions="learned"),
 ])
 def test_num_parameters_matches_module_for_config_variants(overrides):
@@ -383,7 +383,7 @@ def test_from_preset_overrides_and_unknown_names():
 
 @pytest.mark.parametrize("fields, message", [
     (dict(n_embd=100, n_head=12), "not divisible by n_head"),
-    (dict(n_head=12, n_kv_head=5), "not a multiple of n_kv_head"),
+    (dict(n_head=12, n_kv_head_override=5), "not a multiple of n_kv_head"),
     (dict(vocab_size=0), "vocab_size must be a positive integer"),
     (dict(n_layer=-1), "n_layer must be a positive integer"),
     (dict(context_length=2.5), "context_length must be a positive integer"),
@@ -405,6 +405,30 @@ def test_config_round_trips_through_dict():
     assert ModelConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ConfigError, match="unknown model config keys: bogus"):
         ModelConfig.from_dict({**config.to_dict(), "bogus": 1})
+
+
+def test_config_of_an_older_run_dir_loads():
+    """Run dirs saved before the overrides had their own names wrote them under the plain names."""
+    old = {**from_preset("tiny-llama").to_dict(), "n_kv_head": 2, "head_dim": None, "intermediate_size": 64}
+    for key in ("n_kv_head_override", "head_dim_override", "intermediate_size_override"):
+        del old[key]
+    config = ModelConfig.from_dict(old)
+    assert config == from_preset("tiny-llama")
+    assert (config.n_kv_head, config.head_dim, config.intermediate_size) == (2, 8, 64)
+
+
+def test_derived_sizes_are_properties_and_follow_replace():
+    config = from_preset("tiny-gpt2")  # n_embd 32, n_head 4, nothing overridden
+    assert (config.n_kv_head, config.head_dim, config.intermediate_size) == (4, 8, 128)
+    wider = config.replace(n_embd=64)
+    assert (wider.n_kv_head, wider.head_dim, wider.intermediate_size) == (4, 16, 256)
+    qwen3ish = config.replace(head_dim_override=16, n_kv_head_override=2, intermediate_size_override=40)
+    assert (qwen3ish.n_kv_head, qwen3ish.head_dim, qwen3ish.intermediate_size) == (2, 16, 40)
+    assert "head_dim" not in config.to_dict() and config.to_dict()["head_dim_override"] is None
+    attention = build_model(qwen3ish).layers[0].self_attn
+    assert (attention.head_dim, attention.n_kv_head) == (qwen3ish.head_dim, qwen3ish.n_kv_head)
+    with pytest.raises(ConfigError, match="did you mean head_dim_override"):
+        config.replace(head_dim=16)
 
 
 def test_pytorch_init_is_each_layers_default_as_raschkas_gptmodel():
@@ -447,3 +471,24 @@ def test_rmsnorm_fused_path_equals_the_formula():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     half = norm.to(torch.bfloat16)(x.detach().to(torch.bfloat16))  # the explicit fp32-inside path
     torch.testing.assert_close(half.float(), reference.detach(), rtol=2e-2, atol=2e-2)
+
+
+def test_every_model_satisfies_the_causal_lm_protocol():
+    """Generation, the engine and load are typed with these Protocols: each model family keeps them."""
+    from scratchlm.models.ngram_module import NGramLM
+    from scratchlm.models.protocols import Cache, CausalLM, HiddenStatesLM, JoinableCache
+
+    transformer = build_model(from_preset("tiny-gpt2", vocab_size=17, context_length=8))
+    lstm = build_model(from_preset("tiny-lstm", vocab_size=17, context_length=8))
+    ngram = NGramLM.fit(from_preset("ngram-kn5", vocab_size=17), [1, 2, 3, 4, 5, 1, 2, 3])
+    for model in (transformer, lstm, ngram):
+        assert isinstance(model, CausalLM), type(model).__name__
+        cache = model.new_cache(2, 8)
+        assert isinstance(cache, Cache) and cache.length == 0
+        logits = model(torch.tensor([[1, 2, 3], [3, 2, 1]]), cache=cache)
+        assert logits.shape == (2, 3, 17) and cache.length == 3
+        cache.select(torch.tensor([1]))
+        assert model(torch.tensor([[4]]), cache=cache).shape == (1, 1, 17) and cache.length == 4
+    assert all(isinstance(m.new_cache(1, 8), JoinableCache) for m in (lstm, ngram))
+    hidden = transformer(torch.tensor([[1, 2]]), return_hidden=True)
+    assert isinstance(transformer, HiddenStatesLM) and hidden.shape == (1, 2, transformer.config.n_embd)

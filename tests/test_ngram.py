@@ -12,7 +12,7 @@ import pytest
 
 from scratchlm.data.corpora import read_corpus
 from scratchlm.errors import CheckpointError, ConfigError, DataError
-from scratchlm.models.ngram import BOS, EOS, UNK, NGramLM, sentences_of, words_of
+from scratchlm.models.ngram import BOS, EOS, UNK, NGramCounts, sentences_of, words_of
 
 nltk_lm = pytest.importorskip("nltk.lm")
 from nltk.lm.preprocessing import pad_both_ends, padded_everygram_pipeline  # noqa: E402
@@ -56,7 +56,7 @@ def _queries(order: int, sents: list[list[str]], vocab: list[str], limit: int) -
 )
 def test_logscore_matches_nltk(kind, order, shakespeare):
     ref = _nltk_model(kind, order, shakespeare)
-    ours = NGramLM(order, kind, **({"discount": 0.1} if kind == "kneser-ney" else {})).fit(shakespeare)
+    ours = NGramCounts(order, kind, **({"discount": 0.1} if kind == "kneser-ney" else {})).fit(shakespeare)
     assert len(ours.vocab) == len(ref.vocab)
     assert set(ours.vocab) == set(ref.vocab)
     # nltk's Kneser-Ney scans every higher-order context per call: keep its query count small
@@ -74,7 +74,7 @@ def test_logscore_matches_nltk(kind, order, shakespeare):
 def test_counts_and_perplexity_match_nltk(shakespeare):
     order = 3
     ref = _nltk_model("laplace", order, shakespeare)
-    ours = NGramLM(order, "laplace").fit(shakespeare)
+    ours = NGramCounts(order, "laplace").fit(shakespeare)
     for g in [("<s>",), ("</s>",), ("the",), ("<s>", "<s>"), ("<s>", "first"), ("first", "citizen", "</s>")]:
         want = ref.counts[g[-1]] if len(g) == 1 else ref.counts[list(g[:-1])][g[-1]]
         assert ours.count(g) == want
@@ -84,7 +84,7 @@ def test_counts_and_perplexity_match_nltk(shakespeare):
     assert ours.perplexity(test) == pytest.approx(ref.perplexity(grams), rel=1e-12)
 
 
-def _check_sums(lm: NGramLM, sents: list[list[str]], skip=lambda ctx: False) -> int:
+def _check_sums(lm: NGramCounts, sents: list[list[str]], skip=lambda ctx: False) -> int:
     """Every context seen in ``sents``: the scores over the vocabulary sum to 1."""
     n = lm.order
     padded = [[BOS] * (n - 1) + s + [EOS] for s in sents]
@@ -104,7 +104,7 @@ def _check_sums(lm: NGramLM, sents: list[list[str]], skip=lambda ctx: False) -> 
                                      ("kneser-ney", {"discount": 0.75}), ("mle", {})])
 def test_distributions_sum_to_one_for_every_seen_context(kind, kw, shakespeare):
     sents = shakespeare[:120]
-    lm = NGramLM(3, kind, **kw).fit(sents)
+    lm = NGramCounts(3, kind, **kw).fit(sents)
     # nltk's Kneser-Ney (a float discount) is off by d/T at lower-order contexts that begin with <s>:
     # the raw count of (<s>, <s>) has no left extension, so γ pays for a continuation α never used.
     skip = (lambda ctx: ctx[0] == BOS) if kw.get("discount") else (lambda ctx: False)
@@ -112,7 +112,7 @@ def test_distributions_sum_to_one_for_every_seen_context(kind, kw, shakespeare):
 
 
 def test_nltk_style_kneser_ney_keeps_nltks_sentence_start_quirk(shakespeare):
-    lm = NGramLM(3, "kneser-ney", discount=0.1).fit(shakespeare)
+    lm = NGramCounts(3, "kneser-ney", discount=0.1).fit(shakespeare)
     ref = _nltk_model("kneser-ney", 3, shakespeare)
     total = lm.distribution([BOS, BOS]).sum()
     assert total > 1.0 + 1e-6
@@ -124,25 +124,25 @@ def test_nltk_style_kneser_ney_keeps_nltks_sentence_start_quirk(shakespeare):
 def test_modified_kneser_ney_discounts_and_held_out_perplexity():
     sents = sentences_of(read_corpus("builtin:tinyshakespeare"))
     train, test = sents[:3000], sents[3000:3300]
-    kn = NGramLM(3, "kneser-ney").fit(train)
+    kn = NGramCounts(3, "kneser-ney").fit(train)
     for k in (1, 2, 3):
         _, d1, d2, d3 = kn._kn_D[k]
         assert 0 < d1 <= 1 and 0 < d2 <= 2 and 0 < d3 <= 3
-    ppl = {name: NGramLM(3, name).fit(train).perplexity(test) for name in ("laplace", "add-k")}
+    ppl = {name: NGramCounts(3, name).fit(train).perplexity(test) for name in ("laplace", "add-k")}
     ppl["kneser-ney"] = kn.perplexity(test)
     assert math.isfinite(ppl["kneser-ney"])
     assert ppl["kneser-ney"] < ppl["laplace"] / 5
-    assert ppl["kneser-ney"] < NGramLM(3, "add-k", k=0.01).fit(train).perplexity(test)
-    assert NGramLM(3, "mle").fit(train).perplexity(test) == math.inf  # unseen n-grams
+    assert ppl["kneser-ney"] < NGramCounts(3, "add-k", k=0.01).fit(train).perplexity(test)
+    assert NGramCounts(3, "mle").fit(train).perplexity(test) == math.inf  # unseen n-grams
 
 
 # --- Burkov §2.5: the toy backoff model ------------------------------------------------------------
 TOY = "Language models are powerful. Language models are useful."
 
 
-def toy_model() -> NGramLM:
+def toy_model() -> NGramCounts:
     sentences = [words_of(s) for s in TOY.split(".") if s.strip()]
-    return NGramLM(3, "backoff", pad=False).fit(sentences)
+    return NGramCounts(3, "backoff", pad=False).fit(sentences)
 
 
 def test_burkov_toy_counts():
@@ -170,17 +170,17 @@ def test_rule_of_thumb_estimate_and_stupid_backoff():
     # Burkov's O19: C(language models rock) = 50, C(language models) = 200 -> 0.25
     sents = [["language", "models", "rock"]] * 50 + [["language", "models", "rule"]] * 150
     for kind in ("mle", "backoff", "stupid-backoff"):
-        lm = NGramLM(3, kind, pad=False).fit(sents)
+        lm = NGramCounts(3, kind, pad=False).fit(sents)
         assert lm.score("rock", ["language", "models"]) == 0.25
-    sb = NGramLM(3, "stupid-backoff", pad=False).fit(sents)
+    sb = NGramCounts(3, "stupid-backoff", pad=False).fit(sents)
     assert sb.score("language", ["rule", "rock"]) == pytest.approx(0.4 * 0.4 * 200 / 600)
-    assert NGramLM(3, "mle", pad=False).fit(sents).score("sing", ["language", "models"]) == 0.0
+    assert NGramCounts(3, "mle", pad=False).fit(sents).score("sing", ["language", "models"]) == 0.0
 
 
 def test_perplexity_conventions():
     # A uniform model over V words has perplexity V (Burkov §2.6.1).
     words = ["a", "b", "c", "d", "e"]
-    uni = NGramLM(1, "mle").fit([words * 3])
+    uni = NGramCounts(1, "mle").fit([words * 3])
     assert uni.perplexity([["e", "a", "c"], ["b"]]) == pytest.approx(5.0, rel=1e-12)
     # 2 ** mean(-log2 p) is the e ** mean(-ln p) of Burkov's eq. 2.5.
     lm = toy_model()
@@ -190,14 +190,14 @@ def test_perplexity_conventions():
 
 
 def test_sampling_is_seeded_and_follows_training_ngrams(shakespeare):
-    lm = NGramLM(3, "mle").fit(shakespeare)
+    lm = NGramCounts(3, "mle").fit(shakespeare)
     a, b = lm.sample(seed=7, max_words=30), lm.sample(seed=7, max_words=30)
     assert a == b and 0 < len(a) <= 30
     assert any(lm.sample(seed=s, max_words=30) != a for s in range(8, 12))
     padded = [BOS, BOS, *a]
     for i in range(2, len(padded)):  # MLE only ever emits n-grams it has seen
         assert lm.count(padded[i - 2:i + 1]) > 0
-    kn = NGramLM(3, "kneser-ney").fit(shakespeare)
+    kn = NGramCounts(3, "kneser-ney").fit(shakespeare)
     out = kn.sample(prefix=["first", "citizen"], seed=1, max_words=20)
     assert set(out) <= set(kn.vocab) - {BOS, EOS}
 
@@ -206,9 +206,9 @@ def test_sampling_is_seeded_and_follows_training_ngrams(shakespeare):
                                      ("stupid-backoff", {"alpha": 0.3}), ("kneser-ney", {}),
                                      ("kneser-ney", {"discount": 0.1})])
 def test_save_load_round_trip(kind, kw, shakespeare, tmp_path):
-    lm = NGramLM(4, kind, unk_cutoff=2, **kw).fit(shakespeare[:200])
+    lm = NGramCounts(4, kind, unk_cutoff=2, **kw).fit(shakespeare[:200])
     path = lm.save(tmp_path / "lm.safetensors")
-    back = NGramLM.load(path)
+    back = NGramCounts.load(path)
     assert back.vocab == lm.vocab and back.order == 4 and back.smoothing == kind and back.unk_cutoff == 2
     test = shakespeare[200:260]
     np.testing.assert_array_equal(back.token_logscores(test), lm.token_logscores(test))
@@ -224,38 +224,38 @@ def test_load_rejects_foreign_and_damaged_files(tmp_path, shakespeare):
     from safetensors.numpy import save_file
 
     with pytest.raises(CheckpointError, match="not found"):
-        NGramLM.load(tmp_path / "missing.safetensors")
+        NGramCounts.load(tmp_path / "missing.safetensors")
     foreign = tmp_path / "foreign.safetensors"
     save_file({"w": np.zeros(3, dtype=np.float32)}, str(foreign))
     with pytest.raises(CheckpointError, match="not a scratchlm n-gram model"):
-        NGramLM.load(foreign)
-    good = NGramLM(2, "laplace").fit(shakespeare[:20]).save(tmp_path / "good.safetensors")
+        NGramCounts.load(foreign)
+    good = NGramCounts(2, "laplace").fit(shakespeare[:20]).save(tmp_path / "good.safetensors")
     (tmp_path / "cut.safetensors").write_bytes(good.read_bytes()[:-40])
     with pytest.raises(CheckpointError):
-        NGramLM.load(tmp_path / "cut.safetensors")
+        NGramCounts.load(tmp_path / "cut.safetensors")
 
 
 # --- bad input ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("order", [0, -1, 2.5, "3", True])
 def test_bad_order(order):
     with pytest.raises(ConfigError, match="order must be an integer >= 1") as err:
-        NGramLM(order)
+        NGramCounts(order)
     assert "\n" not in str(err.value) and " — " in str(err.value)
 
 
 def test_bad_options():
     with pytest.raises(ConfigError, match="did you mean kneser-ney"):
-        NGramLM(3, "kneser_ney")
+        NGramCounts(3, "kneser_ney")
     with pytest.raises(ConfigError, match="choose one of mle, laplace"):
-        NGramLM(3, "good-turing")
+        NGramCounts(3, "good-turing")
     with pytest.raises(ConfigError, match="k > 0"):
-        NGramLM(3, "add-k", k=0)
+        NGramCounts(3, "add-k", k=0)
     with pytest.raises(ConfigError, match="discount"):
-        NGramLM(3, "kneser-ney", discount=1.5)
+        NGramCounts(3, "kneser-ney", discount=1.5)
     with pytest.raises(ConfigError, match="kneser-ney needs order >= 2"):
-        NGramLM(1, "kneser-ney")
+        NGramCounts(1, "kneser-ney")
     with pytest.raises(ConfigError, match="not been fitted"):
-        NGramLM(2).score("a")
+        NGramCounts(2).score("a")
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -265,12 +265,12 @@ def test_bad_options():
 ])
 def test_bad_corpus(bad, match):
     with pytest.raises(DataError, match=match) as err:
-        NGramLM(2, "laplace").fit(bad)
+        NGramCounts(2, "laplace").fit(bad)
     assert "\n" not in str(err.value)
 
 
 def test_unknown_words_and_long_contexts(shakespeare):
-    lm = NGramLM(3, "laplace").fit(shakespeare)
+    lm = NGramCounts(3, "laplace").fit(shakespeare)
     assert lm.score("qwertyuiop", ["first"]) == lm.score(UNK, ["first"])
     assert lm.score("citizen", ["a", "b", "c", "first"]) == lm.score("citizen", ["c", "first"])
     assert UNK in lm.vocab and BOS in lm.vocab and EOS in lm.vocab
@@ -288,7 +288,7 @@ def _arpa_logprob(tables: dict, word: str, context: tuple[str, ...]) -> float:
 
 @pytest.mark.parametrize("kw", [{}, {"discount": 0.1}])
 def test_write_arpa_is_the_same_model_in_backoff_form(kw, shakespeare, tmp_path):
-    lm = NGramLM(3, "kneser-ney", **kw).fit(shakespeare[:200])
+    lm = NGramCounts(3, "kneser-ney", **kw).fit(shakespeare[:200])
     path = lm.write_arpa(tmp_path / "lm.arpa")
     text = path.read_text(encoding="utf-8")
     assert text.startswith("\\data\\\nngram 1=") and text.rstrip().endswith("\\end\\")
@@ -310,4 +310,4 @@ def test_write_arpa_is_the_same_model_in_backoff_form(kw, shakespeare, tmp_path)
         else:
             assert arpa == pytest.approx(ours, abs=1e-5)
     with pytest.raises(ConfigError, match="write_arpa needs smoothing='kneser-ney'"):
-        NGramLM(2, "laplace").fit(shakespeare[:5]).write_arpa(tmp_path / "x.arpa")
+        NGramCounts(2, "laplace").fit(shakespeare[:5]).write_arpa(tmp_path / "x.arpa")

@@ -1,4 +1,4 @@
-"""The n-gram LM behind the transformer's interface: NGramModel, its run dirs, and the pretrain CLI path."""
+"""The n-gram LM behind the transformer's interface: NGramLM, its run dirs, and the pretrain CLI path."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from scratchlm.checkpoint import io
 from scratchlm.data.corpora import read_corpus
 from scratchlm.errors import CheckpointError, ConfigError
 from scratchlm.models import ModelConfig, build_model, from_preset
-from scratchlm.models.ngram import NGramLM
-from scratchlm.models.ngram_module import NGramModel
+from scratchlm.models.ngram import NGramCounts
+from scratchlm.models.ngram_module import NGramLM
 from scratchlm.tokenizers import CharTokenizer
 
 TEXT = read_corpus("builtin:tinyshakespeare")[:12_000]
@@ -29,8 +29,8 @@ def char_data():
 
 
 def direct_log2(order, smoothing, train_ids, ids):
-    """log2 P of every token of ``ids``: NGramLM itself, fitted on the ids as words (no padding)."""
-    lm = NGramLM(order, smoothing, pad=False).fit([[str(i) for i in train_ids]])
+    """log2 P of every token of ``ids``: NGramCounts itself, fitted on the ids as words (no padding)."""
+    lm = NGramCounts(order, smoothing, pad=False).fit([[str(i) for i in train_ids]])
     return lm, lm.token_logscores([[str(i) for i in ids]])
 
 
@@ -38,7 +38,7 @@ def direct_log2(order, smoothing, train_ids, ids):
 def test_logits_token_nats_and_ngramlm_agree(preset, char_data):
     tok, train, val = char_data
     config = from_preset(preset, vocab_size=tok.vocab_size)
-    model = NGramModel.fit(config, train)
+    model = NGramLM.fit(config, train)
     lm, log2p = direct_log2(config.ngram_order, config.ngram_smoothing, train, val[:200])
     nats = model.token_nats(val[:200])
     assert set(val) <= set(train)  # no <UNK> share to correct for: the n-gram's own numbers
@@ -47,7 +47,7 @@ def test_logits_token_nats_and_ngramlm_agree(preset, char_data):
     assert logits.shape == (1, 200, tok.vocab_size) and logits.dtype == torch.float32
     picked = logits[0, torch.arange(199), torch.tensor(val[1:200])].double().numpy()
     np.testing.assert_allclose(-picked, nats[1:], rtol=1e-6)
-    # each row is ln of NGramLM.distribution after the N-1 tokens up to that position
+    # each row is ln of NGramCounts.distribution after the N-1 tokens up to that position
     L = config.ngram_order - 1
     for t in (0, 1, 57, 199):
         context = [str(i) for i in val[max(0, t - L + 1) : t + 1]]
@@ -66,7 +66,7 @@ def test_logits_token_nats_and_ngramlm_agree(preset, char_data):
 def test_unseen_token_ids_share_the_unk_probability(char_data):
     tok, train, _ = char_data
     config = from_preset("ngram-kn5", vocab_size=tok.vocab_size + 3)  # three ids training never shows
-    model = NGramModel.fit(config, train)
+    model = NGramLM.fit(config, train)
     logp = model(torch.tensor([train[:50]]))[0].double()
     np.testing.assert_allclose(logp.exp().sum(-1).numpy(), 1.0, atol=1e-6)  # a distribution again
     unseen = logp[:, tok.vocab_size :]
@@ -77,7 +77,7 @@ def test_unseen_token_ids_share_the_unk_probability(char_data):
 
 def test_cached_and_batched_generation_equal_a_full_forward(char_data):
     tok, train, val = char_data
-    model = NGramModel.fit(from_preset("ngram-kn5", vocab_size=tok.vocab_size), train)
+    model = NGramLM.fit(from_preset("ngram-kn5", vocab_size=tok.vocab_size), train)
     ids = torch.tensor([val[:40]])
     full = model(ids)
     cache = model.new_cache(1)
@@ -96,10 +96,10 @@ def test_cached_and_batched_generation_equal_a_full_forward(char_data):
 def test_run_dir_round_trip_and_damaged_weights(char_data, tmp_path):
     tok, train, val = char_data
     config = from_preset("ngram-laplace3", vocab_size=tok.vocab_size)
-    model = NGramModel.fit(config, train)
+    model = NGramLM.fit(config, train)
     io.save_run(tmp_path / "run", model, config, tok)
     lm = scratchlm.load(tmp_path / "run", device="cpu")
-    assert isinstance(lm.model, NGramModel) and lm.config == config
+    assert isinstance(lm.model, NGramLM) and lm.config == config
     ids = torch.tensor([val[:64]])
     torch.testing.assert_close(lm.model(ids), model(ids), rtol=0, atol=0)
     assert lm.model.num_parameters() == model.num_parameters()
@@ -122,7 +122,7 @@ def test_config_validation():
     with pytest.raises(ConfigError, match="distinct n-grams"):
         from_preset("ngram-kn5").num_parameters()
     unfitted = build_model(from_preset("ngram-laplace3"))
-    assert isinstance(unfitted, NGramModel) and unfitted.num_parameters() == 0
+    assert isinstance(unfitted, NGramLM) and unfitted.num_parameters() == 0
     with pytest.raises(ConfigError, match="not been fitted"):
         unfitted(torch.zeros(1, 3, dtype=torch.long))
     config = from_preset("ngram-kn5")
@@ -157,7 +157,7 @@ def test_pretrain_cli_counts_reports_loads_and_generates(preset, data_file, tmp_
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["kind"] for r in records] == ["train", "eval"]
     final = records[-1]
-    # the same figure as a direct NGramLM computation on the demo's split: total nats / validation chars
+    # the same figure as a direct NGramCounts computation on the demo's split: total nats / validation chars
     split = int(len(TEXT) * 0.9)
     tok = CharTokenizer.from_text(TEXT)
     train, val = tok.encode(TEXT[:split]), tok.encode(TEXT[split:])

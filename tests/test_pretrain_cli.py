@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from conftest import ctrl_c_at
 from scratchlm.checkpoint import io
 from scratchlm.tokenizers import CharTokenizer
 
@@ -158,24 +159,11 @@ def test_a_tokenizer_bigger_than_the_model_is_refused(run_cli, tmp_path, corpus)
     assert snapshot(run) == before
 
 
-def test_ctrl_c_saves_and_exits_130(run_cli, tmp_path, corpus, monkeypatch):
-    from scratchlm.training.trainer import Trainer
-
-    original = Trainer.__init__
-
-    def with_interrupt(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-
-        def interrupt(trainer):
-            if trainer.step == 2:
-                raise KeyboardInterrupt
-
-        self.callbacks.append(interrupt)
-
-    monkeypatch.setattr(Trainer, "__init__", with_interrupt)
+def test_ctrl_c_saves_and_exits_130(run_cli, tmp_path, corpus):
     run = tmp_path / "run"
-    code, _, err = run_cli("pretrain", *TINY, "--data", corpus, "--max-steps", "10", "--out", run)
+    with ctrl_c_at(2):
+        code, _, err = run_cli("pretrain", *TINY, "--data", corpus, "--max-steps", "10", "--out", run)
     assert code == 130
     assert f"--resume {run}" in err
     assert json.loads((run / io.STATE_INFO_FILE).read_text())["step"] == 2
-    assert io.load_run(run)[2].name == "tiny-gpt2"
+    assert io.load_run(run).config.name == "tiny-gpt2"

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import ctrl_c_at
 from scratchlm.errors import ConfigError
 from scratchlm.models import ModelConfig, build_empty_model, build_model, from_preset
 from scratchlm.models.rnn import LSTM, ElmanRNN, RecurrentLM, RecurrentState
@@ -308,26 +309,13 @@ def lstm_run(tmp_path_factory):
     """A tiny LSTM trained by 'scratchlm pretrain': interrupted (Ctrl-C) at step 4 of 6 and resumed,
     and the same 6 steps in one go."""
     from scratchlm.cli import main
-    from scratchlm.training.trainer import Trainer
 
     root = tmp_path_factory.mktemp("rnn-run")
     corpus = root / "text.txt"
     corpus.write_text(TEXT)
     run, straight = root / "run", root / "straight"
     args = ["pretrain", "--preset", "tiny-lstm", *TINY, "--data", str(corpus), "--max-steps", "6"]
-    original = Trainer.__init__
-
-    def with_interrupt(self, *a, **kw):
-        original(self, *a, **kw)
-
-        def interrupt(trainer):
-            if trainer.step == 4:
-                raise KeyboardInterrupt
-
-        self.callbacks.append(interrupt)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(Trainer, "__init__", with_interrupt)
+    with ctrl_c_at(4):
         assert main([*args, "--out", str(run)]) == 130
     assert json.loads((run / "train_state.json").read_text())["step"] == 4
     assert main(["pretrain", "--resume", str(run)]) == 0

@@ -412,13 +412,13 @@ def test_engine_fails_the_requests_of_a_failed_prefill_and_keeps_serving(tiny_lm
 @pytest.fixture(scope="module", params=["tiny-elman", "tiny-lstm", "ngram-kn5"])
 def stateful_lm(request, tiny_lm) -> LM:
     """A recurrent or n-gram model with the tiny Llama's tokenizer: a cache of one state per row."""
-    from scratchlm.models.ngram_module import NGramModel
+    from scratchlm.models.ngram_module import NGramLM
 
     tokenizer = tiny_lm.tokenizer
     config = from_preset(request.param, vocab_size=300, context_length=256)
     if config.arch == "ngram":
         text = (Path(__file__).resolve().parent.parent / "src/scratchlm/serving/engine.py").read_text()
-        return LM(NGramModel.fit(config, tokenizer.encode(text)), tokenizer, config)
+        return LM(NGramLM.fit(config, tokenizer.encode(text)), tokenizer, config)
     return LM(wide_random_model(config, 0.5), tokenizer, config)
 
 

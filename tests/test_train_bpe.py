@@ -177,6 +177,21 @@ def test_pattern_names_and_bad_patterns():
         train_bpe(VERDICT[:2000], 300, pattern=GPT2_PATTERN).merges
 
 
+def test_one_resolve_pattern_strict_for_people_verbatim_for_files():
+    from scratchlm.tokenizers.bpe import PATTERNS, ByteLevelBPE, resolve_pattern
+
+    for strict in (True, False):
+        assert resolve_pattern("gpt4", strict=strict) == PATTERNS["gpt4"]
+        assert resolve_pattern(r"\s+|\S+", strict=strict) == r"\s+|\S+"
+    assert resolve_pattern(" GPT2 ", strict=True) == PATTERNS["gpt2"]  # a person's spelling
+    with pytest.raises(ConfigError, match="unknown split pattern 'gpt3'"):
+        resolve_pattern("gpt3", strict=True)
+    # A tokenizer file's Split on the literal String "ab" is the regex "ab": taken as is.
+    assert resolve_pattern("ab", strict=False) == "ab"
+    tok = ByteLevelBPE({bytes([b]): i for i, b in enumerate(range(256))}, [], {}, "ab", "test")
+    assert tok.pattern == "ab"
+
+
 def test_from_corpus_with_progress_bar(capsys):
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -11,10 +11,11 @@ import torch
 from scratchlm.data.windows import SlidingWindowDataset
 from scratchlm.errors import ConfigError, DataError
 from scratchlm.models import build_model, from_preset
+from scratchlm.runtime import resolve_precision
 from scratchlm.tokenizers import CharTokenizer
 from scratchlm.training import Budget, TrainConfig, Trainer, WarmupCosine, param_groups
+from scratchlm.training.evaluators import LanguageModelEvaluator
 from scratchlm.training.logging import read_metrics
-from scratchlm.training.trainer import resolve_precision
 
 TEXT = ("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
         "The slings and arrows of outrageous fortune,\nOr to take arms against a sea of troubles\n") * 12
@@ -23,7 +24,7 @@ TEXT = ("To be, or not to be, that is the question:\nWhether 'tis nobler in the 
 
 def quiet(**kw) -> TrainConfig:
     """A fast config for tests: no progress bar, no samples unless asked."""
-    return TrainConfig(**{"progress": False, "sample_tokens": 0, "warmup_steps": 2, "log_every": 1, **kw})
+    return TrainConfig(**{"progress": False, "warmup_steps": 2, "log_every": 1, **kw})
 
 
 def char_data(context: int = 16):
@@ -110,32 +111,32 @@ def test_trainer_keeps_freed_memory_on_the_cpu(monkeypatch):
     import platform
     import sys
 
-    from scratchlm.training import trainer
+    from scratchlm import runtime
 
-    applied = trainer.keep_freed_memory()
-    assert applied == trainer.keep_freed_memory()
+    applied = runtime.keep_freed_memory()
+    assert applied == runtime.keep_freed_memory()
     if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
         assert applied
     calls = []
-    monkeypatch.setattr(trainer, "keep_freed_memory", lambda: calls.append(1))
+    monkeypatch.setattr(runtime, "keep_freed_memory", lambda: calls.append(1))
     tok, train, _ = char_data()
     Trainer(tiny_model(tok.vocab_size), quiet(batch_size=4, max_steps=1, precision="fp32"), train)
     assert calls == [1]
 
 
 def test_precision_auto_follows_the_hardware(monkeypatch):
-    from scratchlm.training import trainer
+    from scratchlm import runtime
 
-    monkeypatch.setattr(trainer, "fast_bf16", lambda device: False)
+    monkeypatch.setattr(runtime, "fast_bf16", lambda device: False)
     assert resolve_precision("auto", torch.device("cpu")) == "fp32"
-    monkeypatch.setattr(trainer, "fast_bf16", lambda device: True)
+    monkeypatch.setattr(runtime, "fast_bf16", lambda device: True)
     assert resolve_precision("auto", torch.device("cpu")) == "bf16"
     assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
 
 
 def test_fast_bf16_on_cpus_with_amx_or_avx512_bf16(monkeypatch):
     """AMX (Sapphire Rapids) or AVX512-BF16 (Zen 4) each make bf16 matmuls fast; neither: fp32."""
-    from scratchlm.training.trainer import fast_bf16
+    from scratchlm.runtime import fast_bf16
 
     cpu = torch.device("cpu")
     for amx, avx512_bf16 in ((False, False), (True, False), (False, True), (True, True)):
@@ -149,16 +150,20 @@ def test_fast_bf16_on_cpus_with_amx_or_avx512_bf16(monkeypatch):
 
 def test_auto_precision_probes_the_cpu(monkeypatch):
     """On a CPU with fast bf16, 'auto' times both precisions on this model and keeps the faster one."""
-    from scratchlm.training import trainer
+    from scratchlm import runtime
 
     tok, train, _ = char_data()
-    monkeypatch.setattr(trainer, "fast_bf16", lambda device: True)
+    monkeypatch.setattr(runtime, "fast_bf16", lambda device: True)
     t = Trainer(tiny_model(tok.vocab_size), quiet(batch_size=4, max_steps=1), train)
     assert t.precision == "fp32" and "not probed" in t._probe_note  # too small to be worth timing
-    monkeypatch.setattr(trainer, "PROBE_MIN_PARAMETERS", 0)
+    monkeypatch.setattr(runtime, "PROBE_MIN_PARAMETERS", 0)
+    original = runtime.probe_bf16
     for bf16_seconds, expected in ((0.5, "bf16"), (0.95, "fp32")):
-        monkeypatch.setattr(trainer, "_timed_backward",
-                            lambda model, loss_fn, batch, bf16, device, s=bf16_seconds: s if bf16 else 1.0)
+        def probe(step, s=bf16_seconds):
+            original(step, rounds=1)  # the real forward/backward passes run, on a copy of the model
+            return 1.0, s
+
+        monkeypatch.setattr(runtime, "probe_bf16", probe)
         model = tiny_model(tok.vocab_size)
         before = {k: v.clone() for k, v in model.state_dict().items()}
         rng = torch.get_rng_state()
@@ -168,16 +173,21 @@ def test_auto_precision_probes_the_cpu(monkeypatch):
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
-def test_precision_probe_leaves_the_model_alone():
-    from scratchlm.training.trainer import _timed_backward
+def test_probe_bf16_times_both_precisions_after_a_warm_up():
+    calls = []
 
-    tok, train, _ = char_data()
-    model = tiny_model(tok.vocab_size)
-    batch = (torch.stack([train[i][0] for i in range(2)]), torch.stack([train[i][1] for i in range(2)]))
-    from scratchlm.training import next_token_loss
+    def step(bf16):
+        calls.append(bf16)
+        return 0.5 if bf16 else 1.0 + len(calls)
 
-    assert _timed_backward(model, next_token_loss, batch, False, torch.device("cpu")) > 0
-    assert all(p.grad is None for p in model.parameters())
+    assert runtime_probe(step, rounds=2) == (4.0, 0.5)
+    assert calls == [False, True, False, True, False, True]
+
+
+def runtime_probe(step, rounds):
+    from scratchlm.runtime import probe_bf16
+
+    return probe_bf16(step, rounds=rounds)
 
 
 # --- the loop ---------------------------------------------------------------------------------
@@ -187,8 +197,9 @@ def test_loss_decreases_and_the_run_dir_is_complete(tmp_path):
     tok, train, val = char_data()
     model = tiny_model(tok.vocab_size)
     run = tmp_path / "run"
-    cfg = quiet(batch_size=16, max_steps=30, eval_every=15, lr=1e-2, sample_tokens=20, log_every=1)
-    trainer = Trainer(model, cfg, train, val_data=val, run_dir=run, tokenizer=tok, val_tokens_per_char=1.0)
+    cfg = quiet(batch_size=16, max_steps=30, eval_every=15, lr=1e-2, log_every=1)
+    evaluator = LanguageModelEvaluator(tokenizer=tok, tokens_per_char=1.0, sample_tokens=20)
+    trainer = Trainer(model, cfg, train, val_data=val, run_dir=run, tokenizer=tok, evaluator=evaluator)
     result = trainer.fit()
     assert result.step == 30 and result.tokens == 30 * 16 * 16
     records = read_metrics(run / "metrics.jsonl")
@@ -307,7 +318,7 @@ def test_bf16_autocast_keeps_fp32_master_weights():
     tok, train, val = char_data()
     model = tiny_model(tok.vocab_size)
     t = Trainer(model, quiet(batch_size=4, max_steps=2, eval_every=2, precision="bf16"), train, val_data=val,
-                val_tokens_per_char=1.0)
+                evaluator=LanguageModelEvaluator(tokens_per_char=1.0))
     result = t.fit()
     assert t.precision == "bf16"
     assert all(p.dtype == torch.float32 for p in model.parameters())

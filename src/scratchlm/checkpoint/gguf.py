@@ -1,4 +1,4 @@
-"""GGUF files (llama.cpp's format) as our decoder: config, tokenizer and weights.
+"""GGUF files (llama.cpp's format) as our decoder: config, tokenizer and weights, read and written.
 
 ``gguf_file`` reads the header and the tensor table and dequantizes; this module maps the
 metadata to a ``ModelConfig``, the tensor names to ours, and fills a ``Transformer``.  One
@@ -9,6 +9,7 @@ convention differs from Hugging Face checkpoints beyond what ``gguf_file`` undoe
   (i, i + d/2), to adjacent pairs, (2i, 2i + 1), which its ``llama`` kernels rotate.  Our
   attention rotates halves, so we put the rows back.  qwen2/qwen3 files keep the HF order.
 
+``save_gguf`` writes the same names, metadata and row order back (the tables below, inverted).
 Import is strict, as for Hugging Face directories: every tensor is used, every parameter filled,
 every shape checked, and an unsupported architecture or tensor type is a ``CheckpointError``
 that names it.
@@ -16,6 +17,7 @@ that names it.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,7 +34,7 @@ from scratchlm.models.transformer import Transformer
 if TYPE_CHECKING:
     from scratchlm.tokenizers import Tokenizer
 
-__all__ = ["load_gguf", "config_from_gguf", "SUPPORTED_ARCHITECTURES"]
+__all__ = ["load_gguf", "save_gguf", "config_from_gguf", "SUPPORTED_ARCHITECTURES", "EXPORT_TYPES"]
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
@@ -111,9 +113,9 @@ def config_from_gguf(file: GGUFFile) -> ModelConfig:
         n_layer=int(get("block_count")),
         n_head=n_head,
         n_embd=n_embd,
-        n_kv_head=int(get("attention.head_count_kv", n_head)),
-        head_dim=head_dim if head_dim != n_embd // n_head else None,
-        intermediate_size=int(get("feed_forward_length")),
+        n_kv_head_override=int(get("attention.head_count_kv", n_head)),
+        head_dim_override=head_dim if head_dim != n_embd // n_head else None,
+        intermediate_size_override=int(get("feed_forward_length")),
         norm="rmsnorm",
         norm_eps=_float32(get("attention.layer_norm_rms_epsilon")),
         norm_bias=False,
@@ -195,20 +197,20 @@ def _permuted_heads(file: GGUFFile, name: str, config: ModelConfig) -> int | Non
     if file.architecture != "llama" or not name.startswith("blk."):
         return None
     kind = name.split(".")[2]
-    return config.n_head if kind == "attn_q" else config.kv_heads if kind == "attn_k" else None
+    return config.n_head if kind == "attn_q" else config.n_kv_head if kind == "attn_k" else None
 
 
-def load_weights(model: Transformer, file: GGUFFile) -> None:
+def load_weights(model: Transformer, file: GGUFFile, packed: frozenset[str] = frozenset()) -> None:
     """Fill every parameter of ``model`` from ``file``: strict, shape-checked, Q/K rows restored.
 
     A float32 CPU parameter is dequantized straight into its own memory; other devices and
-    dtypes go through one float32 copy.
+    dtypes go through one float32 copy.  ``packed`` names tensors already in packed layers.
     """
     params = dict(model.named_parameters())  # a tied lm_head appears once, as embed_tokens.weight
     filled: set[str] = set()
     for name, tensor in file.tensors.items():
-        if name == _ROPE_FREQS:
-            continue  # read into config.rope_scaling
+        if name == _ROPE_FREQS or name in packed:
+            continue  # read into config.rope_scaling, or into a packed layer
         ours = our_name(name)
         if ours is None or ours not in params:
             hint = ("a tensor scratchlm's decoder has no place for" if ours is None
@@ -241,23 +243,251 @@ def load_weights(model: Transformer, file: GGUFFile) -> None:
                               "the file is incomplete or from an unsupported variant")
 
 
-def load_gguf(path: str | Path, device: torch.device | str = "cpu",
-              dtype: torch.dtype = torch.float32) -> tuple[Transformer, Tokenizer | None, ModelConfig]:
+def packed_model(file: GGUFFile, config: ModelConfig) -> Transformer:
+    """A CPU model that keeps each weight matrix in the file's own type (``dtype="gguf"``).
+
+    Q8_0/Q4_0/Q4_1/Q4_K/Q6_K matrices (and the token embedding) become ``quant.linear`` layers over
+    a copy of the file's blocks (K-quants re-blocked without loss; llama's Q/K rows restored by
+    moving whole rows of blocks), F16 ones ``generation.packed.PackedLinear``; everything else
+    (other K-quants included) is float32 as ``load_weights`` fills it, dequantized exactly.
+    """
+    from torch import nn
+
+    from scratchlm.generation.packed import PackedLinear, fp16_packing_available
+    from scratchlm.quant.kernels import reblock
+    from scratchlm.quant.linear import QUANT_TYPES, QuantEmbedding, QuantLinear, stack_projections
+
+    with torch.device("meta"):
+        model = Transformer(config)
+    modules = dict(model.named_modules())
+    packed: set[str] = set()
+    fp16: list[str] = []
+    for name, tensor in file.tensors.items():
+        ours = our_name(name)
+        module_name = ours.removesuffix(".weight") if ours and ours.endswith(".weight") else None
+        module = modules.get(module_name) if module_name else None
+        if not isinstance(module, nn.Linear | nn.Embedding) or tuple(module.weight.shape) != tensor.shape:
+            continue  # not a matrix (or a mismatch load_weights reports)
+        if tensor.type_name == "F16" and isinstance(module, nn.Linear) and fp16_packing_available():
+            fp16.append(module_name)
+        if tensor.type_name not in QUANT_TYPES:
+            continue
+        rows, cols = tensor.shape
+        blocks = reblock(tensor.type_name, np.array(file.raw(tensor)).reshape(rows, -1))
+        heads = _permuted_heads(file, name, config)
+        if heads is not None:
+            blocks = np.ascontiguousarray(_unpermute_rows(blocks, heads))
+        blocks_t = torch.from_numpy(blocks.reshape(-1))
+        if isinstance(module, nn.Embedding):
+            layer: nn.Module = QuantEmbedding(blocks_t, tensor.type_name, rows, cols)
+        else:
+            bias_name = name.removesuffix(".weight") + ".bias"
+            bias = None
+            if module.bias is not None and bias_name in file.tensors:
+                values = file.load(bias_name)
+                bias = torch.from_numpy(_unpermute_rows(values, heads) if heads is not None else values)
+                packed.add(bias_name)
+            layer = QuantLinear(blocks_t, tensor.type_name, cols, rows, bias)
+        parent_name, _, attr = module_name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, layer)
+        packed.add(name)
+    if config.tie_embeddings and isinstance(model.embed_tokens, QuantEmbedding):
+        model.lm_head = model.embed_tokens.as_linear()
+    model._apply(lambda t: torch.empty(t.shape, dtype=torch.float32) if t.is_meta else t)
+    if isinstance(model.lm_head, nn.Linear) and isinstance(model.embed_tokens, nn.Embedding):
+        model.tie_weights()
+    load_weights(model, file, frozenset(packed))
+    for module_name in fp16:
+        parent_name, _, attr = module_name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if isinstance(getattr(parent, attr), nn.Linear) and not (
+                attr == "lm_head" and model.lm_head.weight is model.embed_tokens.weight):
+            setattr(parent, attr, PackedLinear(getattr(parent, attr)))
+    stack_projections(model)
+    return model
+
+
+def load_gguf(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+              packed: bool = False) -> tuple[Transformer, Tokenizer | None, ModelConfig]:
     """Model, tokenizer and config from a llama.cpp ``.gguf`` file (llama, qwen2, qwen3).
 
-    Weights are dequantized to float32 and then cast to ``dtype``.  The tokenizer (with the chat
+    Weights are dequantized to float32 and then cast to ``dtype``; with ``packed`` (CPU only) the
+    matrices keep the file's types instead (``packed_model``).  The tokenizer (with the chat
     template and eos token) comes from the ``tokenizer.*`` metadata; a file without any is loaded
     with tokenizer None.
     """
     file = read_gguf(path)
     config = config_from_gguf(file)
     file.check_types()  # before allocating the model
-    model = Transformer.empty(config, device=device, dtype=dtype)
-    load_weights(model, file)
+    if packed:
+        if torch.device(device).type != "cpu":
+            raise CheckpointError("GGUF's packed weights run on the CPU",
+                                  "load with --device cpu, or without --dtype gguf")
+        model = packed_model(file, config)
+    else:
+        model = Transformer.empty(config, device=device, dtype=dtype)
+        load_weights(model, file)
     model.eval()
     tokenizer = None
     if "tokenizer.ggml.model" in file.metadata:
         from scratchlm.tokenizers import load as load_tokenizer
 
         tokenizer = load_tokenizer(file.path)
+    if packed:  # the point of packing is the memory: give back what loading freed
+        from scratchlm.quant.linear import release_freed_memory
+
+        release_freed_memory()
     return model, tokenizer, config
+
+
+# --------------------------------------------------------------------------------------------
+# Export: a model (and its byte-level BPE tokenizer) as a llama.cpp .gguf file
+# --------------------------------------------------------------------------------------------
+
+EXPORT_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1")
+_FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7}  # llama.cpp's general.file_type
+_GGUF_NAMES = {ours: theirs for theirs, ours in _GLOBAL_NAMES.items()}
+_GGUF_LAYER_NAMES = {ours: theirs for theirs, ours in _LAYER_NAMES.items()}
+
+
+def gguf_name(ours: str) -> str:
+    """llama.cpp's tensor name for one of our parameter names (the inverse of ``our_name``)."""
+    if ours in _GGUF_NAMES:
+        return _GGUF_NAMES[ours]
+    _, index, rest = ours.split(".", 2)
+    module, kind = rest.rsplit(".", 1)
+    return f"blk.{index}.{_GGUF_LAYER_NAMES[module]}.{kind}"
+
+
+def _permute_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's Q/K row order for ``llama``: each head's halves (i, i + d/2) become pairs (2i, 2i+1)."""
+    rows, rest = weight.shape[0], weight.shape[1:]
+    half = rows // n_heads // 2
+    return weight.reshape(n_heads, 2, half, *rest).swapaxes(1, 2).reshape(rows, *rest)
+
+
+def _export_arch(config: ModelConfig) -> str:
+    from scratchlm.checkpoint.hf import family_for_config
+
+    family = family_for_config(config)  # refuses non-transformer archs in one line
+    if family.model_type not in SUPPORTED_ARCHITECTURES:
+        raise CheckpointError(f"GGUF export of {family.model_type} models is not implemented",
+                              f"scratchlm writes GGUF for {', '.join(SUPPORTED_ARCHITECTURES)} models; "
+                              "use convert --to hf and llama.cpp's convert_hf_to_gguf.py")
+    family.config_to_hf(config)  # the same refusals as the HF export (what the format cannot hold)
+    return family.model_type
+
+
+def _add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int) -> None:
+    """``tokenizer.ggml.*`` for a byte-level BPE (what ``ByteLevelBPE.from_gguf`` reads back); ids the
+    tokenizer does not use, up to the embedding's ``vocab_size``, are unused ``[PADn]`` tokens."""
+    from gguf import TokenType
+
+    from scratchlm.tokenizers.bpe import GGUF_PRE_PATTERNS, ByteLevelBPE, bytes_to_token
+
+    if not isinstance(tokenizer, ByteLevelBPE):
+        raise CheckpointError(f"a {type(tokenizer).__name__} cannot be written into a GGUF file",
+                              "GGUF holds byte-level BPE vocabularies; export with --to hf instead")
+    pre = next((name for name, pattern in GGUF_PRE_PATTERNS.items() if pattern == tokenizer.pattern), None)
+    if pre is None:
+        raise CheckpointError("the tokenizer's split pattern has no llama.cpp pre-tokenizer name",
+                              "export with --to hf instead")
+    size = max(tokenizer.vocab_size, vocab_size)
+    tokens, types = [f"[PAD{i}]" for i in range(size)], [TokenType.UNUSED] * size
+    for data, i in tokenizer.encoder.items():
+        tokens[i], types[i] = bytes_to_token(data), TokenType.NORMAL
+    for text, i in tokenizer.added_tokens.items():
+        tokens[i], types[i] = text, TokenType.USER_DEFINED
+    for text, i in tokenizer.special_tokens.items():
+        tokens[i], types[i] = text, TokenType.CONTROL
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types([int(t) for t in types])
+    writer.add_token_merges([f"{bytes_to_token(a)} {bytes_to_token(b)}" for a, b in tokenizer.merges])
+    if tokenizer.eos_id is not None:
+        writer.add_eos_token_id(tokenizer.eos_id)
+    if tokenizer.bos_id is not None:
+        writer.add_bos_token_id(tokenizer.bos_id)
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def save_gguf(model: Transformer, config: ModelConfig, path: str | Path, tokenizer: Any = None,
+              quant: str = "F16") -> Path:
+    """Write ``model`` as a llama.cpp GGUF file: llama.cpp's tensor names and metadata, Q/K rows in
+    its order (``llama``), weight matrices in ``quant`` (F32, F16, Q8_0, Q4_0, Q4_1; rounded as
+    llama.cpp rounds), norms and biases in F32, and the tokenizer and chat template when given.
+
+    A matrix whose rows do not fill ``quant``'s blocks is written in F16, as llama.cpp does.
+    Written beside ``path`` and renamed into place.
+    """
+    import gguf
+
+    from scratchlm.quant.formats import FORMATS, quantize
+
+    quant = quant.upper()
+    if quant not in EXPORT_TYPES:
+        raise CheckpointError(f"cannot write GGUF tensors as {quant}",
+                              f"use one of {', '.join(t.lower() for t in EXPORT_TYPES)}")
+    arch = _export_arch(config)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    writer = gguf.GGUFWriter(str(tmp), arch)
+    try:
+        writer.add_name(config.name or path.stem)
+        writer.add_file_type(_FILE_TYPES[quant])
+        writer.add_context_length(config.context_length)
+        writer.add_embedding_length(config.n_embd)
+        writer.add_block_count(config.n_layer)
+        writer.add_feed_forward_length(config.ffn_size)
+        writer.add_head_count(config.n_head)
+        writer.add_head_count_kv(config.kv_heads)
+        writer.add_layer_norm_rms_eps(config.norm_eps)
+        writer.add_rope_freq_base(config.rope_theta)
+        writer.add_rope_dimension_count(config.head_size)
+        if config.head_size != config.n_embd // config.n_head:
+            writer.add_key_length(config.head_size)
+            writer.add_value_length(config.head_size)
+        writer.add_vocab_size(config.vocab_size)
+        scaling = config.rope_scaling or {}
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind == "linear":
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(float(scaling["factor"]))
+        elif kind == "llama3":
+            plain = inverse_frequencies(config.head_size, config.rope_theta).double()
+            scaled = inverse_frequencies(config.head_size, config.rope_theta, scaling).double()
+            writer.add_tensor(_ROPE_FREQS, (plain / scaled).float().numpy())
+            writer.add_rope_scaling_orig_ctx_len(int(scaling["original_max_position_embeddings"]))
+        elif kind not in (None, "default"):
+            raise CheckpointError(f"rope scaling {kind!r} has no GGUF form here",
+                                  "scratchlm writes linear and llama3 rope scaling")
+        if tokenizer is not None:
+            _add_tokenizer(writer, tokenizer, config.vocab_size)
+        for name, param in model.named_parameters():  # a tied head appears once, as the embedding
+            values = param.detach().float().cpu().numpy()
+            heads = {"q_proj": config.n_head, "k_proj": config.kv_heads}.get(name.split(".")[-2]) \
+                if arch == "llama" else None
+            if heads is not None:
+                values = _permute_rows(values, heads)
+            values = np.ascontiguousarray(values)
+            kind_of = quant if values.ndim == 2 else "F32"
+            if kind_of not in ("F32", "F16") and values.shape[1] % FORMATS[kind_of].per_block:
+                kind_of = "F16"
+            if kind_of in ("F32", "F16"):
+                writer.add_tensor(gguf_name(name), values.astype(np.float32 if kind_of == "F32"
+                                                                 else np.float16))
+            else:
+                writer.add_tensor(gguf_name(name), quantize(values, kind_of),
+                                  raw_dtype=gguf.GGMLQuantizationType[kind_of])
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

@@ -2,23 +2,22 @@
 
 The tokenizer reads its vocabulary from here (``tokenizers.bpe``) and the model loader its
 weights (``checkpoint.gguf``), so neither pays for the other's imports.  ``gguf.GGUFReader``
-reads the same header, but it builds one NumPy view per array element — about 14 s for
-SmolLM2's 49k-token vocabulary on a 2-core machine, against ~0.1 s here; the tests hold our
-reader equal to it.  We use only the ``gguf`` package's constants (value types, quantization
-types and their block sizes).
+reads the same header, but it builds one NumPy view per array element, which for a vocabulary of
+tens of thousands of strings takes seconds where one ``struct`` pass over the buffer takes a
+fraction of one (docs/benchmarks.md, "Open weights"); the tests hold our reader equal to it.
+We use only the ``gguf`` package's constants (value types, quantization types and their block
+sizes).
 
 GGUF lists a tensor's dims fastest-varying first (``ne``), the reverse of a torch shape: a
 ``[576, 1536]`` GGUF matrix is a ``[1536, 576]`` ``nn.Linear`` weight, and ``GGUFTensor.shape``
-is already in torch order.  Quantized types store blocks of 32 consecutive values along a row
-that share a scale (and, for Q4_1, a minimum); dequantization is a handful of whole-tensor NumPy
-ops per type, never a loop over blocks, and matches ``gguf.quants.dequantize`` bit for bit.
+is already in torch order.  Quantized types store blocks of consecutive values along a row that
+share scales; ``quant.formats`` dequantizes them, bit for bit as ``gguf.quants.dequantize`` does.
 """
 
 from __future__ import annotations
 
 import mmap
 import struct
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,10 +26,10 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGUF_MAGIC, GGMLQuantizationType, GGUFValueType
 
 from scratchlm.errors import CheckpointError
+from scratchlm.quant.formats import SUPPORTED_TYPES, dequantize, unsupported_type
 
 __all__ = ["read_gguf", "dequantize", "GGUFFile", "GGUFTensor", "SUPPORTED_TYPES"]
 
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
 _DEFAULT_ALIGNMENT = 32  # llama.cpp's, when the header has no general.alignment
 
 
@@ -77,7 +76,7 @@ class GGUFFile:
         """Refuse a file with any tensor type we cannot dequantize."""
         for name, tensor in self.tensors.items():
             if tensor.type_name not in SUPPORTED_TYPES:
-                raise _unsupported_type(name, tensor.type_name)
+                raise unsupported_type(name, tensor.type_name)
 
     def load(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
         """Tensor ``name`` dequantized to float32 in torch shape (into ``out`` when given)."""
@@ -206,95 +205,3 @@ class _HeaderReader:
             pos += size
         self.pos = pos
         return out
-
-
-# --------------------------------------------------------------------------------------------
-# Dequantization: one vectorised function per type
-# --------------------------------------------------------------------------------------------
-
-
-def _fp16(blocks: np.ndarray, start: int) -> np.ndarray:
-    """The fp16 number at byte ``start`` of every block, as float32 [n_blocks, 1]."""
-    return blocks[:, start:start + 2].view(np.float16).astype(np.float32)
-
-
-def _nibbles(packed: np.ndarray, out: np.ndarray) -> None:
-    """16 bytes per block → 32 values in ``out``: low nibbles are elements 0–15, high nibbles 16–31."""
-    halves = out.reshape(-1, 2, 16)
-    np.bitwise_and(packed, 0x0F, out=halves[:, 0], casting="unsafe")
-    np.right_shift(packed, 4, out=halves[:, 1], casting="unsafe")
-
-
-def _f32(blocks: np.ndarray, out: np.ndarray) -> None:
-    np.copyto(out, blocks.view(np.float32))
-
-
-def _f16(blocks: np.ndarray, out: np.ndarray) -> None:
-    np.copyto(out, blocks.view(np.float16))
-
-
-def _bf16(blocks: np.ndarray, out: np.ndarray) -> None:
-    """bfloat16 is the top half of a float32: shift the bits up."""
-    np.left_shift(blocks.view(np.uint16), 16, out=out.view(np.uint32), dtype=np.uint32)
-
-
-def _q8_0(blocks: np.ndarray, out: np.ndarray) -> None:
-    """Q8_0 block (34 bytes): fp16 scale d, 32 int8 q; value = q · d."""
-    np.multiply(blocks[:, 2:].view(np.int8), _fp16(blocks, 0), out=out)
-
-
-def _q4_0(blocks: np.ndarray, out: np.ndarray) -> None:
-    """Q4_0 block (18 bytes): fp16 scale d, 16 bytes of 4-bit q; value = (q − 8) · d."""
-    _nibbles(blocks[:, 2:], out)
-    np.subtract(out, 8, out=out)
-    np.multiply(out, _fp16(blocks, 0), out=out)
-
-
-def _q4_1(blocks: np.ndarray, out: np.ndarray) -> None:
-    """Q4_1 block (20 bytes): fp16 scale d, fp16 minimum m, 16 bytes of 4-bit q; value = q · d + m."""
-    _nibbles(blocks[:, 4:], out)
-    np.multiply(out, _fp16(blocks, 0), out=out)
-    np.add(out, _fp16(blocks, 2), out=out)
-
-
-# type name → (values per block, bytes per block, fill(bytes[n_blocks, bytes], out[n_blocks, values]))
-_DEQUANTIZERS: dict[str, tuple[int, int, Callable[[np.ndarray, np.ndarray], None]]] = {
-    "F32": (1, 4, _f32),
-    "F16": (1, 2, _f16),
-    "BF16": (1, 2, _bf16),
-    "Q8_0": (32, 34, _q8_0),
-    "Q4_0": (32, 18, _q4_0),
-    "Q4_1": (32, 20, _q4_1),
-}
-
-
-def dequantize(raw: np.ndarray, type_name: str, n_elements: int, name: str = "tensor",
-               out: np.ndarray | None = None) -> np.ndarray:
-    """The float32 values [n_elements] stored in ``raw`` (flat uint8) as GGML type ``type_name``.
-
-    A few whole-array NumPy ops per type, never a loop over blocks, in the order
-    ``gguf.quants.dequantize`` computes (multiply, then add, each rounded to float32), so the
-    results are identical.  NumPy rather than torch: its ops run on one thread, which keeps
-    loading fast when the cores are busy (torch's thread pool slows ~20x when oversubscribed).
-    ``out`` (float32, contiguous) receives the values, e.g. a parameter's own memory.
-    """
-    if type_name not in _DEQUANTIZERS:
-        raise _unsupported_type(name, type_name)
-    per_block, block_bytes, fill = _DEQUANTIZERS[type_name]
-    if n_elements % per_block or raw.size != n_elements // per_block * block_bytes:
-        raise CheckpointError(f"tensor {name}: {raw.size} bytes do not hold {n_elements} {type_name} values",
-                              "the file is damaged; download it again")
-    if out is None:
-        out = np.empty(n_elements, dtype=np.float32)
-    elif out.dtype != np.float32 or out.size != n_elements or not out.flags.c_contiguous:
-        # a strided out would be reshaped into a copy, and the values would never reach it
-        raise ValueError(f"out must be a contiguous float32 array of {n_elements} values")
-    fill(raw.reshape(-1, block_bytes), out.reshape(-1, per_block))
-    return out
-
-
-def _unsupported_type(name: str, type_name: str) -> CheckpointError:
-    return CheckpointError(
-        f"tensor {name} is stored as {type_name}, which scratchlm cannot dequantize",
-        f"supported GGUF types: {', '.join(SUPPORTED_TYPES)}; re-quantize with llama.cpp's llama-quantize "
-        "(e.g. to Q8_0) or load the original Hugging Face checkpoint")

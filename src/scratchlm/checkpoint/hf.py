@@ -1,6 +1,6 @@
 """Hugging Face checkpoints: import (a directory or a hub id) and export, from one weight table per family.
 
-Each family (GPT-2 today; Llama, Qwen2 and Qwen3 are more rows of the same kind) is *data*: a
+Each family (GPT-2, Llama (SmolLM2 is one), Qwen2, Qwen3: ``FAMILIES``) is *data*: a
 list of ``Row``s pairing a Hugging Face tensor name with our parameter name(s), plus the two
 config translations.  ``import_weights`` and ``export_weights`` are the only code that walks a
 table, so a family cannot import one way and export another.
@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from scratchlm.checkpoint.atomic import atomic_path, write_json_atomic
 from scratchlm.errors import CheckpointError, ConfigError
 from scratchlm.models.config import ModelConfig
 from scratchlm.models.transformer import Transformer
@@ -128,7 +129,7 @@ def _gpt2_config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
     try:
         return ModelConfig(
             vocab_size=cfg["vocab_size"], context_length=positions, n_layer=cfg["n_layer"],
-            n_head=cfg["n_head"], n_embd=cfg["n_embd"], intermediate_size=cfg.get("n_inner"),
+            n_head=cfg["n_head"], n_embd=cfg["n_embd"], intermediate_size_override=cfg.get("n_inner"),
             norm="layernorm", norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)), norm_bias=True,
             mlp="gelu", mlp_bias=True, positions="learned", qkv_bias=True, o_bias=True,
             tie_embeddings=bool(cfg.get("tie_word_embeddings", True)),
@@ -150,8 +151,8 @@ def _gpt2_config_to_hf(config: ModelConfig) -> dict[str, Any]:
             (f"norm {config.norm!r}", config.norm != "layernorm"),
             (f"mlp {config.mlp!r}", config.mlp != "gelu"),
             (f"positions {config.positions!r}", config.positions != "learned"),
-            ("grouped-query attention", config.kv_heads != config.n_head),
-            ("head_dim other than n_embd / n_head", config.head_size * config.n_head != config.n_embd),
+            ("grouped-query attention", config.n_kv_head != config.n_head),
+            ("head_dim other than n_embd / n_head", config.head_dim * config.n_head != config.n_embd),
             ("q/k norm", config.qk_norm),
         ) if bad
     ]
@@ -164,7 +165,7 @@ def _gpt2_config_to_hf(config: ModelConfig) -> dict[str, Any]:
         "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
         "vocab_size": config.vocab_size, "n_positions": config.context_length, "n_ctx": config.context_length,
         "n_embd": config.n_embd, "n_layer": config.n_layer, "n_head": config.n_head,
-        "n_inner": config.intermediate_size, "activation_function": "gelu_new",
+        "n_inner": config.intermediate_size_override, "activation_function": "gelu_new",
         "layer_norm_epsilon": config.norm_eps, "tie_word_embeddings": config.tie_embeddings,
         "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": config.dropout,
         "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "add_cross_attention": False,
@@ -240,8 +241,8 @@ def _llama_config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
         return ModelConfig(
             vocab_size=cfg["vocab_size"], context_length=cfg["max_position_embeddings"],
             n_layer=cfg["num_hidden_layers"], n_head=cfg["num_attention_heads"], n_embd=cfg["hidden_size"],
-            n_kv_head=cfg.get("num_key_value_heads"), head_dim=cfg.get("head_dim"),
-            intermediate_size=cfg["intermediate_size"], mlp="swiglu",
+            n_kv_head_override=cfg.get("num_key_value_heads"), head_dim_override=cfg.get("head_dim"),
+            intermediate_size_override=cfg["intermediate_size"], mlp="swiglu",
             mlp_bias=bool(cfg.get("mlp_bias", False)) and model_type == "llama",
             norm="rmsnorm", norm_eps=float(cfg.get("rms_norm_eps", 1e-6)), norm_bias=False,
             positions="rope", rope_theta=theta, rope_scaling=scaling,
@@ -288,9 +289,9 @@ def _llama_config_to_hf(config: ModelConfig) -> dict[str, Any]:
     out: dict[str, Any] = {
         "model_type": model_type, "architectures": [_LLAMA_ARCHITECTURES[model_type]],
         "vocab_size": config.vocab_size, "max_position_embeddings": config.context_length,
-        "hidden_size": config.n_embd, "intermediate_size": config.ffn_size,
+        "hidden_size": config.n_embd, "intermediate_size": config.intermediate_size,
         "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head,
-        "num_key_value_heads": config.kv_heads, "head_dim": config.head_size, "hidden_act": "silu",
+        "num_key_value_heads": config.n_kv_head, "head_dim": config.head_dim, "hidden_act": "silu",
         "rms_norm_eps": config.norm_eps, "tie_word_embeddings": config.tie_embeddings,
         "attention_dropout": config.dropout, "initializer_range": 0.02, "use_cache": True,
         # both config forms: transformers v5 reads rope_parameters, v4 rope_theta + rope_scaling
@@ -643,18 +644,15 @@ def load_hf(ref: str | Path, device: str | torch.device = "cpu",
     return model.eval(), _load_tokenizer(directory), config
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def save_hf(model: Transformer, config: ModelConfig, out_dir: str | Path,
             tokenizer: Tokenizer | None = None) -> Path:
     """Write ``config.json``, ``model.safetensors``, ``generation_config.json`` (+ tokenizer files).
 
-    ``transformers``' ``from_pretrained`` loads the directory with the same logits.  The bos and eos
-    token ids the tokenizer knows go into both JSON files (``generate`` stops at that eos).
+    ``transformers``' ``from_pretrained`` loads the directory with the same logits.  bos and eos
+    have one rule, here: the ids the tokenizer knows, where they are inside the model's vocabulary,
+    else the family's own (GPT-2's 50256 for a GPT-2-sized vocabulary), go into both JSON files.
+    Without ``eos_token_id`` in ``generation_config.json``, transformers' ``generate`` never stops
+    at the end of a chat turn; with no tokenizer, no id is made up.
     """
     from safetensors.torch import save_file
 
@@ -668,12 +666,12 @@ def save_hf(model: Transformer, config: ModelConfig, out_dir: str | Path,
     tensors = {name: t.cpu() for name, t in export_weights(family, model).items()}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    with atomic_path(out / "model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     generation = {key: hf_config[key] for key in ("bos_token_id", "eos_token_id")
                   if hf_config.get(key) is not None}
-    for name, data in (("config.json", hf_config), ("generation_config.json", generation)):
-        text = json.dumps(data, indent=2) + "\n"
-        _atomic_write(out / name, lambda p, text=text: p.write_text(text, encoding="utf-8"))
+    write_json_atomic(out / "config.json", hf_config)
+    write_json_atomic(out / "generation_config.json", generation)
     if tokenizer is not None:
         tokenizer.save(out)
     return out

@@ -2,8 +2,11 @@
 
 A run dir holds::
 
-    config.json              format marker + version, model config, training and data settings
-    model.safetensors        the weights (float32 master copy; tied weights stored once)
+    config.json              format marker + version, model config, training and data settings,
+                             and the manifest: a base model, task head, adapter, chat template
+    model.safetensors        the weights (float32 master copy; tied weights stored once) — or, when
+                             the manifest names a base model, only the tensors the run trained
+    adapter/                 a PEFT-format adapter (adapter_config.json + adapter_model.safetensors)
     tokenizer/               tokenizer.save(...)
     train_state.safetensors  optimizer state tensors and RNG states (uint8 tensors)
     train_state.json         step, tokens, data position, schedule, elapsed time, Python/NumPy RNG
@@ -11,87 +14,44 @@ A run dir holds::
 
 Only safetensors and JSON: nothing is pickled, so opening a run dir never runs code.
 
-Every file is written atomically: to a temporary file in the same directory, flushed with
-``fsync``, then ``os.replace``d over the old one, so a crash or Ctrl-C mid-save leaves either the
-old file or the new one, never half of one.  A save touches several files, so each of the three
-weight/state files carries the same random ``save_id``; a resume checks that they agree, which
-catches a crash *between* two renames (new weights beside an old optimizer state).
+Every file is written atomically (``checkpoint.atomic``, re-exported here): a crash or Ctrl-C
+mid-save leaves either the old file or the new one, never half of one.  A save touches several
+files, so each of the three weight/state files carries the same random ``save_id``; a resume
+checks that they agree, which catches a crash *between* two renames (new weights beside an old
+optimizer state).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import random
 import shutil
-import tempfile
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
+from scratchlm.checkpoint.atomic import TMP_PREFIX, atomic_dir, atomic_path, write_json_atomic
 from scratchlm.errors import CheckpointError, UserError
 from scratchlm.models.config import ModelConfig
 
 FORMAT = "scratchlm-run"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the manifest (base_model, head, adapter, chat_template); 1: a model alone
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_DIR = "tokenizer"
 STATE_TENSORS_FILE = "train_state.safetensors"
 STATE_INFO_FILE = "train_state.json"
-_TMP_PREFIX = ".tmp-"
+ADAPTER_DIR = "adapter"
 
 
 # ---------------------------------------------------------------------------------------------
-# Atomic writes
+# Atomic writes (checkpoint/atomic.py; re-exported here, where the run dir is written)
 # ---------------------------------------------------------------------------------------------
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable: fsync the directory entry (a no-op where the OS does not allow it)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success fsync it and rename it over ``path``.
-
-    On an exception (including KeyboardInterrupt) the temporary file is removed and ``path`` is
-    left as it was.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=_TMP_PREFIX + path.name + ".", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: str | Path, payload: Any) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(payload, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def save_tensors_atomic(path: str | Path, tensors: Mapping[str, torch.Tensor],
@@ -101,31 +61,6 @@ def save_tensors_atomic(path: str | Path, tensors: Mapping[str, torch.Tensor],
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=dict(metadata or {}))
-
-
-def _save_tokenizer_atomic(tokenizer: Any, target: Path) -> None:
-    """Write the tokenizer into a fresh temporary directory, then swap it in for ``target``.
-
-    A directory cannot be renamed over a non-empty one, so the old one is first moved aside; the
-    window in which ``tokenizer/`` is absent is two renames long, and the tokenizer of a run
-    never changes between the saves of that run.
-    """
-    tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX + target.name + ".", dir=target.parent))
-    old = None
-    try:
-        tokenizer.save(tmp)
-        if target.exists():
-            old = target.with_name(f"{_TMP_PREFIX}{target.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(target, old)
-        os.replace(tmp, target)
-        _fsync_dir(target.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not target.exists():
-            os.replace(old, target)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,8 +87,11 @@ def unique_state(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[
     return state, aliases
 
 
-def load_weights_into(model: torch.nn.Module, path: Path) -> None:
+def load_weights_into(model: torch.nn.Module, path: Path, partial: bool = False) -> None:
     """Copy the tensors of ``path`` into ``model`` in place; every parameter must be there, in its shape.
+
+    ``partial``: the file holds only some of the model's tensors (a run over a named base model);
+    each must still belong to the model, in its shape.
 
     A model with a ``load_tensors`` method (the n-gram: its count tables' sizes come from the
     training text, not the config) is handed the tensors to rebuild itself from instead.
@@ -163,12 +101,13 @@ def load_weights_into(model: torch.nn.Module, path: Path) -> None:
         return
     tensors = _read_tensors(path, "model weights", device=next(model.parameters()).device)[0]
     expected, aliases = unique_state(model)
-    missing = sorted(set(expected) - set(tensors))
+    missing = [] if partial else sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected) - set(aliases))
     if missing or unexpected:
         detail = f"missing {', '.join(missing[:3])}" if missing else f"unexpected {', '.join(unexpected[:3])}"
         raise CheckpointError(f"{path} does not fit the model ({detail})",
                               "the weights were written for another model config; check config.json")
+    expected = {name: value for name, value in expected.items() if name in tensors}
     for name, value in expected.items():
         if tensors[name].shape != value.shape:
             raise CheckpointError(
@@ -306,15 +245,57 @@ def unpack_rng(tensors: Mapping[str, torch.Tensor], info: Mapping[str, Any], ran
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass
+class RunManifest:
+    """What a run dir holds besides a plain model; each entry is a top-level key of ``config.json``.
+
+    ``base_model``: a reference ``scratchlm.load`` opens (run dir, Hugging Face directory or hub
+    id, .gguf file).  When set, the run does not copy the base's weights: ``model.safetensors``
+    holds only the tensors the run changed (a trained last block, a task head), loaded over the
+    base's.  ``head``: the task head on the model (``{"type": "classification", "labels": [...],
+    ...}``), rebuilt by ``scratchlm.finetune.heads.attach_head``.  ``adapter``: the adapter beside
+    the weights (``{"format": "peft", "path": "adapter"}``), loaded by ``scratchlm.finetune.lora``.
+    ``chat_template``: the Jinja template the run was trained with, used by chat and the server.
+    A run dir with none of them is format version 1, which older scratchlm versions read.
+    """
+
+    base_model: str | None = None
+    head: dict[str, Any] | None = None
+    adapter: dict[str, Any] | None = None
+    chat_template: str | None = None
+
+    KEYS = ("base_model", "head", "adapter", "chat_template")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in self.KEYS if getattr(self, key) is not None}
+
+    @classmethod
+    def from_payload(cls, payload: Mapping[str, Any], where: str) -> RunManifest:
+        manifest = cls(**{key: payload.get(key) for key in cls.KEYS})
+        for key, kind in (("base_model", str), ("head", dict), ("adapter", dict), ("chat_template", str)):
+            value = getattr(manifest, key)
+            if value is not None and not isinstance(value, kind):
+                raise CheckpointError(f"{where}: {key!r} must be a {kind.__name__}, got {value!r}",
+                                      "restore config.json")
+        if manifest.head is not None and not isinstance(manifest.head.get("type"), str):
+            raise CheckpointError(f"{where}: the head has no type", "restore config.json")
+        return manifest
+
+
 def save_run(run_dir: str | Path, model: torch.nn.Module, config: ModelConfig, tokenizer: Any = None,
              train_state: TrainState | None = None, *, training: Mapping[str, Any] | None = None,
-             data: Mapping[str, Any] | None = None) -> Path:
+             data: Mapping[str, Any] | None = None, evaluation: Mapping[str, Any] | None = None,
+             manifest: RunManifest | None = None) -> Path:
     """Write (or update) a run dir; every file atomically.
 
     ``config``: the model's ``ModelConfig``.  ``tokenizer``: anything with ``save(directory)``, or
     None.  ``train_state``: optimizer/RNG/counters for ``--resume`` (None for a weights-only export,
     which also removes any older training state so that it cannot be resumed out of step).
-    ``training`` / ``data``: the settings that produced the run, stored in ``config.json``.
+    ``training`` / ``data`` / ``evaluation``: the settings that produced the run, stored in
+    ``config.json``.  ``manifest``: what sits on or beside the model (``RunManifest``); with a
+    ``base_model``, ``model.safetensors`` holds only the tensors the run trained.  A model with a
+    task head keeps its language model as ``model.base`` (``finetune.heads``); the adapters of a
+    manifest that lists them are also written as a PEFT directory.
     """
     from scratchlm import __version__
 
@@ -323,9 +304,19 @@ def save_run(run_dir: str | Path, model: torch.nn.Module, config: ModelConfig, t
     model = getattr(model, "module", model)  # a DistributedDataParallel wrapper
     save_id = uuid.uuid4().hex
     if tokenizer is not None:
-        _save_tokenizer_atomic(tokenizer, run_dir / TOKENIZER_DIR)
+        with atomic_dir(run_dir / TOKENIZER_DIR) as tmp:  # the tokenizer of a run never changes between saves
+            tokenizer.save(tmp)
+    manifest = manifest or RunManifest()
     state, _ = unique_state(model)
+    if manifest.base_model is not None:  # only what the run trained; the rest is the base's
+        trained = {name for name, p in model.named_parameters() if p.requires_grad}
+        state = {name: tensor for name, tensor in state.items() if name in trained}
     save_tensors_atomic(run_dir / WEIGHTS_FILE, state, {"format": "pt", "scratchlm_save_id": save_id})
+    if manifest.adapter is not None:  # the adapters also as a PEFT directory, for peft and other tools
+        from scratchlm.finetune.lora import save_adapter
+
+        save_adapter(getattr(model, "base", model), run_dir / manifest.adapter.get("path", ADAPTER_DIR),
+                     manifest.base_model, metadata={"scratchlm_save_id": save_id})
     if train_state is not None:
         save_tensors_atomic(run_dir / STATE_TENSORS_FILE, train_state.tensors, {"scratchlm_save_id": save_id})
         write_json_atomic(run_dir / STATE_INFO_FILE, {**train_state.info, "save_id": save_id})
@@ -334,15 +325,15 @@ def save_run(run_dir: str | Path, model: torch.nn.Module, config: ModelConfig, t
             (run_dir / name).unlink(missing_ok=True)
     payload: dict[str, Any] = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if manifest.to_dict() else 1,
         "scratchlm_version": __version__,
         "architecture": getattr(config, "arch", "transformer"),
         "model": config.to_dict(),
+        **manifest.to_dict(),
     }
-    if training is not None:
-        payload["training"] = dict(training)
-    if data is not None:
-        payload["data"] = dict(data)
+    for key, section in (("training", training), ("data", data), ("evaluation", evaluation)):
+        if section is not None:
+            payload[key] = dict(section)
     write_json_atomic(run_dir / CONFIG_FILE, payload)
     return run_dir
 
@@ -395,22 +386,51 @@ def run_model_config(payload: Mapping[str, Any]) -> ModelConfig:
         raise CheckpointError(f"the run's model config is invalid ({err})", "restore config.json") from None
 
 
-def load_run(run_dir: str | Path,
-             device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Any, ModelConfig]:
-    """``(model, tokenizer, config)`` of a run dir; the model is in eval mode on ``device``.
+class LoadedRun(NamedTuple):
+    model: torch.nn.Module
+    tokenizer: Any
+    config: ModelConfig
+    manifest: RunManifest
 
-    The tokenizer is None when the run dir has none.  A missing, damaged or foreign file is a
-    one-line ``CheckpointError``.
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu",
+             dtype: torch.dtype | None = None) -> LoadedRun:
+    """``(model, tokenizer, config, manifest)`` of a run dir; the model is in eval mode on ``device``.
+
+    A run that names a base model loads the base first (``scratchlm.load``), then its own
+    tensors over it; a head and an adapter in the manifest are attached.  The tokenizer is None
+    when the run dir (and its base) has none.  A missing, damaged or foreign file is a one-line
+    ``CheckpointError``.
     """
     from scratchlm.models import build_empty_model
 
     run_dir = Path(run_dir)
     payload = read_run_config(run_dir)
     config = run_model_config(payload)
-    model = build_empty_model(config, device=device)
-    load_weights_into(model, run_dir / WEIGHTS_FILE)
-    model.eval()
+    manifest = RunManifest.from_payload(payload, str(run_dir / CONFIG_FILE))
     tokenizer = None
+    if manifest.base_model is not None:
+        from scratchlm.api import load
+
+        base = load(_resolve_base(run_dir, manifest.base_model), device=device, dtype=dtype)
+        model, tokenizer = base.model, base.tokenizer
+        if base.config.to_dict() | {"name": None} != config.to_dict() | {"name": None}:
+            raise CheckpointError(f"{run_dir}: its base model {manifest.base_model} has another config "
+                                  "than the run was trained on", "restore the base model the run names")
+    else:
+        model = build_empty_model(config, device=device)
+    if manifest.adapter is not None:
+        from scratchlm.finetune.lora import load_adapter
+
+        load_adapter(model, run_dir / manifest.adapter.get("path", ADAPTER_DIR), base=manifest.base_model)
+    if manifest.head is not None:
+        from scratchlm.finetune.heads import attach_head
+
+        model = attach_head(model, manifest.head)
+    load_weights_into(model, run_dir / WEIGHTS_FILE, partial=manifest.base_model is not None)
+    if dtype is not None:
+        model = model.to(dtype)
+    model.eval()
     if (run_dir / TOKENIZER_DIR).is_dir():
         from scratchlm.tokenizers import load as load_tokenizer
 
@@ -423,7 +443,13 @@ def load_run(run_dir: str | Path,
         raise CheckpointError(f"the tokenizer has {tokenizer.vocab_size} tokens, "
                               f"the model only {config.vocab_size}",
                               "the tokenizer/ folder belongs to another run")
-    return model, tokenizer, config
+    return LoadedRun(model, tokenizer, config, manifest)
+
+
+def _resolve_base(run_dir: Path, ref: str) -> str:
+    """A base named by a relative path is relative to the run dir (so the pair can move together)."""
+    candidate = run_dir / ref
+    return str(candidate) if not Path(ref).is_absolute() and candidate.exists() else ref
 
 
 def load_train_state(run_dir: str | Path) -> TrainState:
@@ -454,7 +480,7 @@ def load_train_state(run_dir: str | Path) -> TrainState:
 
 def clean_temporaries(run_dir: str | Path) -> None:
     """Remove temporary files an interrupted save left behind (they are never read)."""
-    for path in Path(run_dir).glob(_TMP_PREFIX + "*"):
+    for path in Path(run_dir).glob(TMP_PREFIX + "*"):
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         else:

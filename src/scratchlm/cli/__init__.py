@@ -18,6 +18,8 @@ from scratchlm.errors import UserError
 # name -> (module, one-line help).  Order is the order shown in --help.
 COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("scratchlm.cli.pretrain", "pretrain a language model (no options: the 5-minute demo)"),
+    "finetune": ("scratchlm.cli.finetune", "finetune a pretrained model (classify: a text classifier)"),
+    "classify": ("scratchlm.cli.classify", "label texts with a classifier trained by 'finetune classify'"),
     "generate": ("scratchlm.cli.generate", "continue a prompt, or answer a chat message, streaming"),
     "chat": ("scratchlm.cli.chat", "chat with a model in the terminal, streaming, with history"),
     "serve": ("scratchlm.cli.serve", "serve a model over an OpenAI-compatible HTTP API"),

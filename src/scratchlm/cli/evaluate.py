@@ -10,10 +10,8 @@ import argparse
 import json
 
 from scratchlm.cli.options import add_model_options, load_model
+from scratchlm.data.splits import SPLITS, select_split
 from scratchlm.errors import ConfigError
-
-SPLITS = ("all", "train", "val")
-VAL_FRACTION = 0.1  # the split of 'scratchlm pretrain': first 90% train, last 10% validation
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -40,9 +38,7 @@ def run_perplexity(args: argparse.Namespace) -> int:
     from scratchlm.data.corpora import read_corpus
     from scratchlm.evaluation.perplexity import perplexity
 
-    text = read_corpus(args.data)
-    split = int(len(text) * (1 - VAL_FRACTION))
-    text = {"all": text, "train": text[:split], "val": text[split:]}[args.split]
+    text = select_split(read_corpus(args.data), args.split)
     lm = load_model(args)
     if lm.tokenizer is None:
         raise ConfigError(f"{args.model} has no tokenizer, so its text cannot be scored",

@@ -3,12 +3,15 @@
 The model is anything ``scratchlm.load`` opens: a run dir from ``scratchlm pretrain``, a Hugging
 Face model directory, or a hub id.  The prompt comes from --prompt, or from standard input; with
 --chat the text is asked as a user message through the model's chat template instead.
+The output ends with a newline; when the model generates nothing (a chat model given a plain
+prompt often ends its text at once), a note on standard error says so and what to try.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 from scratchlm.cli.options import add_model_options, add_sampling_options, load_model, sampling_from_args
 from scratchlm.errors import UserError
@@ -47,14 +50,30 @@ def run(args: argparse.Namespace) -> int:
     else:
         pieces = lm.stream(prompt, params)
     out = sys.stdout
-    if args.echo:
-        out.write(prompt)
+    written = prompt if args.echo else ""  # its tail: what the last line ends with
+    if written:
+        out.write(written)
         out.flush()
-    last = prompt if args.echo else ""
+    generated = False
     for piece in pieces:
-        out.write(piece)
-        out.flush()
-        last = piece
-    if out.isatty() and not last.endswith("\n"):
-        out.write("\n")  # leave the shell prompt on a line of its own
+        if piece:
+            out.write(piece)
+            out.flush()
+            written, generated = piece, True
+    if written and not written.endswith("\n"):
+        out.write("\n")  # a text file's last line ends in one, and the shell prompt starts a new line
+    if not generated:
+        print(f"note: {_nothing_generated(args, lm)}", file=sys.stderr)
     return 0
+
+
+def _nothing_generated(args: argparse.Namespace, lm: Any) -> str:
+    """What to say when the model's first token ended the text: what happened — what to try."""
+    if args.chat is not None:
+        return ("nothing generated: the model ended its turn at once — try another message, a higher "
+                "--temperature, or --ignore-eos")
+    if lm.chat_template is not None:
+        return ("nothing generated: the model ended the text at once — it is a chat model: pass the "
+                "message with --chat TEXT instead of --prompt")
+    return ("nothing generated: the model ended the text at once — if it is a chat model, pass the "
+            "message with --chat TEXT; to continue past the end of text, add --ignore-eos")

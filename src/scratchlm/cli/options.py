@@ -1,5 +1,5 @@
-"""Options shared by the commands that load a model (generate, chat, serve, eval), and the CPU
-thread count (pretrain's too).
+"""Options shared by the commands that load a model (generate, chat, serve, eval), and LoRA's
+(the finetuning commands).
 
 One place for their names, help texts and defaults, so the CLI, the API and the server agree.
 """
@@ -8,20 +8,10 @@ from __future__ import annotations
 
 import argparse
 
-from scratchlm.api import DTYPES, LM
-from scratchlm.errors import ConfigError
+from scratchlm.api import DTYPES, LM, QUANT_DTYPES
+from scratchlm.finetune.lora_config import ALL_LINEAR, LoRAConfig
 from scratchlm.generation.sampling import SamplingParams
-
-
-def set_threads(threads: int) -> None:
-    """``torch.set_num_threads`` for a --threads option: 0 leaves PyTorch's default."""
-    if threads < 0:
-        raise ConfigError(f"--threads must be 0 or more, got {threads}",
-                          "pass a thread count, e.g. --threads 1 (0 = one per core)")
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
+from scratchlm.runtime import set_threads
 
 
 def load_model(args: argparse.Namespace) -> LM:
@@ -29,19 +19,27 @@ def load_model(args: argparse.Namespace) -> LM:
     from scratchlm.api import load
 
     set_threads(args.threads)
-    return load(args.model, device=args.device, dtype=args.dtype)
+    return load(args.model, device=args.device, dtype=args.dtype, adapter=args.adapter,
+                quantize=getattr(args, "quantize", None))
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """--model, --device, --dtype: what ``scratchlm.load`` takes; and --threads (``load_model``)."""
+    """--model, --adapter, --device, --dtype: what ``scratchlm.load`` takes; --threads (``load_model``)."""
     # (SUPPRESS: a required option has no default worth printing.)
     parser.add_argument("--model", required=True, default=argparse.SUPPRESS,
                         help="run dir, Hugging Face model directory or hub id, or a .gguf file")
+    parser.add_argument("--adapter", default=None, metavar="DIR",
+                        help="a PEFT LoRA adapter directory (adapter_config.json + "
+                        "adapter_model.safetensors) to apply to --model; None = the model as it is")
     parser.add_argument("--device", default=None,
                         help="cpu, cuda, cuda:1, ...; None = cuda if available, else cpu")
-    parser.add_argument("--dtype", default=None, metavar="{" + ",".join(DTYPES) + "}",
+    parser.add_argument("--dtype", default=None, metavar="{" + ",".join(DTYPES + QUANT_DTYPES[:1]) + "}",
                         help="weight precision; None = float32.  On the CPU, float16 is the fast "
-                        "inference mode: fp16 weights, fp32 arithmetic")
+                        "inference mode: fp16 weights, fp32 arithmetic; gguf keeps a .gguf file's own "
+                        "Q8_0/Q4_0/Q4_1/Q4_K/Q6_K blocks and computes with them in place (least memory)")
+    parser.add_argument("--quantize", default=None, choices=QUANT_DTYPES[1:],
+                        help="round the weight matrices into GGUF blocks at load, as llama.cpp does "
+                        "(CPU inference; fp32 arithmetic); None = keep them as loaded")
     parser.add_argument("--threads", type=int, default=0, metavar="N",
                         help="CPU threads; 0 = PyTorch's default, one per core (on cores shared with other "
                         "jobs, fewer can be much faster)")
@@ -83,3 +81,30 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
         repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
         stop=getattr(args, "stop", []), ignore_eos=args.ignore_eos, seed=args.seed,
     )
+
+
+def add_lora_options(parser: argparse.ArgumentParser, *, rank: int | None = None, alpha: float | None = None,
+                     dropout: float | None = None, targets: str | None = None) -> None:
+    """--lora-rank, --lora-alpha, --lora-dropout, --lora-targets (``lora_config_from_args``).
+
+    Defaults are ``LoRAConfig``'s (peft's) unless a command passes its own (a recipe's).
+    """
+    d = LoRAConfig()
+    parser.add_argument("--lora-rank", type=int, default=d.rank if rank is None else rank, metavar="R",
+                        help="rank of each LoRA adapter (A is R x in, B is out x R)")
+    parser.add_argument("--lora-alpha", type=float, default=d.alpha if alpha is None else alpha,
+                        help="LoRA alpha: the update B A is scaled by alpha / rank, as in peft")
+    parser.add_argument("--lora-dropout", type=float, default=d.dropout if dropout is None else dropout,
+                        help="dropout on the adapters' input (the base layer sees the input unchanged)")
+    parser.add_argument("--lora-targets", default=",".join(d.targets) if targets is None else targets,
+                        metavar="NAMES",
+                        help="comma-separated Hugging Face module names to adapt, as peft names them: "
+                        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj (Llama family), "
+                        f"c_attn,attn.c_proj,c_fc,mlp.c_proj (GPT-2), lm_head; {ALL_LINEAR} = every linear "
+                        "layer of the blocks")
+
+
+def lora_config_from_args(args: argparse.Namespace) -> LoRAConfig:
+    """The ``LoRAConfig`` of ``add_lora_options``' options (a bad value is a one-line ConfigError)."""
+    return LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                      targets=args.lora_targets)

@@ -29,7 +29,7 @@ def format_table(names: list[str]) -> str:
             rows.append((name, "-", "-", "-", "-", str(c.ngram_order - 1), str(c.vocab_size), "-"))
             continue
         attention = c.arch == "transformer"  # recurrent LMs have no heads
-        heads = (str(c.n_head), str(c.kv_heads)) if attention else ("-", "-")
+        heads = (str(c.n_head), str(c.n_kv_head)) if attention else ("-", "-")
         rows.append((name, str(c.n_layer), *heads, str(c.n_embd),
                      str(c.context_length), str(c.vocab_size), f"{c.num_parameters():,}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]

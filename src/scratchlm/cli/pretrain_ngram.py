@@ -1,6 +1,6 @@
 """``scratchlm pretrain`` for the count-based presets (arch ``"ngram"``: ngram-kn5, ngram-laplace3).
 
-The same data, split and tokenizer as every other preset (``pretrain``'s own code), then one
+The same data, split and tokenizer as every other preset (``cli.corpus``), then one
 counting pass (``training.counting.count_run``) instead of the training loop.  Counting has no
 budget, learning rate, batches or checkpoints to resume, so those options are an error rather than
 silently meaningless; ``--device`` and ``--threads`` are accepted and ignored (counting is numpy
@@ -21,18 +21,18 @@ ACCEPTED = ("preset", "data", "tokenizer", "seed", "prompt", "sample_tokens", "o
 
 def wanted(given: dict[str, Any]) -> bool:
     """Whether these pretrain options ask for a count-based model (or to resume one)."""
-    from scratchlm.cli.pretrain import DEFAULTS
+    from scratchlm.cli.corpus import CorpusOptions
     from scratchlm.models.config import from_preset
 
     if "resume" in given and "preset" not in given:
         from scratchlm.checkpoint.io import read_run_config
 
         return (read_run_config(Path(given["resume"])).get("model") or {}).get("arch") == "ngram"
-    return from_preset(given.get("preset", DEFAULTS["preset"])).arch == "ngram"
+    return from_preset(given.get("preset", CorpusOptions.preset)).arch == "ngram"
 
 
 def run(given: dict[str, Any]) -> int:
-    from scratchlm.cli import pretrain
+    from scratchlm.cli.corpus import CorpusOptions, encode_corpus, new_run_dir, report
 
     preset = given.get("preset")
     if "resume" in given:
@@ -47,29 +47,29 @@ def run(given: dict[str, Any]) -> int:
             f"{flag} means nothing to the count-based preset {preset}",
             "drop it: n-gram presets take --data, --tokenizer, --seed, --prompt, --sample-tokens and --out",
         )
-    settings, run_dir = pretrain.new_settings(given, resumable=False)
+    corpus = CorpusOptions(**{k: v for k, v in given.items() if k in CorpusOptions.__dataclass_fields__})
+    run_dir = new_run_dir(given.get("out"), corpus.preset, resumable=False)
 
     from scratchlm.models.config import from_preset
     from scratchlm.training.counting import count_run
 
-    splits = pretrain.encode_splits(settings)
+    tokenizer, splits = encode_corpus(corpus)
     for name, ids, part in (("training", splits.train_ids, "first 90%"),
                             ("validation", splits.val_ids, "last 10%")):
         if not ids:
-            raise DataError(f"the {name} split ({part} of {settings['data']}) has no tokens",
+            raise DataError(f"the {name} split ({part} of {corpus.data}) has no tokens",
                             "use a longer text")
-    tokenizer = splits.tokenizer
-    if settings["prompt"]:
-        tokenizer.encode(settings["prompt"])  # a prompt the tokenizer cannot encode fails now
-    config = from_preset(settings["preset"]).replace(vocab_size=tokenizer.vocab_size)
+    if corpus.prompt:
+        tokenizer.encode(corpus.prompt)  # a prompt the tokenizer cannot encode fails now
+    config = from_preset(corpus.preset).replace(vocab_size=tokenizer.vocab_size)
     print(f"counting {config.name}: order-{config.ngram_order} {config.ngram_smoothing} n-gram; "
-          f"{settings['data']}: {len(splits.train_ids):,} train / {len(splits.val_ids):,} validation tokens, "
-          f"tokenizer {settings['tokenizer']} ({tokenizer.vocab_size} ids), run dir {run_dir}",
+          f"{corpus.data}: {len(splits.train_ids):,} train / {len(splits.val_ids):,} validation tokens, "
+          f"tokenizer {corpus.tokenizer} ({tokenizer.vocab_size} ids), run dir {run_dir}",
           file=sys.stderr)
-    model, result = count_run(config, tokenizer, splits.train_ids, splits.val_ids, val_chars=splits.val_chars,
-                              run_dir=run_dir, data_info=splits.info(settings), seed=settings["seed"],
-                              sample_prompt=settings["prompt"], sample_tokens=settings["sample_tokens"])
-    pretrain.report(f"{model.num_parameters():,} n-gram counts from {result.tokens:,} tokens in "
-                    f"{result.elapsed:.1f} s (evaluation included)", result, settings, run_dir,
-                    {"counts": run_dir / "model.safetensors"})
+    model, result = count_run(config, tokenizer, splits, run_dir=run_dir, data_info=corpus.info(splits),
+                              seed=given.get("seed", 1337), sample_prompt=corpus.prompt,
+                              sample_tokens=corpus.sample_tokens)
+    report(f"{model.num_parameters():,} n-gram counts from {result.tokens:,} tokens in "
+           f"{result.elapsed:.1f} s (evaluation included)", result, corpus, run_dir,
+           {"counts": run_dir / "model.safetensors"})
     return 0

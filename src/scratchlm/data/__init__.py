@@ -1,1 +1,1 @@
-"""Data: embedded corpora, sliding-window LM datasets, and (later) task datasets."""
+"""Data: embedded corpora, train/validation splits, sliding-window LM datasets, batching."""

@@ -19,9 +19,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from scratchlm.errors import ConfigError, DataError
+from scratchlm.models.protocols import CausalLM
+from scratchlm.tokenizers import Tokenizer
+from scratchlm.training.logprobs import IGNORE_INDEX, sequence_logprobs
 
 
 @dataclass
@@ -54,7 +56,7 @@ def windows(n_tokens: int, context_length: int, stride: int) -> list[tuple[int, 
 
 
 @torch.no_grad()
-def sliding_window_nll(model: torch.nn.Module, ids: Sequence[int] | torch.Tensor, context_length: int,
+def sliding_window_nll(model: CausalLM, ids: Sequence[int] | torch.Tensor, context_length: int,
                        stride: int, batch_size: int = 8) -> tuple[float, int]:
     """Total negative log-likelihood (nats) of ``ids[1:]`` given what precedes them, and the count."""
     ids = torch.as_tensor(ids, dtype=torch.long).flatten()
@@ -71,23 +73,21 @@ def sliding_window_nll(model: torch.nn.Module, ids: Sequence[int] | torch.Tensor
             chunk = spans[i:i + batch_size]
             width = max(end - start for start, end, _ in chunk)
             inputs = torch.zeros(len(chunk), width, dtype=torch.long)
-            targets = torch.full((len(chunk), width), -100, dtype=torch.long)
+            targets = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
             for row, (start, end, first) in enumerate(chunk):
                 inputs[row, :end - start] = ids[start:end]
                 # Targets ids[start+1 .. end]; keep those at positions >= first.
                 keep = slice(first - start - 1, end - start)
                 targets[row, keep] = ids[first:end + 1]
-            logits = model(inputs.to(device))
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.to(device).flatten(),
-                                   ignore_index=-100, reduction="sum")
-            total += float(loss)
-            count += int((targets != -100).sum())
+            scored = sequence_logprobs(model(inputs.to(device)), targets.to(device))
+            total -= float(scored.sum.double().sum())
+            count += int(scored.count.sum())
     finally:
         model.train(was_training)
     return total, count
 
 
-def perplexity(model: torch.nn.Module, tokenizer: Any, text: str, *, context_length: int | None = None,
+def perplexity(model: CausalLM, tokenizer: Tokenizer, text: str, *, context_length: int | None = None,
                stride: int | None = None, batch_size: int = 8) -> PerplexityResult:
     """Sliding-window perplexity of ``text``.
 

@@ -207,7 +207,7 @@ def plot_ratings(ratings: Sequence[Rating], path: str | Path, title: str = "") -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from scratchlm.checkpoint.io import atomic_path
+    from scratchlm.checkpoint.atomic import atomic_path
 
     order = list(ratings)[::-1]  # best at the top
     y = np.arange(len(order))

@@ -68,7 +68,7 @@ def pick_field(record: Mapping[str, Any], names: Sequence[str], where: str) -> A
 
 def write_jsonl(path: str | Path, records: Iterable[Mapping[str, Any]]) -> None:
     """Write ``records`` as JSONL, atomically (a reader never sees half a file)."""
-    from scratchlm.checkpoint.io import atomic_path
+    from scratchlm.checkpoint.atomic import atomic_path
 
     with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
         for record in records:

@@ -330,7 +330,7 @@ def render_markdown(sections: Sequence[Section], title: str, figure_dir: Path, l
 
 def write_report(paths: Sequence[str | Path], out: str | Path, *, title: str = "scratchlm evaluation report",
                  samples: int = 5, bootstrap: int = 1000, seed: int = 0) -> Path:
-    from scratchlm.checkpoint.io import atomic_path
+    from scratchlm.checkpoint.atomic import atomic_path
 
     out = Path(out)
     if out.suffix not in (".html", ".htm", ".md"):

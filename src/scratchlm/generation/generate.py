@@ -30,6 +30,9 @@ from scratchlm.generation.sampling import Sampler, SamplingParams
 if TYPE_CHECKING:
     import torch
 
+    from scratchlm.models.protocols import Cache, CausalLM
+    from scratchlm.tokenizers import Tokenizer
+
 
 class TokenEvent(NamedTuple):
     """One generated token of one batch row; ``finish_reason`` is set on the row's last token."""
@@ -79,7 +82,7 @@ class TokenGenerator:
     on each token re-reads the whole window: slower, and the same tokens as a full recompute.
     """
 
-    def __init__(self, model: Any, prompt_ids: Sequence[Sequence[int]], params: SamplingParams,
+    def __init__(self, model: CausalLM, prompt_ids: Sequence[Sequence[int]], params: SamplingParams,
                  eos_id: int | None = None):
         self.model = model
         self.params = params
@@ -174,7 +177,7 @@ class TokenGenerator:
         return BatchState.prefill(self.model, windows, remaining, self.context_length, device)
 
 
-def _model_device(model: Any) -> torch.device:
+def _model_device(model: CausalLM) -> torch.device:
     return next(model.parameters()).device
 
 
@@ -185,7 +188,7 @@ class BatchState:
     the model takes its plain causal path, the fastest one.
     """
 
-    def __init__(self, cache: Any, logits: torch.Tensor, mask: torch.Tensor | None,
+    def __init__(self, cache: Cache, logits: torch.Tensor, mask: torch.Tensor | None,
                  positions: torch.Tensor | None):
         self.cache = cache
         self.logits = logits  # [B, V] next-token logits
@@ -193,7 +196,7 @@ class BatchState:
         self.positions = positions  # [B] position id of each row's next token
 
     @classmethod
-    def prefill(cls, model: Any, rows: list[list[int]], remaining: int, context_length: int,
+    def prefill(cls, model: CausalLM, rows: list[list[int]], remaining: int, context_length: int,
                 device: torch.device) -> BatchState:
         import torch
 
@@ -220,7 +223,7 @@ class BatchState:
             logits = model.lm_head(hidden[:, -1])
         return cls(cache, logits, mask, positions)
 
-    def step(self, model: Any, tokens: torch.Tensor) -> None:
+    def step(self, model: CausalLM, tokens: torch.Tensor) -> None:
         import torch
 
         with torch.inference_mode():
@@ -240,7 +243,7 @@ class BatchState:
             self.positions = self.positions[rows]
 
 
-def generate_ids(model: Any, prompt_ids: Sequence[Sequence[int]], params: SamplingParams | None = None,
+def generate_ids(model: CausalLM, prompt_ids: Sequence[Sequence[int]], params: SamplingParams | None = None,
                  eos_id: int | None = None) -> list[GeneratedIds]:
     """Generate for a batch of token-id prompts; one ``GeneratedIds`` per prompt, in order.
 
@@ -269,7 +272,7 @@ class StopText:
     stop string.  Text before it can never be part of one, so releasing it is safe.
     """
 
-    def __init__(self, tokenizer: Any, stop: tuple[str, ...]):
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...]):
         self.decoder = tokenizer.stream_decoder()
         self.stop = stop
         self.pending = ""
@@ -315,7 +318,7 @@ class StopText:
         return 0
 
 
-def encode_prompt(tokenizer: Any, prompt: str | Sequence[int]) -> list[int]:
+def encode_prompt(tokenizer: Tokenizer, prompt: str | Sequence[int]) -> list[int]:
     """Token ids of a prompt (text, or ids already); an empty text starts from the eos token if any.
 
     Special-token strings in the prompt become their tokens: the prompt is the caller's own
@@ -328,7 +331,7 @@ def encode_prompt(tokenizer: Any, prompt: str | Sequence[int]) -> list[int]:
     return ids
 
 
-def _run_text(model: Any, tokenizer: Any, prompts: Sequence[str | Sequence[int]],
+def _run_text(model: CausalLM, tokenizer: Tokenizer, prompts: Sequence[str | Sequence[int]],
               params: SamplingParams) -> Iterator[tuple[int, str, Completion | None]]:
     """Yield (row, text piece, completion-or-None); a row's last item carries its ``Completion``."""
     eos_id = getattr(tokenizer, "eos_id", None)
@@ -357,7 +360,8 @@ class TextStream:
     The pieces concatenate to ``completion.text``.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, prompt: str | Sequence[int], params: SamplingParams):
+    def __init__(self, model: CausalLM, tokenizer: Tokenizer, prompt: str | Sequence[int],
+                 params: SamplingParams):
         self._events = _run_text(model, tokenizer, [prompt], params)
         self.completion: Completion | None = None
 
@@ -376,13 +380,13 @@ def _params(params: SamplingParams | None, options: dict[str, Any]) -> SamplingP
     return params if params is not None else SamplingParams.from_options(**options)
 
 
-def stream(model: Any, tokenizer: Any, prompt: str | Sequence[int], params: SamplingParams | None = None,
-           **options: Any) -> TextStream:
+def stream(model: CausalLM, tokenizer: Tokenizer, prompt: str | Sequence[int],
+           params: SamplingParams | None = None, **options: Any) -> TextStream:
     """Stream the continuation of ``prompt`` as text pieces (see ``TextStream``)."""
     return TextStream(model, tokenizer, prompt, _params(params, options))
 
 
-def complete(model: Any, tokenizer: Any, prompts: Sequence[str | Sequence[int]],
+def complete(model: CausalLM, tokenizer: Tokenizer, prompts: Sequence[str | Sequence[int]],
              params: SamplingParams | None = None, **options: Any) -> list[Completion]:
     """Complete a batch of prompts together; one ``Completion`` per prompt, in order."""
     results: list[Completion | None] = [None] * len(prompts)
@@ -392,7 +396,7 @@ def complete(model: Any, tokenizer: Any, prompts: Sequence[str | Sequence[int]],
     return results  # type: ignore[return-value]  # every row ends with a completion
 
 
-def generate(model: Any, tokenizer: Any, prompt: str | Sequence[int], params: SamplingParams | None = None,
-             **options: Any) -> str:
+def generate(model: CausalLM, tokenizer: Tokenizer, prompt: str | Sequence[int],
+             params: SamplingParams | None = None, **options: Any) -> str:
     """The continuation of ``prompt`` as one string."""
     return complete(model, tokenizer, [prompt], params, **options)[0].text

@@ -16,18 +16,19 @@ the numbers are those of the separate products.  The result is for inference onl
 weights have no gradients and are not parameters, so a packed model cannot be trained or saved.
 The token embedding stays fp32 (a lookup reads one row per token).
 
-This module is the one place where weights are packed for inference.  Other formats were measured
-on SmolLM2-135M (AVX2 Zen 3, one thread) and are not offered:
+This module is the one place where weights are packed for inference.  The other formats torch
+offers kernels for are not offered here (the measurements are in docs/benchmarks.md, "Weight
+formats tried for CPU decoding"):
 
 * int8 through FBGEMM (``quantized.linear_dynamic``, per-channel weights): a quarter of the bytes,
   but it quantizes each activation vector to 7 bits with one scale, and Llama activations have
-  outliers (max/rms 10-16), so the logits move by several units and greedy answers change;
-* int4 groups of 32 (``_weight_int4pack_mm_for_cpu``), which could hold Q4_1 weights exactly: no
-  faster than fp16 here with bf16 activations (rounded), and 7-30x slower than fp32 with fp32 ones;
-* ``_weight_int8pack_mm``: 4-16x slower than fp32.
+  outliers, so the logits move by several units and greedy answers change: not a lossless mode;
+* int4 groups of 32 (``_weight_int4pack_mm_for_cpu``), which could hold Q4_1 weights exactly, and
+  ``_weight_int8pack_mm``: their CPU kernels are no faster than fp16 weights, and slower than
+  fp32 with fp32 activations.
 
-fp16 weights are read at about the memory bandwidth (11.5 GB/s on one core here), so what is left
-per token is that read and eager PyTorch's few microseconds per op, about 1,000 ops per token.
+fp16 weights are read at about the memory bandwidth, so what is left per token is that read and
+eager PyTorch's per-op overhead over the thousand or so small ops of a forward pass.
 """
 
 from __future__ import annotations
@@ -77,7 +78,9 @@ def pack_fp16(model: nn.Module) -> nn.Module:
     """Replace every ``nn.Linear`` of a CPU model by a ``PackedLinear``, in place; returns the model.
 
     q/k/v and gate/up projections become one stacked ``PackedLinear`` each (see the module docstring).
+    LoRA adapters are merged into their weights first (``finetune.lora.merge_lora``).
     """
+    from scratchlm.finetune.lora import merge_lora
     from scratchlm.models.attention import Attention
     from scratchlm.models.layers import SwiGLUMLP
 
@@ -86,6 +89,7 @@ def pack_fp16(model: nn.Module) -> nn.Module:
                           "use float32 on this machine")
     if any(p.device.type != "cpu" for p in model.parameters()):
         raise ConfigError("fp16 packing is for CPU models", "on a GPU, use the model's .half() instead")
+    merge_lora(model)
     for module in list(model.modules()):
         if isinstance(module, Attention) and module.qkv_proj is None:
             module.qkv_proj = PackedLinear.stacked([module.q_proj, module.k_proj, module.v_proj])

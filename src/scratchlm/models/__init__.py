@@ -7,9 +7,9 @@ __all__ = ["ModelConfig", "from_preset", "list_presets", "build_model", "build_e
 
 def _model_class(config: ModelConfig):
     if config.arch == "ngram":
-        from scratchlm.models.ngram_module import NGramModel
+        from scratchlm.models.ngram_module import NGramLM
 
-        return NGramModel
+        return NGramLM
     if config.arch in ("elman", "lstm"):
         from scratchlm.models.rnn import RecurrentLM
 
@@ -21,7 +21,7 @@ def _model_class(config: ModelConfig):
 
 def build_model(config: ModelConfig):
     """The ``nn.Module`` for a config: a ``Transformer``, a ``RecurrentLM`` for arch elman / lstm, or
-    an unfitted ``NGramModel`` for arch ngram (imports torch on first use)."""
+    an unfitted ``NGramLM`` for arch ngram (imports torch on first use)."""
     return _model_class(config)(config)
 
 

@@ -27,7 +27,7 @@ class KVCache:
 
     def __init__(self, config: ModelConfig, batch_size: int, max_length: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-        shape = (config.n_layer, batch_size, config.kv_heads, max_length, config.head_size)
+        shape = (config.n_layer, batch_size, config.n_kv_head, max_length, config.head_dim)
         self._set(*(torch.zeros(shape, device=device, dtype=dtype) for _ in range(2)))
         self.max_length = max_length
         self.length = 0
@@ -90,7 +90,7 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_index: int):
         super().__init__()
         self.layer_index = layer_index
-        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_size
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         self.dropout = config.dropout
         d = config.n_embd
         self.q_proj = nn.Linear(d, self.n_head * self.head_dim, bias=config.qkv_bias)

@@ -4,7 +4,9 @@ A document becomes a vector with one dimension per vocabulary word (the sorted u
 training documents): 1 if the word occurs in it, 0 if not.  Word order is lost, and a word never
 seen in training is dropped, which is why Burkov moves on to n-grams and embeddings.  The
 classifier is his ``SimpleClassifier``: Linear(|V|, hidden) -> ReLU -> Linear(hidden, classes),
-trained full-batch with plain SGD on the cross-entropy of the softmax of its logits.
+trained full-batch with plain SGD on the cross-entropy of the softmax of its logits — through
+the one training loop (``training.Trainer``: ``optimizer="sgd"``, a constant rate, the whole
+data set as one batch, ``classification_loss``).
 
 With his settings (seed 42, hidden 50, lr 0.001, 3000 steps) on his ten toy documents the two new
 documents of his code come out as Music and Science (``tests/test_bow.py``).  The model is barely
@@ -112,14 +114,17 @@ def train_bow_classifier(docs: Sequence[str], labels: Sequence[Hashable], *, hid
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = BowClassifier(len(bow), len(classes), hidden)
-    criterion = nn.CrossEntropyLoss()
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    losses = []
-    for _ in range(steps):
-        opt.zero_grad()
-        loss = criterion(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    from scratchlm.training import LossEvaluator, TrainConfig, Trainer
+    from scratchlm.training.losses import classification_loss
+
+    config = TrainConfig(optimizer="sgd", lr=lr, min_lr=lr, warmup_steps=0, weight_decay=0.0, grad_clip=None,
+                         batch_size=len(docs), max_steps=steps, eval_every=0, eval_batches=0, log_every=steps,
+                         seed=seed, precision="fp32", device="cpu", progress=False)
+    losses: list[float] = []
+    trainer = Trainer(model, config, list(zip(x, y, strict=True)), loss_fn=classification_loss,
+                      evaluator=LossEvaluator(unit="examples"),
+                      callbacks=[lambda t: losses.append(t.last_loss)])
+    with torch.random.fork_rng(devices=[]):
+        trainer.fit()
     model.eval()
     return TextClassifier(bow, model, classes, losses)

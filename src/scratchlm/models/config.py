@@ -23,19 +23,30 @@ RNN_BIASES = ("two", "one", "none")  # b_ih + b_hh as torch.nn.RNN/LSTM; one b p
 # Transformer initialisations: None or "gpt2" (N(0, 0.02), residual projections scaled down), or
 # "pytorch": every layer's own default, as Raschka's GPTModel leaves them (nn.Embedding N(0, 1)).
 INITS = (None, "gpt2", "pytorch")
-# The NGramLM smoothings that give a probability distribution after every context (what a language
+# The NGramCounts smoothings that give a probability distribution after every context (what a language
 # model behind the sampler and a loss in nats needs): not mle (zeros), backoff or stupid-backoff (scores).
 NGRAM_SMOOTHINGS = ("kneser-ney", "laplace", "add-k")
 NGRAM_FIELDS = ("ngram_order", "ngram_smoothing", "ngram_k", "ngram_discount")
+# config.json before the overrides were named apart from the derived sizes (run dirs saved then
+# still load): old key -> field.
+_OLD_KEYS = {"n_kv_head": "n_kv_head_override", "head_dim": "head_dim_override",
+             "intermediate_size": "intermediate_size_override"}
 
 
 @dataclass
 class ModelConfig:
     """Shape and flavour of a decoder-only transformer.
 
-    Sizes follow GPT-2 names (``n_layer``, ``n_head``, ``n_embd``); ``None`` means "derive":
-    ``n_kv_head`` = ``n_head`` (no grouped-query attention), ``head_dim`` = ``n_embd // n_head``,
-    ``intermediate_size`` = 4 × ``n_embd``.
+    Sizes follow GPT-2 names (``n_layer``, ``n_head``, ``n_embd``).  Three sizes are usually
+    derived from those, and each has one name: a property giving the value the model uses, and an
+    ``*_override`` field (None = derive) for the families that set it apart:
+
+    * ``n_kv_head`` = ``n_kv_head_override`` or ``n_head`` (no grouped-query attention);
+    * ``head_dim`` = ``head_dim_override`` or ``n_embd // n_head`` (Qwen3 sets it apart);
+    * ``intermediate_size`` = ``intermediate_size_override`` or 4 × ``n_embd`` (the MLP's width).
+
+    Keeping the override apart from the value means ``replace(n_embd=...)`` derives again, and a
+    saved config records what was chosen, not what followed from it.
     """
 
     vocab_size: int = 50257
@@ -43,9 +54,9 @@ class ModelConfig:
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
-    n_kv_head: int | None = None
-    head_dim: int | None = None
-    intermediate_size: int | None = None
+    n_kv_head_override: int | None = None
+    head_dim_override: int | None = None
+    intermediate_size_override: int | None = None
     norm: str = "layernorm"
     norm_eps: float = 1e-5
     norm_bias: bool = True  # LayerNorm shift (GPT-2); RMSNorm has none
@@ -68,7 +79,7 @@ class ModelConfig:
     rnn_bias: str = "two"  # see RNN_BIASES; "two" copies to and from torch.nn.RNN/LSTM unchanged
     # Count-based LMs (arch "ngram", models/ngram_module.py) use vocab_size and context_length (the
     # longest prompt + generation; the model itself reads only the last ngram_order - 1 tokens) plus
-    # these, passed to models.ngram.NGramLM.  None elsewhere.
+    # these, passed to models.ngram.NGramCounts.  None elsewhere.
     ngram_order: int | None = None  # N: each token is predicted from the N - 1 before it
     ngram_smoothing: str | None = None  # one of NGRAM_SMOOTHINGS
     ngram_k: float | None = None  # add-k's k (None: 1)
@@ -79,16 +90,19 @@ class ModelConfig:
 
     # Derived sizes -----------------------------------------------------------------------
     @property
-    def kv_heads(self) -> int:
-        return self.n_kv_head or self.n_head
+    def n_kv_head(self) -> int:
+        """Key/value heads: each is shared by ``n_head // n_kv_head`` query heads."""
+        return self.n_kv_head_override or self.n_head
 
     @property
-    def head_size(self) -> int:
-        return self.head_dim or self.n_embd // self.n_head
+    def head_dim(self) -> int:
+        """The size of one attention head (of q, k and v alike)."""
+        return self.head_dim_override or self.n_embd // self.n_head
 
     @property
-    def ffn_size(self) -> int:
-        return self.intermediate_size or 4 * self.n_embd
+    def intermediate_size(self) -> int:
+        """The MLP's hidden width."""
+        return self.intermediate_size_override or 4 * self.n_embd
 
     def validate(self) -> None:
         if self.init not in INITS:
@@ -111,19 +125,19 @@ class ModelConfig:
         for key, allowed in (("norm", NORMS), ("mlp", MLPS), ("positions", POSITIONS)):
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"unknown {key} {getattr(self, key)!r}", f"use one of {', '.join(allowed)}")
-        if self.head_dim is None and self.n_embd % self.n_head:
+        if self.head_dim_override is None and self.n_embd % self.n_head:
             raise ConfigError(
                 f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}",
-                "pick sizes where n_embd = n_head × head size, or set head_dim",
+                "pick sizes where n_embd = n_head × head size, or set head_dim_override",
             )
-        if self.n_head % self.kv_heads:
+        if self.n_head % self.n_kv_head:
             raise ConfigError(
-                f"n_head {self.n_head} is not a multiple of n_kv_head {self.kv_heads}",
+                f"n_head {self.n_head} is not a multiple of n_kv_head {self.n_kv_head}",
                 "grouped-query attention needs each key/value head shared by a whole number of query heads",
             )
-        if self.positions == "rope" and self.head_size % 2:
-            raise ConfigError(f"RoPE needs an even head size, got {self.head_size}",
-                              "change head_dim or n_head")
+        if self.positions == "rope" and self.head_dim % 2:
+            raise ConfigError(f"RoPE needs an even head size, got {self.head_dim}",
+                              "change head_dim_override or n_head")
         if self.rope_scaling is not None:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
             if kind not in ROPE_SCALINGS:
@@ -138,6 +152,11 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """The config ``to_dict`` wrote; also the older form, whose overrides had the plain names."""
+        data = dict(data)
+        for old, new in _OLD_KEYS.items():
+            if old in data and new not in data:
+                data[new] = data.pop(old)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -160,15 +179,15 @@ class ModelConfig:
         """Parameter count computed from the config alone (no torch); tied embeddings count once.
 
         An n-gram model has none to count here: its size is its number of distinct n-grams, which
-        the training text decides (``NGramModel.num_parameters()`` once fitted).
+        the training text decides (``NGramLM.num_parameters()`` once fitted).
         """
         if self.arch == "ngram":
             raise ConfigError("an n-gram model's size is the number of distinct n-grams in its training text",
                               "fit it first and count model.num_parameters()")
         if self.arch != "transformer":
             return self._recurrent_parameters()
-        d, hd, f = self.n_embd, self.head_size, self.ffn_size
-        q_out, kv_out = self.n_head * hd, self.kv_heads * hd
+        d, hd, f = self.n_embd, self.head_dim, self.intermediate_size
+        q_out, kv_out = self.n_head * hd, self.n_kv_head * hd
         attn = d * q_out + 2 * d * kv_out + q_out * d
         attn += (q_out + 2 * kv_out if self.qkv_bias else 0) + (d if self.o_bias else 0)
         attn += 2 * hd if self.qk_norm else 0

@@ -41,8 +41,8 @@ class GeluMLP(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.up_proj = nn.Linear(config.n_embd, config.ffn_size, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(config.ffn_size, config.n_embd, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
@@ -57,9 +57,9 @@ class SwiGLUMLP(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.n_embd, config.ffn_size, bias=config.mlp_bias)
-        self.up_proj = nn.Linear(config.n_embd, config.ffn_size, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(config.ffn_size, config.n_embd, bias=config.mlp_bias)
+        self.gate_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=config.mlp_bias)
         self.gate_up_proj: nn.Module | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

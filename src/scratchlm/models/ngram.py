@@ -1,7 +1,9 @@
-"""Count-based n-gram language models (Burkov §2.5) on integer-id arrays.
+"""The n-gram counting engine (Burkov §2.5): words in, counts and smoothed probabilities out, numpy.
 
-``NGramLM(order, smoothing=...)`` counts every n-gram of order 1..N in padded sentences and turns
-the counts into next-word probabilities.  Conventions follow ``nltk.lm`` with
+``NGramCounts(order, smoothing=...)`` counts every n-gram of order 1..N in padded sentences and
+turns the counts into next-word probabilities.  It works on words (strings) as ``nltk.lm`` does;
+the language model over token ids that the sampler, run dirs and the CLI use is
+``models.ngram_module.NGramLM``, built on one of these.  Conventions follow ``nltk.lm`` with
 ``padded_everygram_pipeline``, so the two can be compared number for number:
 
 * each sentence is padded with N-1 ``<s>`` on the left and N-1 ``</s>`` on the right, and every
@@ -58,7 +60,7 @@ API: ``fit(sentences)``; ``score``/``logscore(word, context)`` and their vectori
 ``logscores(ngrams)``; ``distribution(context)`` over ``vocab``; ``token_logscores``/``perplexity``
 of sentences; ``predict``; ``sample`` (seeded); ``count(ngram)``; ``save``/``load``; ``next_scores`` (the
 distributions after many contexts at once) and ``tables``/``from_tables``, through which
-``scratchlm.models.ngram_module.NGramModel`` puts a model behind the transformer's interface (the
+``scratchlm.models.ngram_module.NGramLM`` puts a model behind the transformer's interface (the
 sampler, run dirs, ``scratchlm pretrain --preset ngram-kn5``).
 """
 
@@ -75,6 +77,7 @@ from pathlib import Path
 
 import numpy as np
 
+from scratchlm.checkpoint.atomic import atomic_path
 from scratchlm.errors import CheckpointError, ConfigError, DataError
 
 BOS = "<s>"
@@ -120,10 +123,10 @@ def _check_sentences(sentences: Iterable[Sequence[str]]) -> list[Sequence[str]]:
     return sents
 
 
-class NGramLM:
-    """An order-N count-based language model; see the module docstring for the smoothings.
+class NGramCounts:
+    """The counts of an order-N word n-gram model and its smoothed scores (the module docstring).
 
-    >>> lm = NGramLM(2, "laplace").fit([["a", "b"], ["a", "c"]])
+    >>> lm = NGramCounts(2, "laplace").fit([["a", "b"], ["a", "c"]])
     >>> round(lm.score("b", ["a"]), 4)
     0.2857
     """
@@ -164,7 +167,7 @@ class NGramLM:
         self._fitted = False
 
     # ------------------------------------------------------------------ fitting
-    def fit(self, sentences: Iterable[Sequence[str]]) -> NGramLM:
+    def fit(self, sentences: Iterable[Sequence[str]]) -> NGramCounts:
         """Count the n-grams of ``sentences`` (lists of words); returns ``self``."""
         sents = _check_sentences(sentences)
         if not sents or not any(sents):
@@ -404,7 +407,7 @@ class NGramLM:
     def _require_fitted(self) -> None:
         if not self._fitted:
             raise ConfigError("this n-gram model has not been fitted",
-                              "call fit(sentences) or NGramLM.load(path)")
+                              "call fit(sentences) or NGramCounts.load(path)")
 
     def _encode_queries(self, ngrams: Iterable[Sequence[str]]) -> tuple[np.ndarray, np.ndarray]:
         """Word ids of the queries: contexts (M, N-1) left-padded with -1, and words (M,)."""
@@ -593,14 +596,12 @@ class NGramLM:
         tensors = self.tables()
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "config": json.dumps(self._config()),
                 "vocab": json.dumps(self.vocab, ensure_ascii=False)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> NGramLM:
+    def load(cls, path: str | Path) -> NGramCounts:
         """Read a model written by ``save``; a foreign or damaged file is a ``CheckpointError``."""
         from safetensors import SafetensorError
         from safetensors.numpy import safe_open
@@ -613,7 +614,7 @@ class NGramLM:
                 meta = f.metadata() or {}
                 if meta.get("format") != FORMAT:
                     raise CheckpointError(f"{path} is not a scratchlm n-gram model",
-                                          "load a file written by NGramLM.save")
+                                          "load a file written by NGramCounts.save")
                 if meta.get("version") != FORMAT_VERSION:
                     raise CheckpointError(f"{path} has n-gram format version {meta.get('version')!r}",
                                           f"this scratchlm reads version {FORMAT_VERSION}")
@@ -626,7 +627,7 @@ class NGramLM:
 
     @classmethod
     def from_tables(cls, tables: dict[str, np.ndarray], config: dict, vocab: list[str],
-                    where: str = "n-gram model") -> NGramLM:
+                    where: str = "n-gram model") -> NGramCounts:
         """A fitted model from ``tables()``, ``config`` (as saved: order, smoothing, k, discount, alpha,
         unk_cutoff, pad) and ``vocab``; malformed tables are a ``CheckpointError``."""
         cfg = config
@@ -683,7 +684,7 @@ class NGramLM:
         self._require_fitted()
         if self.smoothing != "kneser-ney":
             raise ConfigError(f"write_arpa needs smoothing='kneser-ney', this model is {self.smoothing!r}",
-                              "refit with NGramLM(order, 'kneser-ney')")
+                              "refit with NGramCounts(order, 'kneser-ney')")
         n, L, V = self.order, self.order - 1, len(self.vocab)
         names = ["<unk>" if w == UNK else w for w in self.vocab]
 
@@ -702,8 +703,7 @@ class NGramLM:
 
         sizes = [V] + [len(self._keys[k]) for k in range(2, n + 1)]
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
+        with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
             f.write("\\data\\\n" + "".join(f"ngram {k}={sizes[k - 1]}\n" for k in range(1, n + 1)))
             for k in range(1, n + 1):
                 f.write(f"\n\\{k}-grams:\n")
@@ -732,4 +732,4 @@ class NGramLM:
     def __repr__(self) -> str:
         extra = f", discount={self.discount}" if self.smoothing == "kneser-ney" else ""
         state = f"{len(self.vocab)} words" if self._fitted else "not fitted"
-        return f"NGramLM(order={self.order}, smoothing={self.smoothing!r}{extra}; {state})"
+        return f"NGramCounts(order={self.order}, smoothing={self.smoothing!r}{extra}; {state})"

@@ -1,9 +1,9 @@
-"""A count-based n-gram LM behind the transformer's interface: ``NGramModel`` (config arch ``"ngram"``).
+"""A count-based n-gram LM behind the transformer's interface: ``NGramLM`` (config arch ``"ngram"``).
 
-``models.ngram.NGramLM`` counts words and answers in numpy; this wraps one fitted on a
-tokenizer's ids, so that everything built for the neural models takes it unchanged: the sampler
-(``generation``), ``scratchlm.load`` and run dirs (``checkpoint.io``), ``scratchlm pretrain
---preset ngram-kn5`` and ``scratchlm generate``.
+``models.ngram.NGramCounts`` (the counting engine) counts words and answers in numpy; this wraps
+one fitted on a tokenizer's ids, so that everything built for the neural models takes it
+unchanged: the sampler (``generation``), ``scratchlm.load`` and run dirs (``checkpoint.io``),
+``scratchlm pretrain --preset ngram-kn5`` and ``scratchlm generate``.
 
 * **Words are token ids.**  The n-gram is fitted on the training split's ids written as strings
   (``"17"``), as one sequence with ``pad=False``: no ``<s>``/``</s>``, so the first tokens of a
@@ -21,7 +21,7 @@ tokenizer's ids, so that everything built for the neural models takes it unchang
   be on the left (as the sampler pads); ``position_ids`` are ignored.
 * **Parameters are the counts.**  ``counts.K`` are int64 parameters without gradients, so
   ``model.parameters()`` counts the stored n-gram counts (the size of a count-based model) and
-  carries the device; ``keys.K`` (the n-grams, ``NGramLM.tables``) and ``vocab_ids`` (the token id of
+  carries the device; ``keys.K`` (the n-grams, ``NGramCounts.tables``) and ``vocab_ids`` (the token id of
   each n-gram word, −1 for ``<UNK>``) are buffers.  A run dir's ``model.safetensors`` holds exactly
   these tensors; ``checkpoint.io`` rebuilds the model with ``load_tensors`` because their sizes
   come from the data, not the config.  The work is numpy on the CPU whatever the input's device;
@@ -39,7 +39,7 @@ from torch import nn
 
 from scratchlm.errors import CheckpointError, ConfigError, DataError
 from scratchlm.models.config import ModelConfig
-from scratchlm.models.ngram import UNK, NGramLM
+from scratchlm.models.ngram import UNK, NGramCounts
 
 
 class NGramContext:
@@ -55,6 +55,9 @@ class NGramContext:
         self.max_length = max_length
         self.length = 0
 
+    def advance(self, steps: int) -> None:
+        self.length += steps
+
     def select(self, rows: torch.Tensor) -> None:
         self.ids = self.ids[rows.cpu()]
 
@@ -66,37 +69,37 @@ class NGramContext:
         return joined
 
 
-class NGramModel(nn.Module):
-    """An ``NGramLM`` over token ids with the transformer's ``forward``/``new_cache``/``lm_head``.
+class NGramLM(nn.Module):
+    """An ``NGramCounts`` over token ids with the transformer's ``forward``/``new_cache``/``lm_head``.
 
-    Build one with ``NGramModel.fit(config, train_ids)``; ``NGramModel(config)`` is an unfitted
+    Build one with ``NGramLM.fit(config, train_ids)``; ``NGramLM(config)`` is an unfitted
     shell that ``load_tensors`` fills (that is how a run dir is opened).
     """
 
-    def __init__(self, config: ModelConfig, ngram: NGramLM | None = None):
+    def __init__(self, config: ModelConfig, ngram: NGramCounts | None = None):
         super().__init__()
         if config.arch != "ngram":
             raise ConfigError(
-                f"NGramModel needs arch 'ngram', got {config.arch!r}",
+                f"NGramLM needs arch 'ngram', got {config.arch!r}",
                 "build other models with scratchlm.models.build_model",
             )
         self.config = config
         self.order = config.ngram_order
-        self.keys = nn.Module()  # buffers "1".."N": state_dict names keys.K, as NGramLM's own file
+        self.keys = nn.Module()  # buffers "1".."N": state_dict names keys.K, as NGramCounts's own file
         self.counts = nn.Module()  # parameters "1".."N"
-        self.ngram: NGramLM | None = None
+        self.ngram: NGramCounts | None = None
         if ngram is not None:
             self._attach(ngram)
 
     # ------------------------------------------------------------------ building
     @staticmethod
     def ngram_settings(config: ModelConfig) -> dict:
-        """``NGramLM``'s settings for a config (``pad=False``: one running text of token ids)."""
+        """``NGramCounts``'s settings for a config (``pad=False``: one running text of token ids)."""
         return {"order": config.ngram_order, "smoothing": config.ngram_smoothing,
                 "k": config.ngram_k or 1.0, "discount": config.ngram_discount, "pad": False}
 
     @classmethod
-    def fit(cls, config: ModelConfig, token_ids: Sequence[int]) -> NGramModel:
+    def fit(cls, config: ModelConfig, token_ids: Sequence[int]) -> NGramLM:
         """Count the n-grams of ``token_ids`` (one running text) and return the fitted model."""
         ids = np.asarray(token_ids, dtype=np.int64)
         if ids.size == 0:
@@ -106,13 +109,13 @@ class NGramModel(nn.Module):
                 f"token id {int(ids.max())} is outside the model's vocabulary of {config.vocab_size}",
                 "size the config to the tokenizer (vocab_size)",
             )
-        ngram = NGramLM(**cls.ngram_settings(config)).fit([list(map(str, ids.tolist()))])
+        ngram = NGramCounts(**cls.ngram_settings(config)).fit([list(map(str, ids.tolist()))])
         return cls(config, ngram)
 
     @classmethod
     def empty(
         cls, config: ModelConfig, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
-    ) -> NGramModel:
+    ) -> NGramLM:
         """An unfitted model for ``load_tensors`` to fill (the table sizes come from the file)."""
         return cls(config)
 
@@ -135,11 +138,12 @@ class NGramModel(nn.Module):
                 "the file is damaged or belongs to another run",
             )
         vocab = [UNK if i < 0 else str(i) for i in vocab_ids.tolist()]
-        ngram = NGramLM.from_tables(arrays, self.ngram_settings(self.config), vocab, where="n-gram weights")
+        ngram = NGramCounts.from_tables(arrays, self.ngram_settings(self.config), vocab,
+                                        where="n-gram weights")
         self._attach(ngram)
 
-    def _attach(self, ngram: NGramLM) -> None:
-        """Take over a fitted ``NGramLM`` whose words are token ids (and ``<UNK>``)."""
+    def _attach(self, ngram: NGramCounts) -> None:
+        """Take over a fitted ``NGramCounts`` whose words are token ids (and ``<UNK>``)."""
         vocab_ids = np.array([-1 if w == UNK else int(w) for w in ngram.vocab], dtype=np.int64)
         for name, array in ngram.tables().items():
             kind, k = name.split(".")
@@ -159,11 +163,11 @@ class NGramModel(nn.Module):
         self._log_share = np.log(share[self._word_of])
         self.ngram = ngram
 
-    def _fitted(self) -> NGramLM:
+    def _fitted(self) -> NGramCounts:
         if self.ngram is None:
             raise ConfigError(
                 "this n-gram model has not been fitted",
-                "use NGramModel.fit(config, token_ids) or scratchlm.load(run_dir)",
+                "use NGramLM.fit(config, token_ids) or scratchlm.load(run_dir)",
             )
         return self.ngram
 
@@ -210,7 +214,7 @@ class NGramModel(nn.Module):
         contexts = seq.unfold(1, L, 1)[:, 1:] if L else seq.new_empty(b, t, 0)
         if cache is not None:
             cache.ids = seq[:, seq.shape[1] - L :]
-            cache.length += t
+            cache.advance(t)
         out = contexts if return_hidden else self.lm_head(contexts)
         return out.to(input_ids.device)
 
@@ -250,4 +254,4 @@ class NGramModel(nn.Module):
         return -log2p * math.log(2) + self._log_share[ids]
 
 
-__all__ = ["NGramContext", "NGramModel"]
+__all__ = ["NGramContext", "NGramLM"]

@@ -15,20 +15,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     # The 'scratchlm pretrain' demo: a Llama-style (RoPE, RMSNorm, SwiGLU) character-level model for
     # tinyshakespeare; the tokenizer sets vocab_size.  Tuned for 5 minutes on 2 CPU cores.
     "shakespeare-char": dict(
-        vocab_size=65, context_length=128, n_layer=4, n_head=4, n_embd=128, intermediate_size=336,
+        vocab_size=65, context_length=128, n_layer=4, n_head=4, n_embd=128, intermediate_size_override=336,
         norm="rmsnorm", norm_bias=False, mlp="swiglu", mlp_bias=False, positions="rope", qkv_bias=False,
         o_bias=False,
     ),
     # Tiny models for tests: seconds to build, run and train.
     "tiny-gpt2": dict(vocab_size=256, context_length=64, n_layer=2, n_head=4, n_embd=32),
     "tiny-llama": dict(
-        vocab_size=256, context_length=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
-        intermediate_size=64, norm="rmsnorm", norm_bias=False, norm_eps=1e-6, mlp="swiglu",
+        vocab_size=256, context_length=64, n_layer=2, n_head=4, n_kv_head_override=2, n_embd=32,
+        intermediate_size_override=64, norm="rmsnorm", norm_bias=False, norm_eps=1e-6, mlp="swiglu",
         mlp_bias=False, positions="rope", qkv_bias=False, o_bias=False,
     ),
     # Recurrent LMs (models/rnn.py): hidden size = embedding size, as Burkov's RNN.  The -small ones are
     # for the 5-minute char-level tinyshakespeare comparison with shakespeare-char: the same windows,
-    # about 0.6M parameters each, a training step 0.9x (Elman) and 1.3x (LSTM) the transformer's.
+    # about 0.6M parameters each (benchmarks/lm_comparison.py; figures in docs/benchmarks.md).
     "elman-small": dict(arch="elman", vocab_size=65, context_length=128, n_layer=2, n_embd=384),
     "lstm-small": dict(arch="lstm", vocab_size=65, context_length=128, n_layer=2, n_embd=192),
     "tiny-elman": dict(arch="elman", vocab_size=256, context_length=64, n_layer=2, n_embd=32),

@@ -87,10 +87,10 @@ class Transformer(nn.Module):
         Not a buffer: ``model.to(torch.bfloat16)`` would round them, and positions times a
         rounded frequency drift far from the checkpoint's angles at long contexts.
         """
-        device = self.embed_tokens.weight.device
+        device = self.norm.weight.device  # (not the embedding's: quant/ may hold it packed)
         if self._rope_inv_freq is None or self._rope_inv_freq.device != device:
             c = self.config
-            self._rope_inv_freq = inverse_frequencies(c.head_size, c.rope_theta, c.rope_scaling).to(device)
+            self._rope_inv_freq = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling).to(device)
         return self._rope_inv_freq
 
     def reset_parameters(self) -> None:
@@ -120,7 +120,7 @@ class Transformer(nn.Module):
 
     def new_cache(self, batch_size: int, max_length: int | None = None,
                   dtype: torch.dtype | None = None) -> KVCache:
-        param = self.embed_tokens.weight
+        param = self.norm.weight  # the model's float dtype, also when quant/ packs the embedding
         return KVCache(self.config, batch_size, max_length or self.config.context_length,
                        device=param.device, dtype=dtype or param.dtype)
 
@@ -134,13 +134,41 @@ class Transformer(nn.Module):
         sequence so far; ``position_ids`` [B, T] default to past … past + T − 1.
         ``return_hidden`` returns the final normed hidden states instead of logits (for heads).
         """
-        b, t = input_ids.shape
         past = cache.length if cache is not None else 0
+        x = self._embed(input_ids, past, position_ids)
+        rope, mask = self._rope_and_mask(input_ids, past, attention_mask, position_ids)
+        for layer in self.layers:
+            x = layer(x, rope, mask, cache)
+        if cache is not None:
+            cache.advance(input_ids.shape[1])
+        x = self.norm(x)
+        return x if return_hidden else self.lm_head(x)
+
+    def hidden_states(self, input_ids: torch.Tensor, *, start_layer: int = 0, stop_layer: int | None = None,
+                      hidden: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The hidden states [B, T, D] after layers ``start_layer .. stop_layer − 1`` (no cache).
+
+        ``start_layer`` 0 starts from the embedded ``input_ids``; a later start continues from
+        ``hidden``, the states after ``start_layer`` layers of the same ids.  ``stop_layer`` None
+        runs the remaining layers and the final norm: what ``forward(..., return_hidden=True)``
+        gives.  Split at any layer, the two halves compute exactly what one pass does (a frozen
+        prefix can be run once and reused: ``finetune.classify``).
+        """
+        x = self._embed(input_ids, 0, position_ids) if start_layer == 0 else hidden
+        if x is None:
+            raise ValueError("hidden states are needed to start after layer 0")
+        rope, mask = self._rope_and_mask(input_ids, 0, attention_mask, position_ids)
+        for layer in self.layers[start_layer:stop_layer]:
+            x = layer(x, rope, mask, None)
+        return self.norm(x) if stop_layer is None else x
+
+    def _embed(self, input_ids: torch.Tensor, past: int, position_ids: torch.Tensor | None) -> torch.Tensor:
+        t = input_ids.shape[1]
         if past + t > self.config.context_length and self.embed_positions is not None:
             raise ValueError(f"sequence of {past + t} tokens exceeds the context length "
                              f"{self.config.context_length}")
         x = self.embed_tokens(input_ids)
-        rope = None
         if self.embed_positions is not None:
             # Default positions: add a slice of the table, broadcast over the batch; its backward is
             # one sum instead of a scatter of B·T rows.
@@ -148,18 +176,18 @@ class Transformer(nn.Module):
                 x = x + self.embed_positions.weight[past:past + t]
             else:
                 x = x + self.embed_positions(position_ids)
-        else:
+        return self.dropout(x)
+
+    def _rope_and_mask(self, input_ids: torch.Tensor, past: int, attention_mask: torch.Tensor | None,
+                       position_ids: torch.Tensor | None) -> tuple[tuple[torch.Tensor, torch.Tensor] | None,
+                                                                   torch.Tensor | None]:
+        b, t = input_ids.shape
+        rope = None
+        if self.embed_positions is None:
             if position_ids is None:
                 position_ids = torch.arange(past, past + t, device=input_ids.device).expand(b, t)
-            rope = rope_cos_sin(self.rope_inv_freq, position_ids, x.dtype)
-        x = self.dropout(x)
-        mask = self._mask(t, past, attention_mask, input_ids.device)
-        for layer in self.layers:
-            x = layer(x, rope, mask, cache)
-        if cache is not None:
-            cache.advance(t)
-        x = self.norm(x)
-        return x if return_hidden else self.lm_head(x)
+            rope = rope_cos_sin(self.rope_inv_freq, position_ids, self.embed_tokens.weight.dtype)
+        return rope, self._mask(t, past, attention_mask, input_ids.device)
 
     @staticmethod
     def _mask(t: int, past: int, attention_mask: torch.Tensor | None, device) -> torch.Tensor | None:

@@ -30,9 +30,9 @@ the columns no row uses cut off the left, so its width stays the longest row's l
 attention does not run over dead padding.  The room left for new tokens grows by doubling (at
 least ``_MIN_ROOM`` columns), not to every row's ``max_tokens`` at once, which for a request
 without one is the whole context window.  A rebuild copies the cache once, as ``KVCache.select``
-does when ``TokenGenerator`` drops a finished row.  Measured on SmolLM2-135M (one CPU thread, batch
-8), everything outside the model's forward pass — rebuilds, sampling, text, events — takes about
-1% of a decode step; matrix products take almost 80% of the forward pass.
+does when ``TokenGenerator`` drops a finished row.  All of this bookkeeping (rebuilds, sampling,
+text, events) is per row or per column, never per weight, so it stays small beside the forward
+pass it schedules (docs/benchmarks.md, "Serving", has the split of a decode step).
 
 Recurrent and n-gram models batch the same way, with no columns to align: their cache holds one
 fixed-size state per row (``RecurrentState``, ``NGramContext``), rows join by stacking states and
@@ -49,7 +49,7 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from scratchlm.errors import UserError
 from scratchlm.generation import Completion, Sampler, SamplingParams
@@ -57,6 +57,9 @@ from scratchlm.generation.generate import BatchState, StopText
 
 if TYPE_CHECKING:
     import torch
+
+    from scratchlm.models.protocols import Cache, CausalLM, JoinableCache
+    from scratchlm.tokenizers import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +119,7 @@ class _Reading:
     """A prompt longer than ``prefill_tokens``, read one chunk per turn into a cache of its own."""
 
     request: Request
-    cache: Any
+    cache: Cache
     done: int = 0  # prompt tokens in the cache
 
 
@@ -139,7 +142,7 @@ class _Block:
 class _StateBlock:
     """Some rows of a recurrent or n-gram model: their cache is one fixed-size state per row."""
 
-    state: Any  # RecurrentState or NGramContext: ``select(rows)`` in place, ``cat(states)``
+    state: JoinableCache  # RecurrentState or NGramContext: ``select(rows)`` in place, ``cat(states)``
 
     def select(self, rows: list[int]) -> _StateBlock:
         import torch
@@ -148,7 +151,7 @@ class _StateBlock:
         return self
 
 
-def _block(cache: Any, mask: torch.Tensor) -> _Block | _StateBlock:
+def _block(cache: Cache, mask: torch.Tensor) -> _Block | _StateBlock:
     """The rows of a freshly read cache, as the running batch will take them in."""
     from scratchlm.models.attention import KVCache
 
@@ -166,7 +169,7 @@ class Engine:
     running rows decode more often.  Call ``start()`` once and ``close()`` at the end.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, *, max_batch: int = 16, max_queue: int = 64,
+    def __init__(self, model: CausalLM, tokenizer: Tokenizer, *, max_batch: int = 16, max_queue: int = 64,
                  prefill_tokens: int = PREFILL_TOKENS):
         if max_batch < 1 or max_queue < 0 or prefill_tokens < 1:
             raise UserError(f"max_batch and prefill_tokens must be ≥ 1 and max_queue ≥ 0, got "
@@ -190,7 +193,7 @@ class Engine:
         self._reading: _Reading | None = None
         self._joining: list[Request] = []
         self._rows: list[_Row] = []
-        self._cache: Any = None
+        self._cache: Cache | None = None
         self._mask: torch.Tensor | None = None  # [B, cache.max_length]: 1 real or future token, 0 padding
         self._device: torch.device | None = None
 

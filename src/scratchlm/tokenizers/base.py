@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import codecs
 import json
-import os
 import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from scratchlm.checkpoint.atomic import write_json_atomic
 from scratchlm.errors import DataError, UserError
 
 
@@ -228,14 +228,6 @@ class Tokenizer:
         return UserError("cannot decode these ids", "decode ids produced by this same tokenizer")
 
 
-def write_json(path: Path, payload: object) -> None:
-    """Write JSON atomically (temp file + rename), so a crash never leaves half a tokenizer."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def read_json(path: Path, what: str) -> object:
     """Parse a JSON file; a missing or malformed one is a one-line ``DataError`` naming it."""
     try:
@@ -278,7 +270,7 @@ class ListVocabTokenizer(Tokenizer):
 
     def save(self, directory: str | Path) -> None:
         """Write ``directory/scratchlm-tokenizer.json``."""
-        write_json(Path(directory) / SAVED_FILE, {
+        write_json_atomic(Path(directory) / SAVED_FILE, {
             "format": SAVED_FORMAT, "version": 1, "type": self.name, "vocab": list(self._ids),
             "special_tokens": self.special_tokens, "eos_token": self.eos_token,
             "bos_token": self.bos_token, "chat_template": self.chat_template,

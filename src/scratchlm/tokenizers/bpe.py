@@ -26,8 +26,9 @@ from pathlib import Path
 
 import regex
 
-from scratchlm.errors import DataError, UserError
-from scratchlm.tokenizers.base import Tokenizer, read_json, write_json
+from scratchlm.checkpoint.atomic import write_json_atomic
+from scratchlm.errors import ConfigError, DataError, UserError
+from scratchlm.tokenizers.base import Tokenizer, read_json
 
 # ----- split patterns: one place for every family's regex ---------------------------------------
 
@@ -73,9 +74,10 @@ PATTERNS = {
     "llama3": LLAMA3_PATTERN, "qwen2": QWEN2_PATTERN, "smollm2": SMOLLM2_PATTERN,
 }
 
-# The same splits, alternatives reordered for speed (~20% faster findall): letters first, as most
-# positions start a word.  Safe because at any position at most one of the reordered alternatives
-# can match (a contraction needs "'", a word a letter or a space then a letter); tested equal.
+# The same splits, alternatives reordered for speed (docs/benchmarks.md, "Encode throughput"):
+# letters first, as most positions start a word, so findall tries fewer alternatives.  Safe
+# because at any position at most one of the reordered alternatives can match (a contraction
+# needs "'", a word a letter or a space then a letter); tested equal.
 _FAST_FORMS = {
     GPT2_PATTERN: r""" ?\p{L}+| ?\p{N}+|'s|'t|'re|'ve|'m|'ll|'d| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
     SMOLLM2_PATTERN: r""" ?\p{L}+|\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+""",
@@ -91,9 +93,29 @@ GGUF_PRE_PATTERNS = {
 }
 
 
-def resolve_pattern(name_or_regex: str) -> str:
-    """A pattern by name (``gpt2``, ``gpt4``, ...) or a regex given as is."""
-    return PATTERNS.get(name_or_regex, name_or_regex)
+def resolve_pattern(pattern: str, *, strict: bool) -> str:
+    """The split regex for a name (``gpt2``, ``gpt4``, any key of ``PATTERNS``) or a regex.
+
+    ``strict=True`` is for a pattern a person typed (``train_bpe``, the CLI): names in any case, a
+    regex that must compile, and a bare word that is no known name refused (``"gpt3"`` is a typo,
+    not a wish to split on the literal text ``gpt3``); errors are ``ConfigError``.
+    ``strict=False`` is for a pattern read from a tokenizer file: a known name (exactly) is
+    resolved, anything else is the file's regex as is, even a bare word (a ``String`` split
+    escapes to one); the constructor reports a regex that does not compile.
+    """
+    if not strict:
+        return PATTERNS.get(pattern, pattern)
+    key = pattern.strip().lower()
+    if key in PATTERNS:
+        return PATTERNS[key]
+    if regex.fullmatch(r"[A-Za-z0-9_.-]+", pattern):
+        raise ConfigError(f"unknown split pattern {pattern!r}",
+                          "use one of " + ", ".join(PATTERNS) + ", or pass a regular expression")
+    try:
+        regex.compile(pattern)
+    except regex.error as err:
+        raise ConfigError(f"invalid split pattern regex: {err}", "fix the regular expression") from None
+    return pattern
 
 
 # ----- GPT-2's byte <-> printable-character table ------------------------------------------------
@@ -175,7 +197,7 @@ class ByteLevelBPE(Tokenizer):
         self.encoder = dict(encoder)
         self.merges = [(bytes(a), bytes(b)) for a, b in merges]
         self.added_tokens = dict(added_tokens or {})
-        self.pattern = resolve_pattern(pattern)
+        self.pattern = resolve_pattern(pattern, strict=False)
         self.ignore_merges = ignore_merges
         if normalizer not in (None, *_NORMALIZERS):
             raise UserError(f"unknown normalizer {normalizer!r}",
@@ -367,12 +389,12 @@ class ByteLevelBPE(Tokenizer):
     def save(self, directory: str | Path) -> None:
         """Write ``tokenizer.json`` (and ``tokenizer_config.json`` for eos/bos/chat template)."""
         directory = Path(directory)
-        write_json(directory / "tokenizer.json", self.to_hf_json())
+        write_json_atomic(directory / "tokenizer.json", self.to_hf_json())
         if self.chat_template or self.eos_token or self.bos_token:
             config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": self.eos_token,
                       "bos_token": self.bos_token, "chat_template": self.chat_template}
             config = {k: v for k, v in config.items() if v is not None}
-            write_json(directory / "tokenizer_config.json", config)
+            write_json_atomic(directory / "tokenizer_config.json", config)
 
     # ----- loading ------------------------------------------------------------------------------
 

@@ -59,7 +59,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import regex
 
 from scratchlm.errors import ConfigError, DataError
-from scratchlm.tokenizers.bpe import BYTE_TO_CHAR, GPT4_PATTERN, PATTERNS, ByteLevelBPE
+from scratchlm.tokenizers.bpe import BYTE_TO_CHAR, GPT4_PATTERN, ByteLevelBPE, resolve_pattern
 
 BYTE_ORDER: list[int] = sorted(range(256), key=BYTE_TO_CHAR.__getitem__)
 """``BYTE_ORDER[i]`` is the byte value of token id ``i`` (ids 0..255): the bytes sorted by the
@@ -77,26 +77,6 @@ _SYMBOL_TABLE: dict[int, str] = {b: chr(_ID_OF_BYTE[b]) for b in range(256)}
 # --------------------------------------------------------------------------------------------
 # Step 1: words
 # --------------------------------------------------------------------------------------------
-
-def resolve_pattern(pattern: str) -> str:
-    """A split regex from a name (``gpt2``, ``gpt4``, any key of ``bpe.PATTERNS``; any case) or a
-    raw regex; a clear error otherwise.
-
-    A bare word that is not a known name is refused rather than compiled as a regex: ``"gpt3"``
-    is a typo, not a wish to split on the literal text ``gpt3``.
-    """
-    key = pattern.strip().lower()
-    if key in PATTERNS:
-        return PATTERNS[key]
-    if regex.fullmatch(r"[A-Za-z0-9_.-]+", pattern):
-        raise ConfigError(f"unknown split pattern {pattern!r}",
-                          "use one of " + ", ".join(PATTERNS) + ", or pass a regular expression")
-    try:
-        regex.compile(pattern)
-    except regex.error as err:
-        raise ConfigError(f"invalid split pattern regex: {err}", "fix the regular expression") from None
-    return pattern
-
 
 def _check_specials(special_tokens: Sequence[str]) -> list[str]:
     if isinstance(special_tokens, str):
@@ -120,7 +100,7 @@ def count_words(texts: str | Iterable[str], pattern: str = GPT4_PATTERN,
     pre-tokenized separately, so no pre-token spans two of them.  Counting happens on ``str``
     pre-tokens and only the distinct ones are encoded to bytes.
     """
-    split = regex.compile(resolve_pattern(pattern))
+    split = regex.compile(resolve_pattern(pattern, strict=True))
     specials = _check_specials(special_tokens)
     cut = (regex.compile("|".join(regex.escape(s) for s in sorted(specials, key=len, reverse=True)))
            if specials else None)
@@ -324,7 +304,7 @@ def train_bpe(text_or_texts: str | Iterable[str], vocab_size: int, pattern: str 
             f"(256 byte tokens + {len(specials)} special token{'s' if len(specials) != 1 else ''})",
             f"use a vocab size of at least {minimum}",
         )
-    split = resolve_pattern(pattern)
+    split = resolve_pattern(pattern, strict=True)
     word_counts = count_words(text_or_texts, split, specials)
     if not word_counts:
         raise DataError("the training text is empty (nothing left besides special tokens)",

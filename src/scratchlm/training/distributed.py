@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from scratchlm.errors import ConfigError
+from scratchlm.runtime import resolve_device
 
 
 @dataclass(frozen=True)
@@ -44,30 +44,6 @@ class DistContext:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
-
-
-def resolve_device(device: str | torch.device | None = None, local_rank: int = 0) -> torch.device:
-    """``None``/``"auto"``: CUDA when available (this process's local GPU), else the CPU.
-
-    A device this machine does not have is a ``ConfigError``, not an error deep inside torch.
-    """
-    if device is None or str(device) == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(device)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {str(device)!r}", "use cpu, cuda, cuda:N, mps or auto") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("CUDA was asked for but is not available", "pass --device cpu")
-        if device.index is None:
-            device = torch.device("cuda", local_rank % torch.cuda.device_count())
-        elif device.index >= torch.cuda.device_count():
-            raise ConfigError(f"{device} was asked for but this machine has {torch.cuda.device_count()} "
-                              "CUDA devices", "pass --device cuda:0, or another index below the count")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("MPS (Apple GPU) was asked for but is not available", "pass --device cpu")
-    return device
 
 
 def launched_by_torchrun() -> bool:

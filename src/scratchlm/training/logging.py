@@ -2,11 +2,15 @@
 
 ``metrics.jsonl`` holds one JSON object per line, each with a ``kind``:
 
-* ``"train"`` (every ``log_every`` steps): ``step``, ``tokens``, ``elapsed``, ``loss`` (that
-  step's batch), ``lr``, ``grad_norm``, ``tokens_per_s``;
+* ``"train"`` (every ``log_every`` steps): ``step``, ``tokens`` (items the loss counted so far:
+  tokens, or examples or pairs for finetuning), ``elapsed``, ``loss`` (that step's batch),
+  ``lr``, ``grad_norm``, ``tokens_per_s`` (``examples_per_s``...), and the mean per item of each
+  metric the loss sums (``accuracy``, ``rewards/margins``...);
 * ``"eval"``: ``step``, ``tokens``, ``epochs`` (passes over the training data so far),
-  ``elapsed``, ``train_loss`` and ``val_loss`` (mean over a fixed set of windows, or all of
-  them), ``val_perplexity``, ``val_nats_per_char``, ``lr``.
+  ``elapsed``, the evaluator's figures — ``train_loss`` and ``val_loss`` (mean over a fixed set
+  of examples, or all of them), for language models ``val_perplexity`` and
+  ``val_nats_per_char``, for other objectives ``train_accuracy``, ``val_rewards/margins``... —
+  and ``lr``.
 
 JSON lines are appendable (a crash loses at most the line being written) and every tool reads
 them; a resumed run first drops the lines written after the checkpoint it resumes from, so the
@@ -18,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,8 +71,13 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def plot_losses(records: Iterable[dict[str, Any]], path: str | Path, title: str = "") -> Path:
-    """Train and validation loss against step, written atomically as a PNG (matplotlib, Agg backend)."""
+def plot_losses(records: Iterable[dict[str, Any]], path: str | Path, title: str = "",
+                extra: Sequence[str] = ()) -> Path:
+    """Train and validation loss against step, written atomically as a PNG (matplotlib, Agg backend).
+
+    ``extra``: figures of the ``"eval"`` records drawn against a second axis on the right
+    (``val_accuracy``, ``val_rewards/margins``...).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -92,8 +101,19 @@ def plot_losses(records: Iterable[dict[str, Any]], path: str | Path, title: str 
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats per token)")
     ax.grid(alpha=0.3)
-    if train or evals:
-        ax.legend()
+    lines = [(key, [(r["step"], r[key]) for r in evals if r.get(key) is not None]) for key in extra]
+    lines = [(key, points) for key, points in lines if points]
+    handles, labels = ax.get_legend_handles_labels()
+    if lines:
+        right = ax.twinx()
+        for (key, points), color in zip(lines, ("tab:green", "tab:purple", "tab:brown", "tab:gray"),
+                                        strict=False):
+            right.plot(*zip(*points, strict=True), "s--", color=color, ms=3, lw=1.2, label=key)
+        right.set_ylabel(", ".join(key for key, _ in lines))
+        more_handles, more_labels = right.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    if handles:
+        ax.legend(handles, labels)
     if title:
         ax.set_title(title)
     fig.tight_layout()
@@ -124,7 +144,7 @@ class Progress:
     have, so the postfix carries an ETA computed from the progress fraction instead.
     """
 
-    def __init__(self, enabled: bool, initial: float = 0.0):
+    def __init__(self, enabled: bool, initial: float = 0.0, unit: str = "tokens"):
         self.bar = None
         if enabled:
             from tqdm.auto import tqdm
@@ -132,15 +152,16 @@ class Progress:
             self.bar = tqdm(total=1000, initial=int(initial * 1000), dynamic_ncols=True, leave=True,
                             bar_format="{percentage:3.0f}%|{bar:20}| {desc}", mininterval=0.5)
         self._shown = int(initial * 1000)
+        self._unit = {"tokens": "tok"}.get(unit, unit)
 
-    def update(self, progress: float, step: int, loss: float, tokens_per_s: float, elapsed: float,
+    def update(self, progress: float, step: int, loss: float, items_per_s: float, elapsed: float,
                since_start: float, progress_at_start: float) -> None:
         if self.bar is None:
             return
         done = progress - progress_at_start
         eta = since_start * (1 - progress) / done if done > 0 else float("nan")
         eta_text = format_duration(eta) if math.isfinite(eta) else "?"
-        self.bar.set_description_str(f"step {step} · loss {loss:.3f} · {tokens_per_s:,.0f} tok/s · "
+        self.bar.set_description_str(f"step {step} · loss {loss:.3f} · {items_per_s:,.0f} {self._unit}/s · "
                                      f"{format_duration(elapsed)} elapsed · ETA {eta_text}", refresh=False)
         target = min(1000, int(progress * 1000))
         if target > self._shown:

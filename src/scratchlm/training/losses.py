@@ -1,9 +1,10 @@
-"""Loss functions for the training loop: ``loss_fn(model, batch) -> (loss_sum, count)``.
+"""Loss functions for the training loop: ``loss_fn(model, batch) -> LossOutput``.
 
 A loss function returns the *sum* of the per-item losses and how many items it summed (tokens
-for language modelling, examples for classification), not a mean.  The loop adds the sums and
-counts of every micro-batch on every process and divides once, so gradient accumulation and
-data parallelism give the gradient of the whole batch's mean exactly, even when micro-batches
+for language modelling, examples for classification, pairs for preference tuning), not a mean,
+and optionally other sums over the same items (``metrics``: correct predictions, rewards).  The
+loop adds the sums and counts of every micro-batch on every process and divides once, so gradient
+accumulation and data parallelism give the gradient of the whole batch's mean exactly, even when micro-batches
 hold different numbers of real tokens (instruction data with masked prompts).
 
 The cross-entropy is computed in float32 whatever the logits' dtype, so a bf16-autocast forward
@@ -12,19 +13,31 @@ pass still gets a float32 loss (``cross_entropy_sum``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 
-from scratchlm.training.logprobs import IGNORE_INDEX
-
-LossFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, torch.Tensor]]
+from scratchlm.training.logprobs import CHUNK_ELEMENTS, IGNORE_INDEX
 
 
-# Rows of logits per chunk in cross_entropy_sum: about 2^20 float32 values (4 MB), which stay in
-# cache between the chunk's few elementwise passes.
-CHUNK_ELEMENTS = 1 << 20
+@dataclass
+class LossOutput:
+    """What a loss function returns for one micro-batch.
+
+    ``loss_sum``: the differentiable sum of the per-item losses.  ``count``: how many items it
+    summed.  ``metrics``: further sums over the same items (``{"correct": 7}``,
+    ``{"rewards/chosen": ...}``), detached or not; the loop adds them over micro-batches and
+    processes like the loss, and an evaluator reports each as a mean per item.
+    """
+
+    loss_sum: torch.Tensor
+    count: torch.Tensor | int
+    metrics: dict[str, torch.Tensor | float] = field(default_factory=dict)
+
+
+class LossFn(Protocol):
+    def __call__(self, model: torch.nn.Module, batch: Any) -> LossOutput: ...
 
 
 class _CrossEntropySum(torch.autograd.Function):
@@ -35,11 +48,9 @@ class _CrossEntropySum(torch.autograd.Function):
     bf16), their log-softmax (kept for the backward), a zero-filled gradient for the NLL's
     backward, the log-softmax gradient and then its bf16 cast.  Here the forward keeps only the
     log-sum-exp of each row, and the backward writes softmax − onehot straight into one tensor of
-    the logits' dtype, each chunk in float32 while it is in cache.  At gpt2-124m, batch 8 × 256,
-    one forward/backward peaked 870 MB lower in bf16 (1.30 GB against 2.17) and 390 MB lower in
-    fp32.  Time: the same step time as torch's once the allocator reuses freed memory
-    (``keep_freed_memory``); without that (each large tensor a fresh mmap), 0.6× torch's time
-    in fp32 and 0.4× in bf16 at 512 × 50257 logits.
+    the logits' dtype, each chunk in float32 while it is in cache.  The peak memory saved at
+    gpt2-124m and the time against torch's are in docs/benchmarks.md (test_training checks the
+    values and gradients against torch's).
     """
 
     @staticmethod
@@ -95,7 +106,7 @@ def split_lm_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return inputs, targets
 
 
-def next_token_loss(model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def next_token_loss(model: torch.nn.Module, batch: Any) -> LossOutput:
     """Summed next-token cross-entropy over targets that are not ``IGNORE_INDEX``, and their count.
 
     ``batch`` holds inputs [B, T] and targets [B, T], the targets already shifted one position
@@ -104,4 +115,33 @@ def next_token_loss(model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, t
     inputs, targets = split_lm_batch(batch)
     logits = model(inputs)
     loss = cross_entropy_sum(logits.flatten(0, 1), targets.flatten())
-    return loss, (targets != IGNORE_INDEX).sum()
+    return LossOutput(loss, (targets != IGNORE_INDEX).sum())
+
+
+def classification_loss(model: torch.nn.Module, batch: Any) -> LossOutput:
+    """Summed cross-entropy of class logits [B, C] against labels [B], with the correct predictions
+    as the ``"accuracy"`` metric (its mean per example is the accuracy).
+
+    ``batch`` is ``(inputs, labels)`` or a dict with ``labels`` and the model's keyword inputs.
+    """
+    if isinstance(batch, dict):
+        labels = batch["labels"]
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"})
+    else:
+        inputs, labels = batch
+        logits = model(inputs)
+    loss = cross_entropy_sum(logits, labels)
+    correct = (logits.detach().argmax(dim=-1) == labels).sum()
+    return LossOutput(loss, labels.numel(), {"accuracy": correct})
+
+
+def answer_loss(model: torch.nn.Module, batch: Any) -> LossOutput:
+    """Classification as text: ``model`` gives each label's answer log-probability [B, C]; the loss is
+    the negative log-probability of the true label's answer (its tokens only), summed over
+    examples, and the ``accuracy`` metric counts examples whose true answer is the most probable.
+    """
+    labels = batch["labels"]
+    scores = model(**{k: v for k, v in batch.items() if k != "labels"})
+    loss = -scores.gather(1, labels[:, None]).sum()
+    correct = (scores.detach().argmax(dim=-1) == labels).sum()
+    return LossOutput(loss, labels.numel(), {"accuracy": correct})

@@ -1,0 +1,186 @@
+"""The packed-weight kernels (``kernels.c``): compiled on first use, cached, with a torch fallback.
+
+The C file is compiled for this machine (``-O3 -march=native``, OpenMP) by the C compiler the
+system has (``$CC``, else ``cc``/``gcc``/``clang``), in about a second, into
+``$SCRATCHLM_CACHE`` (default ``~/.cache/scratchlm``) under a name that hashes the source, the
+compiler's version and the CPU's feature flags — a machine with other instructions builds its
+own.  It is loaded with ``ctypes``: a plain C ABI, no Python headers, so no build step at install
+time.  Without a compiler (or with ``SCRATCHLM_NO_KERNELS=1``) every operation runs through the
+reference path instead — the same numbers from ``quant.formats``' dequantization and a torch
+matmul, much slower when decoding — and a warning says so once.
+
+The library's OpenMP runtime is the one torch already loaded (``libgomp.so.1`` by soname), so the
+kernels and torch share one thread pool; each call passes ``torch.get_num_threads()``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scratchlm.quant.formats import FORMATS, dequantize, k_quant_parts
+
+__all__ = ["KERNEL_TYPES", "KERNEL_BLOCK_BYTES", "reblock", "qmatmul", "dequantize_rows", "kernels_available"]
+
+# GGML type → the C enum of the layout the kernels read.  Q8_0/Q4_0/Q4_1 are read as the file
+# stores them; Q4_K and Q6_K are re-blocked first (``reblock``), without loss, into blocks of 32.
+KERNEL_TYPES = {"Q8_0": 0, "Q4_0": 1, "Q4_1": 2, "Q4_K": 3, "Q6_K": 4}
+KERNEL_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q4_K": 24, "Q6_K": 40}  # per 32 values
+_SOURCE = Path(__file__).with_name("kernels.c")
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
+# SCRATCHLM_KERNELS_PORTABLE=1: the portable C path (no AVX-512 code), as a machine without it builds
+_PORTABLE_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
+_lib: ctypes.CDLL | None | bool = None  # None: not tried yet; False: unavailable
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return sys.platform
+
+
+def _build() -> ctypes.CDLL | None:
+    if os.environ.get("SCRATCHLM_NO_KERNELS"):
+        return None
+    cc = _compiler()
+    if cc is None:
+        warnings.warn("no C compiler found: packed GGUF weights run through the slow reference path "
+                      "(install gcc or clang, or set CC)", stacklevel=3)
+        return None
+    flags = _PORTABLE_FLAGS if os.environ.get("SCRATCHLM_KERNELS_PORTABLE") else _FLAGS
+    source = _SOURCE.read_bytes()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(),
+                                     _cpu_flags().encode()])).hexdigest()[:16]
+    cache = Path(os.environ.get("SCRATCHLM_CACHE", Path.home() / ".cache" / "scratchlm")).expanduser()
+    target = cache / f"quant_kernels_{key}.so"
+    if not target.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache)
+        os.close(fd)
+        result = subprocess.run([cc, *flags, "-o", tmp, str(_SOURCE)], capture_output=True, text=True)
+        if result.returncode != 0:
+            os.unlink(tmp)
+            warnings.warn(f"compiling the packed-weight kernels with {cc} failed, so packed GGUF weights "
+                          f"run through the slow reference path: {result.stderr.strip()[:300]}", stacklevel=3)
+            return None
+        os.replace(tmp, target)  # atomic: a concurrent build of the same key writes the same file
+    lib = ctypes.CDLL(str(target))
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.slm_qmatmul.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, i64, ptr, i64, ctypes.c_int]
+    lib.slm_qmatmul.restype = None
+    lib.slm_dequantize_rows.argtypes = [ctypes.c_int, ptr, i64, ptr, i64, ptr, ctypes.c_int]
+    lib.slm_dequantize_rows.restype = None
+    return lib
+
+
+def _library() -> ctypes.CDLL | None:
+    global _lib
+    if _lib is None:
+        try:
+            _lib = _build() or False
+        except OSError as err:  # an unwritable cache, a library that will not load
+            warnings.warn(f"the packed-weight kernels are unavailable ({err}), so packed GGUF weights run "
+                          "through the slow reference path", stacklevel=2)
+            _lib = False
+    return _lib or None
+
+
+def kernels_available() -> bool:
+    """Whether the compiled kernels are in use (else the reference path runs)."""
+    return _library() is not None
+
+
+def reblock(type_name: str, blocks: np.ndarray) -> np.ndarray:
+    """A GGUF tensor's blocks [rows, row bytes] in the layout the kernels read, [rows, cols/32 · bytes].
+
+    Q4_K → 32-value blocks of fp32 d = d·sc and m = −dmin·min plus the 16 bytes of nibbles (low
+    nibbles elements 0–15); Q6_K → 32-value blocks of two fp32 scales d·sc (one per 16 values)
+    plus 32 int8 q − 32.  The scales are the very products ``gguf.quants`` forms when it
+    dequantizes, so the kernels' values equal its values bit for bit.  Other types pass through.
+    """
+    if type_name not in ("Q4_K", "Q6_K"):
+        return blocks
+    rows = blocks.shape[0]
+    scales, offsets, q = k_quant_parts(type_name, blocks.reshape(-1, FORMATS[type_name].block_bytes))
+    n = scales.size // (2 if type_name == "Q6_K" else 1)  # 32-value blocks
+    if type_name == "Q4_K":
+        q = q.reshape(n, 32)
+        packed = q[:, :16] | (q[:, 16:] << np.uint8(4))
+        head = np.stack([scales.reshape(n), -offsets.reshape(n)], axis=1).astype(np.float32)
+    else:
+        packed = q.reshape(n, 32).view(np.uint8)
+        head = scales.reshape(n, 2).astype(np.float32)
+    return np.concatenate([head.view(np.uint8), packed], axis=1).reshape(rows, -1)
+
+
+def _dequantize_layout(table: np.ndarray, type_name: str, cols: int) -> np.ndarray:
+    """The reference path's dequantization of rows in the kernels' layout (float32 [rows, cols])."""
+    rows = table.shape[0]
+    if type_name in ("Q4_K", "Q6_K"):
+        blocks = table.reshape(-1, KERNEL_BLOCK_BYTES[type_name])
+        head = np.ascontiguousarray(blocks[:, :8]).view(np.float32)
+        if type_name == "Q4_K":
+            q = np.concatenate([blocks[:, 8:] & np.uint8(0x0F), blocks[:, 8:] >> np.uint8(4)], axis=1)
+            values = q.astype(np.float32) * head[:, :1] + head[:, 1:]
+        else:
+            q = blocks[:, 8:].view(np.int8).astype(np.float32).reshape(-1, 2, 16)
+            values = q * head.reshape(-1, 2, 1)
+        return values.reshape(rows, cols)
+    values = dequantize(np.ascontiguousarray(table).reshape(-1), type_name, rows * cols)
+    return values.reshape(rows, cols)
+
+
+def qmatmul(blocks: torch.Tensor, type_name: str, rows: int, cols: int, x: torch.Tensor) -> torch.Tensor:
+    """``x @ Wᵀ`` for x [n, cols] (fp32, contiguous) and W [rows, cols] packed in ``blocks`` (uint8).
+
+    The compiled kernel reads W in place; the reference path dequantizes it.  Equal up to fp32
+    rounding of the sums (the tests bound it).
+    """
+    lib = _library()
+    n = x.shape[0]
+    if lib is None:
+        return x @ dequantize_rows(blocks, type_name, rows, cols).T
+    y = torch.empty(n, rows, dtype=torch.float32)
+    lib.slm_qmatmul(KERNEL_TYPES[type_name], blocks.data_ptr(), rows, cols, x.data_ptr(), n, cols,
+                    y.data_ptr(), rows, torch.get_num_threads())
+    return y
+
+
+def dequantize_rows(blocks: torch.Tensor, type_name: str, rows: int, cols: int,
+                    index: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows ``index`` (default: all) of the packed W, as float32 [len(index), cols], bit-identical to
+    ``quant.formats.dequantize`` of the file's blocks."""
+    lib = _library()
+    if lib is None:
+        table = blocks.numpy().reshape(rows, -1)
+        picked = table if index is None else table[index.numpy()]
+        return torch.from_numpy(_dequantize_layout(picked, type_name, cols))
+    if index is None:
+        index = torch.arange(rows)
+    index = index.to(torch.int64).contiguous()
+    out = torch.empty(index.numel(), cols, dtype=torch.float32)
+    lib.slm_dequantize_rows(KERNEL_TYPES[type_name], blocks.data_ptr(), cols, index.data_ptr(), index.numel(),
+                            out.data_ptr(), torch.get_num_threads())
+    return out

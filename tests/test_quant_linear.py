@@ -1,0 +1,318 @@
+"""Packed weights at run time: the compiled kernels and their fallback against dequantize-then-matmul,
+``load(path.gguf, dtype="gguf")`` and ``quantize=`` against the float path, on tiny models and on
+SmolLM2's real file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import scratchlm
+from scratchlm.errors import CheckpointError, ConfigError
+from scratchlm.quant import kernels
+from scratchlm.quant.formats import dequantize, quantize
+from scratchlm.quant.linear import (
+    DECODE_TOKENS,
+    QuantEmbedding,
+    QuantLinear,
+    is_quantized,
+    quantize_model,
+    weight_bytes,
+)
+from test_gguf import random_model, write_model
+
+gguf = pytest.importorskip("gguf")
+TYPES = ["Q8_0", "Q4_0", "Q4_1"]
+
+
+@pytest.fixture(params=["compiled", "fallback"])
+def path(request, monkeypatch):
+    """Each test runs over the compiled kernels and over the reference path that replaces them."""
+    if request.param == "compiled":
+        if not kernels.kernels_available():
+            pytest.skip("no C compiler: the kernels could not be built")
+    else:
+        monkeypatch.setattr(kernels, "_lib", False)
+    return request.param
+
+
+def bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The stated bound: fp32 rounding of the sums, 1e-6 × Σ|x||w| per output (≥ 8 ulp of it)."""
+    return 1e-6 * (x.abs() @ w.abs().T) + 1e-30
+
+
+@pytest.mark.parametrize("type_name", TYPES)
+@pytest.mark.parametrize("tokens", [1, 3, DECODE_TOKENS, 21])
+def test_linear_equals_dequantized_matmul(path, type_name, tokens):
+    rng = np.random.default_rng(tokens)
+    w = rng.standard_normal((100, 96)).astype(np.float32)
+    w[3, :32] += 9.0  # a block far from zero: Q4_1's minimum and Q4_0's offset matter
+    blocks = torch.from_numpy(quantize(w, type_name).reshape(-1))
+    bias = torch.randn(100)
+    layer = QuantLinear(blocks, type_name, 96, 100, bias)
+    reference = torch.from_numpy(dequantize(blocks.numpy(), type_name, w.size).reshape(w.shape))
+    assert torch.equal(layer.dequantized(), reference)
+    x = torch.randn(tokens, 96)
+    y = layer(x.view(1, tokens, 96)).view(tokens, 100)
+    expected = x @ reference.T + bias
+    assert ((y - expected).abs() <= bound(x, reference) + 1e-6 * bias.abs()).all()
+
+
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q6_K"])
+def test_k_quants_reblocked_keep_their_values(path, type_name):
+    """Q4_K / Q6_K re-blocked into the kernels' 32-value layout: the values gguf dequantizes, bit for
+    bit, and products within the bound, decoding and prefilling."""
+    from test_quant_formats import random_blocks
+
+    rows, cols = 40, 512
+    raw = random_blocks(type_name, rows * cols // 256, seed=9).reshape(rows, -1)
+    reference = torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[type_name])
+                                 .reshape(rows, cols))
+    layer = QuantLinear(torch.from_numpy(kernels.reblock(type_name, raw).reshape(-1)), type_name, cols, rows)
+    assert torch.equal(layer.dequantized(), reference)
+    for tokens in (1, 5, 30):
+        x = torch.randn(tokens, cols)
+        assert ((layer(x) - x @ reference.T).abs() <= bound(x, reference)).all()
+
+
+def test_portable_kernels_equal_the_reference(monkeypatch, tmp_path):
+    """The C path a machine without AVX-512 compiles (no intrinsics) gives the same numbers."""
+    if not kernels.kernels_available():
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("SCRATCHLM_KERNELS_PORTABLE", "1")
+    monkeypatch.setattr(kernels, "_lib", None)
+    for type_name in ("Q8_0", "Q4_0", "Q4_1"):
+        w = np.random.default_rng(2).standard_normal((36, 64)).astype(np.float32)
+        blocks = torch.from_numpy(quantize(w, type_name).reshape(-1))
+        layer = QuantLinear(blocks, type_name, 64, 36)
+        reference = torch.from_numpy(dequantize(blocks.numpy(), type_name, w.size).reshape(w.shape))
+        assert torch.equal(layer.dequantized(), reference)
+        x = torch.randn(3, 64)
+        assert ((layer(x) - x @ reference.T).abs() <= bound(x, reference)).all()
+    monkeypatch.setattr(kernels, "_lib", None)  # the next test builds (or finds) the native one again
+
+
+@pytest.mark.parametrize("type_name", TYPES)
+def test_embedding_rows_and_tied_head_share_blocks(path, type_name):
+    w = np.random.default_rng(1).standard_normal((50, 64)).astype(np.float32)
+    blocks = torch.from_numpy(quantize(w, type_name).reshape(-1))
+    table = torch.from_numpy(dequantize(blocks.numpy(), type_name, w.size).reshape(w.shape))
+    embedding = QuantEmbedding(blocks, type_name, 50, 64)
+    ids = torch.tensor([[3, 0, 49], [7, 7, 1]])
+    assert torch.equal(embedding(ids), table[ids])
+    head = embedding.as_linear()
+    assert head.blocks.data_ptr() == embedding.blocks.data_ptr()
+
+
+def tiny_llama(seed: int = 0):
+    """A tiny Llama (dims multiples of 32) as an LM, float32."""
+    from scratchlm.api import LM
+    from scratchlm.models.config import ModelConfig
+    from scratchlm.models.transformer import Transformer
+
+    torch.manual_seed(seed)
+    config = ModelConfig(vocab_size=96, context_length=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                         intermediate_size=128, norm="rmsnorm", norm_bias=False, mlp="swiglu",
+                         positions="rope", qkv_bias=False, o_bias=False, mlp_bias=False, tie_embeddings=True)
+    model = Transformer(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    return LM(model, None, config)
+
+
+@pytest.mark.parametrize("type_name", TYPES)
+def test_quantize_model_rounds_as_llama_cpp_and_computes_as_its_dequantized_weights(type_name):
+    lm = tiny_llama()
+    weights = {name: p.detach().clone() for name, p in lm.model.named_parameters()}
+    float_bytes = weight_bytes(lm.model)
+    model = quantize_model(lm.model, type_name.lower())
+    assert is_quantized(model)
+    # blocks byte-identical to gguf's quantizer; q/k/v stacked in that order
+    attn = model.layers[0].self_attn
+    q_rows = weights["layers.0.self_attn.q_proj.weight"].shape[0]
+    expected = gguf.quants.quantize(weights["layers.0.self_attn.q_proj.weight"].numpy(),
+                                    gguf.GGMLQuantizationType[type_name])
+    assert np.array_equal(attn.qkv_proj.blocks[:q_rows].numpy(), expected)
+    assert model.lm_head.blocks.data_ptr() == model.embed_tokens.blocks.data_ptr()  # still tied
+    assert weight_bytes(model) < float_bytes / (3 if type_name == "Q8_0" else 5)
+
+    # the float model with the dequantized weights gives the same logits (prefill exactly up to
+    # matmul order; cached decode within the kernel's bound) and the same greedy tokens
+    reference = tiny_llama().model
+    with torch.no_grad():
+        for p in reference.parameters():
+            if p.dim() == 2:
+                blocks = quantize(p.numpy(), type_name).reshape(-1)
+                p.copy_(torch.from_numpy(dequantize(blocks, type_name, p.numel()).reshape(p.shape)))
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model(ids) - reference(ids)).abs().max() < 1e-4
+    from scratchlm.generation import SamplingParams, generate_ids
+
+    params = SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True)
+    ours = generate_ids(model, [ids[0].tolist(), ids[1, :5].tolist()], params)
+    theirs = generate_ids(reference, [ids[0].tolist(), ids[1, :5].tolist()], params)
+    assert [c.token_ids for c in ours] == [c.token_ids for c in theirs]
+
+
+def test_quantize_keeps_matrices_that_do_not_fill_blocks_in_float():
+    from scratchlm.models.config import ModelConfig
+    from scratchlm.models.transformer import Transformer
+
+    config = ModelConfig(vocab_size=50, context_length=16, n_layer=1, n_head=2, n_embd=64,
+                         intermediate_size=48, norm="rmsnorm", mlp="swiglu", positions="rope",
+                         qkv_bias=False, o_bias=False, mlp_bias=False)
+    with pytest.warns(UserWarning, match=r"kept in float.*layers\.0\.mlp\.down_proj \[64, 48\]"):
+        model = quantize_model(Transformer(config).eval(), "q8_0")
+    assert isinstance(model.layers[0].mlp.down_proj, nn.Linear)
+    assert isinstance(model.layers[0].self_attn.o_proj, QuantLinear)
+    odd = ModelConfig(vocab_size=50, context_length=16, n_layer=1, n_head=2, n_embd=24,
+                      intermediate_size=48, norm="rmsnorm", mlp="swiglu", positions="rope")
+    with pytest.raises(ConfigError, match="no weight matrix .* Q4_0 blocks of 32"):
+        quantize_model(Transformer(odd), "q4_0")
+
+
+@pytest.mark.parametrize("variant,matrix_type", [("llama", "Q4_1"), ("llama-tied", "Q8_0"),
+                                                 ("qwen2", "Q4_0"), ("qwen3", "Q4_1")])
+def test_gguf_dtype_keeps_blocks_and_matches_the_dequantized_path(tmp_path, variant, matrix_type):
+    """The file's blocks run packed (Q/K rows restored, biases kept) and give the float path's logits."""
+    model = random_model(variant)
+    path = write_model(tmp_path / "m.gguf", model, variant.split("-")[0], matrix_type)
+    packed = scratchlm.load(path, device="cpu", dtype="gguf")
+    plain = scratchlm.load(path, device="cpu")
+    assert is_quantized(packed.model)
+    assert packed.weight_bytes < plain.weight_bytes
+    ids = torch.randint(0, 96, (1, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (packed.model(ids) - plain.model(ids)).abs().max() < 1e-4
+        cache, ref_cache = packed.model.new_cache(1, 16), plain.model.new_cache(1, 16)
+        packed.model(ids[:, :9], cache=cache)
+        plain.model(ids[:, :9], cache=ref_cache)
+        step = packed.model(ids[:, 9:], cache=cache) - plain.model(ids[:, 9:], cache=ref_cache)
+        assert step.abs().max() < 1e-4
+
+
+def test_gguf_dtype_and_quantize_refuse_what_they_cannot_do(tmp_path, run_cli):
+    with pytest.raises(ConfigError, match="not a .gguf file"):
+        scratchlm.load(tmp_path / "x.safetensors", device="cpu", dtype="gguf")
+    with pytest.raises(ConfigError, match="unknown quantization 'q3_k'"):
+        scratchlm.load(tmp_path / "x.gguf", device="cpu", quantize="q3_k")
+    with pytest.raises(ConfigError, match="not both"):
+        scratchlm.load(tmp_path / "x.gguf", device="cpu", dtype="float16", quantize="q4_0")
+    path = write_model(tmp_path / "m.gguf", random_model("llama"), "llama", "Q8_0")
+    with pytest.raises(CheckpointError, match="run on the CPU"):
+        from scratchlm.checkpoint.gguf import load_gguf
+
+        load_gguf(path, device="meta", packed=True)
+    quantized = scratchlm.load(path, device="cpu", quantize="q8_0")
+    with pytest.raises(scratchlm.UserError, match="packed for CPU inference and cannot be saved"):
+        quantized.save(tmp_path / "out")
+    with pytest.raises(SystemExit) as exit_:  # argparse's own one-line usage error
+        run_cli("generate", "--model", str(path), "--prompt", "hi", "--quantize", "q5_0")
+    assert exit_.value.code == 2
+
+
+@pytest.mark.slow
+def test_smollm2_packed_greedy_answers_equal_the_dequantized_path(smollm2_gguf):
+    """The real Q4_1 file run packed: the same greedy answers as the dequantized fp32 path on the
+    held-out conversations, max |Δlogit| on a fixed text within the kernel bound, and the weights
+    in the file's size."""
+    from scratchlm.generation import SamplingParams, generate_ids
+
+    torch.set_num_threads(1)
+    packed = scratchlm.load(smollm2_gguf, device="cpu", dtype="gguf")
+    plain = scratchlm.load(smollm2_gguf, device="cpu")
+    assert packed.weight_bytes <= smollm2_gguf.stat().st_size
+    tok = plain.tokenizer
+    ids = torch.tensor([tok.encode("The quick brown fox jumps over the lazy dog. Paris is the capital of")])
+    with torch.no_grad():
+        cache, ref_cache = packed.model.new_cache(1, 32), plain.model.new_cache(1, 32)
+        prefill = (packed.model(ids[:, :-1], cache=cache) - plain.model(ids[:, :-1], cache=ref_cache))
+        step = packed.model(ids[:, -1:], cache=cache) - plain.model(ids[:, -1:], cache=ref_cache)
+    assert prefill.abs().max() < 1e-3 and step.abs().max() < 1e-3
+    prompts = [tok.encode(plain.chat_prompt(q), allowed_special="all") for q in CONVERSATIONS]
+    params = SamplingParams(temperature=0, max_new_tokens=24)
+    ours = [c.token_ids for c in generate_ids(packed.model, prompts, params, eos_id=tok.eos_id)]
+    theirs = [c.token_ids for c in generate_ids(plain.model, prompts, params, eos_id=tok.eos_id)]
+    assert ours == theirs
+    assert "Paris" in tok.decode(ours[0])
+
+
+# The SmolLM2 parity questions (test_gguf's and the serving test's), as user turns.
+CONVERSATIONS = ["What is the capital of France?", "Name three primary colors.", "What is 12 times 7?",
+                 "Why is the sky blue?", "Give me one tip for learning the Python programming language."]
+
+
+def test_served_packed_model_answers_8_concurrent_clients_as_sequential_ones():
+    """serve over packed weights: the engine, batched decoding and the KV cache work unchanged."""
+    pytest.importorskip("fastapi")
+    openai = pytest.importorskip("openai")
+    import concurrent.futures
+
+    from scratchlm.api import LM
+    from scratchlm.models import from_preset
+    from scratchlm.serving.openai_server import ServerConfig, ServerThread
+    from scratchlm.tokenizers.train_bpe import train_bpe
+    from test_serving import SPECIALS, wide_random_model
+
+    torch.set_num_threads(1)
+    source = Path(__file__).resolve().parent.parent / "src/scratchlm/generation/generate.py"
+    tokenizer = train_bpe(source.read_text(), 300, special_tokens=SPECIALS)  # as test_serving's tiny model
+    config = from_preset("tiny-llama", vocab_size=300, context_length=256)
+    lm = LM(quantize_model(wide_random_model(config, 0.3), "q4_1"), tokenizer, config)
+    with ServerThread(lm, ServerConfig("tiny", max_batch=8, max_queue=16, max_tokens_limit=64)) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=30)
+
+        def ask(i: int) -> str:
+            messages = [{"role": "user", "content": f"question {i}: " + "why " * i}]
+            reply = client.chat.completions.create(model="tiny", messages=messages, temperature=0,
+                                                   max_tokens=12)
+            return reply.choices[0].message.content
+
+        sequential = [ask(i) for i in range(8)]
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(ask, range(8)))
+    same = sum(a == b for a, b in zip(sequential, together, strict=True))
+    assert same >= 7, f"only {same}/8 batched answers equal the sequential ones"  # as test_serving allows
+
+
+def test_cli_dtype_gguf_on_a_run_dir_is_one_line(tmp_path, run_cli):
+    import string
+
+    from scratchlm.tokenizers.char import CharTokenizer
+
+    lm = tiny_llama()
+    lm.tokenizer = CharTokenizer.from_text(string.printable[:96])  # one character per id of the model
+    lm.save(tmp_path / "run")
+    run = str(tmp_path / "run")
+    code, out, err = run_cli("generate", "--model", run, "--prompt", "hi", "--dtype", "gguf")
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert err.startswith("error: dtype gguf keeps a .gguf file's own weight types")
+    code, out, err = run_cli("generate", "--model", run, "--prompt", "tiny",
+                             "--quantize", "q4_0", "--max-new-tokens", "4", "--temperature", "0")
+    assert code == 0, err
+
+
+def test_bad_gguf_files_are_one_line_with_dtype_gguf(tmp_path, run_cli):
+    """Truncated (caught before any weight is used), unsupported type, unsupported architecture."""
+    from test_gguf import model_tensors, random_values, write_gguf
+
+    model = random_model("llama")
+    data = write_model(tmp_path / "m.gguf", model, "llama", "Q4_1").read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[:-100])
+    tensors = model_tensors(model, "llama")
+    tensors["blk.0.ffn_up.weight"] = (tensors["blk.0.ffn_up.weight"][0], "MXFP4")
+    write_gguf(tmp_path / "mx.gguf", "llama", tensors, model.config)
+    write_gguf(tmp_path / "g.gguf", "gpt2", {"token_embd.weight": (random_values(4, 32), "F32")})
+    for name, message in (("cut", "past the end of the file"),
+                          ("mx", "blk.0.ffn_up.weight is stored as MXFP4"),
+                          ("g", "GGUF architecture 'gpt2' is not supported")):
+        code, out, err = run_cli("generate", "--model", str(tmp_path / f"{name}.gguf"), "--prompt", "hi",
+                                 "--dtype", "gguf")
+        assert code == 2 and out == "" and err.count("\n") == 1 and message in err, err
