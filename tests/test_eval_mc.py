@@ -15,11 +15,11 @@ from scratchlm.evaluation.mc import (
     Item,
     encode_item,
     evaluate_mc,
-    mean_stderr,
     read_items,
     score_reference,
     with_few_shot,
 )
+from scratchlm.evaluation.stats import mean_stderr
 from scratchlm.models import build_model, from_preset
 from scratchlm.tokenizers.train_bpe import train_bpe
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 import time
 import urllib.error
@@ -39,6 +38,7 @@ from typing import Any, Protocol
 
 from scratchlm.errors import ConfigError, DataError, UserError
 from scratchlm.evaluation.records import REFERENCE_FIELDS, RESPONSE_FIELDS, JsonlAppender, read_existing
+from scratchlm.evaluation.stats import mean_stderr
 
 # Raschka, LLMs from scratch, ch. 7 (the Ollama llama3 judge), with his format_input as {input}.
 SCORE_PROMPT = ("Given the input `{input}` and correct output `{output}`, score the model response "
@@ -315,11 +315,7 @@ class ScoreSummary:
     @property
     def interval(self) -> tuple[float, float]:
         """95 % normal interval of the mean (sample standard deviation over √n)."""
-        n = len(self.scores)
-        if n < 2:
-            return (float("nan"), float("nan"))
-        sd = math.sqrt(sum((s - self.mean) ** 2 for s in self.scores) / (n - 1))
-        half = 1.96 * sd / math.sqrt(n)
+        half = 1.96 * mean_stderr(self.scores)
         return (self.mean - half, self.mean + half)
 
     def describe(self) -> str:

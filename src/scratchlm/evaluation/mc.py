@@ -29,7 +29,6 @@ two equal, and the reference equal to lm-eval's.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +36,7 @@ from typing import Any
 import torch
 
 from scratchlm.errors import ConfigError, DataError
+from scratchlm.evaluation.stats import mean_stderr
 from scratchlm.training.logprobs import IGNORE_INDEX, sequence_logprobs, token_logprobs
 
 DELIMITER = " "  # lm-eval's default target_delimiter
@@ -323,15 +323,6 @@ class ItemResult:
                 "acc": float(self.pred == self.label), "acc_norm": float(self.pred_norm == self.label),
                 "choices": [{"loglikelihood": c.loglikelihood, "tokens": c.tokens, "chars": n,
                              "greedy": c.greedy} for c, n in zip(self.choices, self.chars, strict=True)]}
-
-
-def mean_stderr(values: Sequence[float]) -> float:
-    """lm-eval's standard error of a mean: sample standard deviation (n − 1) over √n."""
-    n = len(values)
-    if n < 2:
-        return float("nan")
-    mu = sum(values) / n
-    return math.sqrt(sum((v - mu) ** 2 for v in values) / (n - 1)) / math.sqrt(n)
 
 
 @dataclass
