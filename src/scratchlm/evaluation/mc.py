@@ -20,7 +20,7 @@ Speed: the choices of an item share their context, so the context runs through t
 and its KV cache (or recurrent state) is repeated for every choice, which then reads only its own
 tokens.  Items are batched, longest contexts together; contexts are left-padded (attention mask,
 position ids), continuations grouped by length and right-padded (causal: padding after a token
-never changes it), and the vocabulary projection, a fifth of a small model's work, is computed
+never changes it), and the vocabulary projection, a large share of a small model's work, is computed
 only where a continuation token is predicted.
 ``score_reference`` is the definition written out, one full sequence per choice; tests hold the
 two equal, and the reference equal to lm-eval's.

@@ -13,9 +13,9 @@ A comparison is ``(a, b, winner)`` with winner ``"a"``, ``"b"`` or ``"tie"``; a 
 * **Regularisation**: a model that never wins (or never loses) has no finite maximum; its θ would
   run to −∞ (+∞).  The fit maximises the log-likelihood minus ``l2/2 · Σθ²`` (a Gaussian prior
   on θ, variance 1/l2), which is finite always and strictly concave, so the answer is unique.
-  Its pull is ``l2·θ`` against the data's ``Σ n·p(1−p)·Δθ``: at the default 0.01 it moves a model
-  with a few hundred comparisons by well under a rating point, and puts a model that lost all of
-  ten equal matches about 900 points below the rest instead of at minus infinity.
+  Its pull is ``l2·θ`` against the data's ``Σ n·p(1−p)·Δθ``, so a small l2 barely moves a model
+  with many comparisons and leaves one that lost every match finite, far below the rest
+  (docs/evaluation.md gives the sizes; a test holds the first to a rating point).
   ``l2 = 0`` is the plain MLE, refused when it does not exist.
 * **Bootstrap**: the comparisons are resampled with replacement ``rounds`` times, Bradley–Terry
   refitted on each, and the 2.5 % and 97.5 % quantiles of each model's rating form its 95 %
