@@ -1,9 +1,11 @@
 """The 5-minute demo against nanoGPT's documented CPU run of shakespeare_char.
 
 nanoGPT (character level, 4 layers, 4 heads, 128 wide, context 64, batch 12, no dropout), measured
-on a quiet 2-core machine of the kind this project targets: validation 1.886 nats/char after
+once on a quiet 2-core machine of the kind this project targets: validation 1.886 nats/char after
 2,000 iterations in 110 s; with its schedule stretched to 5,400 iterations, best validation 1.678
-in 259 s.  Targets for ``scratchlm pretrain`` with no options: below 1.886 by 110 s, at most 1.60
+in 259 s.  These two points are *recorded anchors*: this script does not run nanoGPT (it is not a
+dependency), it prints and plots them as constants, labelled "recorded".  Targets for
+``scratchlm pretrain`` with no options: below 1.886 by 110 s, at most 1.60
 at the end of its 300 s.
 
 This script runs the default pretrain (or reads the ``metrics.jsonl`` of a run that already
@@ -98,9 +100,10 @@ def plot(points: list[tuple[float, float, int]], path: Path, note: str = "") -> 
     ax.plot([points[-1][0]], [points[-1][1]], "*", ms=11, color="tab:blue",
             label="scratchlm at the end, whole validation split")
     for name, (secs, nats, what) in NANOGPT.items():
-        ax.plot([secs], [nats], "s", ms=7, color="tab:red", label="nanoGPT" if name == "short" else None)
-        ax.annotate(f"nanoGPT {what}: {nats}", (secs, nats), textcoords="offset points", xytext=(6, 6),
-                    fontsize=8, color="tab:red")
+        ax.plot([secs], [nats], "s", ms=7, color="tab:red",
+                label="nanoGPT (recorded anchor, not run here)" if name == "short" else None)
+        ax.annotate(f"nanoGPT {what} (recorded): {nats}", (secs, nats), textcoords="offset points",
+                    xytext=(6, 6), fontsize=8, color="tab:red")
     ax.axhline(TARGET_END, color="gray", ls="--", lw=0.8)
     ax.annotate(f"target at the end: {TARGET_END}", (5, TARGET_END), textcoords="offset points",
                 xytext=(0, -11), fontsize=8, color="gray")
@@ -128,13 +131,13 @@ def main() -> int:
     best = min(points, key=lambda p: p[1])
     print(f"{'':28} {'seconds':>8} {'val nats/char':>14} {'step':>7}")
     ns, nn, nw = NANOGPT["short"]
-    print(f"{'nanoGPT ' + nw:28} {ns:8.0f} {nn:14.3f} {2000:7}")
+    print(f"{'nanoGPT ' + nw + ' (recorded)':28} {ns:8.0f} {nn:14.3f} {2000:7}")
     if early:
         print(f"{'scratchlm by 110 s':28} {early[0]:8.0f} {early[1]:14.3f} {early[2]:7}")
     else:
         print(f"{'scratchlm by 110 s':28} {'-':>8} {'no evaluation yet':>14}")
     ns, nn, nw = NANOGPT["stretched"]
-    print(f"{'nanoGPT ' + nw:28} {ns:8.0f} {nn:14.3f} {5400:7}")
+    print(f"{'nanoGPT ' + nw + ' (recorded)':28} {ns:8.0f} {nn:14.3f} {5400:7}")
     print(f"{'scratchlm at the end':28} {end[0]:8.0f} {end[1]:14.3f} {end[2]:7}")
     print(f"{'scratchlm best':28} {best[0]:8.0f} {best[1]:14.3f} {best[2]:7}")
     ok_early = early is not None and early[1] < TARGET_EARLY[1]

@@ -104,8 +104,8 @@ def make_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch
                 logits = model(x, use_cache=False).logits
                 loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.view(-1))
             else:  # the trainer's loss (scratchlm pretrain): summed, divided by the token count
-                loss_sum, count = next_token_loss(model, (x, y))
-                loss = loss_sum / count
+                out = next_token_loss(model, (x, y))
+                loss = out.loss_sum / out.count
         loss.backward()
         if without != "optimizer":
             optimizer.step()

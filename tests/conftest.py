@@ -73,6 +73,51 @@ def ctrl_c_at(step: int):
         yield
 
 
+def realistic_weights(model, seed: int = 0):
+    """Re-draw every weight of a tiny model at the scale a trained one has, norms and biases included.
+
+    transformers' default init (N(0, 0.02) matrices, norm weights 1, biases 0) leaves a tiny model's
+    attention almost uniform and its logits almost flat, so a parity test on it cannot see a swapped
+    q/k, a wrong rope base or two query heads exchanged: they move the logits by less than 1e-4.
+    Here each matrix is N(0, 1/fan_in) (GPT-2's Conv1D stores ``[in, out]``, ``nn.Linear``
+    ``[out, in]``), embeddings N(0, 0.5), norm weights 1 + N(0, 0.3) and biases N(0, 0.3): attention
+    scores then have a standard deviation near 1 per head and logits spread over several nats,
+    and two correct fp32 implementations agree to 2-5e-6 (float32 rounding of logits up to ~20).
+    Works on transformers models and on ours alike (anything made of Linear/Embedding/1-d tensors).
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def normal(p, mean: float, std: float) -> None:
+        p.copy_(torch.randn(p.shape, generator=generator) * std + mean)
+
+    seen: set[int] = set()  # a tied head is the embedding: drawn once, as an embedding
+    with torch.no_grad():
+        for module in model.modules():
+            for name, p in module.named_parameters(recurse=False):
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+                if isinstance(module, torch.nn.Embedding):
+                    normal(p, 0.0, 0.5)
+                elif p.dim() >= 2:
+                    # transformers' Conv1D (GPT-2) multiplies x @ W with W [in, out]; Linear does x @ W.T
+                    fan_in = p.shape[0] if type(module).__name__ == "Conv1D" else p.shape[1]
+                    normal(p, 0.0, fan_in ** -0.5)
+                elif name == "bias":
+                    normal(p, 0.0, 0.3)
+                else:  # a norm's weight (LayerNorm, RMSNorm, q/k-norm): around its default of 1
+                    normal(p, 1.0, 0.3)
+    return model.eval()
+
+
+# Largest logit difference allowed between two fp32 implementations of the same model on
+# realistic_weights: the real agreement is 2-5e-6 (GPT-2, Llama, Qwen2, Qwen3 against transformers),
+# while a q/k swap, a rope base x100 or two query heads exchanged move them by 0.3 or more.
+PARITY_ATOL = 1e-5
+
+
 @pytest.fixture(autouse=True)
 def absl_handler_off_captured_streams():
     """absl.logging (imported by rouge-score and lm-eval, the parity oracles of the eval tests) makes

@@ -19,7 +19,7 @@ from scratchlm.tokenizers.char import CharTokenizer
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory, gpt2_files_module):
     """A tiny random GPT-2 saved by transformers, with GPT-2's tokenizer files beside it."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
     directory = tmp_path_factory.mktemp("tiny-gpt2-hf")
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257)
@@ -42,7 +42,7 @@ def gpt2_files_module():
 
 
 def test_load_hf_dir_generates_like_transformers(hf_dir):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     lm = scratchlm.load(hf_dir, device="cpu")
     assert isinstance(lm, scratchlm.LM) and lm.device.type == "cpu" and lm.chat_template is None
     ids = lm.tokenizer.encode("Every effort moves you")
@@ -189,7 +189,6 @@ def test_quantized_dtypes_are_refused_in_one_line(run_cli, hf_dir, dtype):
 
 
 def test_run_dir_round_trip(tmp_path):
-    pytest.importorskip("scratchlm.checkpoint.io")
     text = "To be, or not to be, that is the question.\n"
     tokenizer = CharTokenizer.from_text(text)
     torch.manual_seed(0)
@@ -282,7 +281,7 @@ def test_cli_device_and_serve_address_errors_are_one_line(run_cli, tmp_path):
     model loads (the model here does not exist, so reaching the load would print another error)."""
     import socket
 
-    pytest.importorskip("uvicorn")
+    import uvicorn  # noqa: F401  (serve needs it: a declared dependency)
     for device, message in (("tpu", "unknown device 'tpu' — use cpu, cuda"),
                             ("cuda:7" if torch.cuda.is_available() else "cuda", "was asked for but")):
         with pytest.raises(ConfigError, match=message):

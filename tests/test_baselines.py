@@ -5,13 +5,11 @@ from __future__ import annotations
 import random
 
 import pytest
+import sklearn  # noqa: F401  (a declared dev dependency)
 
+from conftest import shared_path
 from scratchlm.errors import ConfigError, DataError
-
-pytest.importorskip("sklearn")
-
-from conftest import shared_path  # noqa: E402
-from scratchlm.evaluation.baselines import (  # noqa: E402
+from scratchlm.evaluation.baselines import (
     bow_logreg_baseline,
     read_labelled_tsv,
     shuffled_split,

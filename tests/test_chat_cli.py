@@ -13,14 +13,13 @@ import signal
 import sys
 from pathlib import Path
 
+import pexpect
 import pytest
 import torch
 
-pexpect = pytest.importorskip("pexpect")
-
-from scratchlm.checkpoint.io import save_run  # noqa: E402
-from scratchlm.models import build_model, from_preset  # noqa: E402
-from scratchlm.tokenizers.train_bpe import train_bpe  # noqa: E402
+from scratchlm.checkpoint.io import save_run
+from scratchlm.models import build_model, from_preset
+from scratchlm.tokenizers.train_bpe import train_bpe
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 import scratchlm
+from conftest import PARITY_ATOL, realistic_weights
 from scratchlm.models.config import ModelConfig
 from scratchlm.models.transformer import Transformer
 from scratchlm.tokenizers.train_bpe import train_bpe
-
-transformers = pytest.importorskip("transformers")
 
 TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
             "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
@@ -36,11 +36,7 @@ def hf_dir(tmp_path_factory) -> Path:
         bos_token_id=specials["<|im_start|>"], eos_token_id=specials["<|im_end|>"],
         rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
                          "high_freq_factor": 4.0, "original_max_position_embeddings": 16})
-    model = transformers.LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn_like(p) * 0.2)  # norm weights away from 1
+    model = realistic_weights(transformers.LlamaForCausalLM(config))
     path = tmp_path_factory.mktemp("hf")
     model.save_pretrained(path)
     tok.eos_token = "<|im_end|>"
@@ -65,12 +61,12 @@ def test_hf_to_run_to_hf_keeps_logits(hf_dir, tmp_path, run_cli):
     with torch.no_grad():
         ours = lm.model(IDS)
     expected = logits_of(hf_dir)
-    assert (ours - expected).abs().max().item() <= 1e-4
+    assert (ours - expected).abs().max().item() <= PARITY_ATOL
 
     code, out, err = run_cli("convert", run, back)  # default from a run dir: Hugging Face
     assert code == 0, err
     assert out.startswith(f"wrote {back} (Hugging Face:")
-    assert (logits_of(back) - expected).abs().max().item() <= 1e-4
+    assert (logits_of(back) - expected).abs().max().item() <= PARITY_ATOL
     generation = json.loads((back / "generation_config.json").read_text())
     assert generation["eos_token_id"] == lm.tokenizer.special_tokens["<|im_end|>"]
     hf_tok = transformers.AutoTokenizer.from_pretrained(back)
@@ -133,9 +129,10 @@ def test_recurrent_and_ngram_models_have_no_hf_format(preset, tmp_path, run_cli)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing written, no temporaries
 
 
-def test_gguf_to_run(tmp_path, run_cli):
-    gguf = pytest.importorskip("gguf")
-    test_gguf = pytest.importorskip("test_gguf", reason="the GGUF engineer's helpers write tiny GGUF files")
+def _tiny_gguf_vocab():
+    """Metadata of a tiny byte-level vocabulary with a chat template, for write_model."""
+    import gguf
+
     from scratchlm.tokenizers.bpe import bytes_to_token
 
     tokens = [bytes_to_token(bytes([b])) for b in range(256)] + ["he", "Ġt", "<|im_start|>", "<|im_end|>"]
@@ -149,8 +146,15 @@ def test_gguf_to_run(tmp_path, run_cli):
         writer.add_eos_token_id(259)
         writer.add_chat_template(TEMPLATE)
 
+    return len(tokens), vocab
+
+
+def test_gguf_to_run(tmp_path, run_cli):
+    import test_gguf  # its helpers write tiny GGUF files
+
+    n_tokens, vocab = _tiny_gguf_vocab()
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(**dict(test_gguf.TINY, vocab_size=len(tokens)))).eval()
+    model = Transformer(ModelConfig(**dict(test_gguf.TINY, vocab_size=n_tokens))).eval()
     path = test_gguf.write_model(tmp_path / "m.gguf", model, "llama", "Q8_0", metadata=vocab)
     code, _, err = run_cli("convert", path, tmp_path / "run")
     assert code == 0, err
@@ -160,3 +164,27 @@ def test_gguf_to_run(tmp_path, run_cli):
         assert torch.equal(source.model(ids), converted.model(ids))
     assert converted.chat_template == TEMPLATE and converted.tokenizer.eos_token == "<|im_end|>"
     assert converted.tokenizer.encode("he the") == source.tokenizer.encode("he the")
+
+
+def test_gguf_to_hf_loads_in_transformers_with_the_same_logits(tmp_path, run_cli):
+    """README: ``scratchlm convert MODEL.gguf DIR --to hf``.  GGUF stores q/k rows permuted for
+    llama.cpp's RoPE; the Hugging Face checkpoint must hold them un-permuted, which only weights of
+    realistic scale (attention far from uniform) can show."""
+    import test_gguf  # its helpers write tiny GGUF files
+
+    n_tokens, vocab = _tiny_gguf_vocab()
+    model = realistic_weights(Transformer(ModelConfig(**dict(test_gguf.TINY, vocab_size=n_tokens))))
+    path = test_gguf.write_model(tmp_path / "m.gguf", model, "llama", "F32", metadata=vocab)
+    code, out, err = run_cli("convert", path, tmp_path / "hf", "--to", "hf")
+    assert code == 0, err
+    assert out.startswith(f"wrote {tmp_path / 'hf'} (Hugging Face:")
+    ids = torch.tensor([[1, 2, 3, 256, 257, 258, 40, 41, 42, 7]])
+    with torch.no_grad():
+        expected = model(ids)
+        assert (scratchlm.load(path, device="cpu").model(ids) - expected).abs().max().item() <= PARITY_ATOL
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (theirs(ids).logits - expected).abs().max().item() <= PARITY_ATOL
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert hf_tok.encode("he the", add_special_tokens=False) == \
+        scratchlm.load(path, device="cpu").tokenizer.encode("he the")

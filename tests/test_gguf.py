@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -16,7 +17,6 @@ from scratchlm.errors import CheckpointError
 from scratchlm.models.config import ModelConfig
 from scratchlm.models.transformer import Transformer
 
-gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
 TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1"]
 
@@ -412,8 +412,8 @@ def render_chat(template: str, messages: list[dict], **extra) -> str:
 @pytest.fixture(scope="module")
 def smollm2_transformers(smollm2_gguf_module):
     """transformers' model from the same GGUF file, fp32: ~35 s to load here, so once per module."""
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("accelerate", reason="transformers needs accelerate to load GGUF files")
+    import accelerate  # noqa: F401  (a dev dependency: transformers needs it to load GGUF files)
+    import transformers
     path = smollm2_gguf_module
     model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                               dtype=torch.float32)
@@ -440,7 +440,7 @@ def test_smollm2_loads_through_scratchlm_load(smollm2_gguf):
 
 @pytest.mark.slow
 def test_smollm2_matches_transformers(smollm2_gguf_module, smollm2_transformers):
-    """Same logits as transformers' loading of the file (≤ 1e-3), same greedy chat answer: Paris."""
+    """Same logits as transformers' loading of the file (≤ 1e-4 in fp32), same greedy chat answer: Paris."""
     from scratchlm.generation import SamplingParams, generate_ids
 
     model, tokenizer, _ = load_gguf(smollm2_gguf_module)
@@ -449,7 +449,7 @@ def test_smollm2_matches_transformers(smollm2_gguf_module, smollm2_transformers)
         "The quick brown fox jumps over the lazy dog. Paris is the capital of")])
     with torch.no_grad():
         diff = (model(ids) - theirs(ids).logits).abs().max().item()
-    assert diff <= 1e-3
+    assert diff <= 1e-4, diff  # docs/benchmarks.md quotes this bound
 
     prompt = tokenizer.encode(render_chat(tokenizer.chat_template, QUESTION), allowed_special="all")
     ours = generate_ids(model, [prompt], SamplingParams(temperature=0, max_new_tokens=40),

@@ -8,29 +8,24 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
-transformers = pytest.importorskip("transformers")
-
-from scratchlm.checkpoint.hf import GPT2, export_weights, import_weights, is_hf_dir, load_hf, save_hf  # noqa: E402
-from scratchlm.errors import CheckpointError, ConfigError  # noqa: E402
-from scratchlm.models import from_preset  # noqa: E402
-from scratchlm.models.transformer import Transformer  # noqa: E402
+from conftest import PARITY_ATOL, realistic_weights
+from scratchlm.checkpoint.hf import GPT2, export_weights, import_weights, is_hf_dir, load_hf, save_hf
+from scratchlm.errors import CheckpointError, ConfigError
+from scratchlm.models import from_preset
+from scratchlm.models.transformer import Transformer
 
 VOCAB = 97
 
 
 def make_hf_model(**overrides) -> transformers.GPT2LMHeadModel:
-    """A tiny random GPT-2 whose LayerNorms and biases are random too (not 1s and 0s)."""
+    """A tiny GPT-2 with weights at a trained model's scale, LayerNorms and biases included (conftest)."""
     fields = dict(vocab_size=VOCAB, n_positions=24, n_embd=32, n_layer=2, n_head=4, n_inner=48,
                   bos_token_id=0, eos_token_id=0, layer_norm_epsilon=1e-5)
-    torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**{**fields, **overrides}))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1:
-                p.copy_(torch.randn_like(p) * 0.2 + (1.0 if name.endswith("ln_1.weight") else 0.0))
-    return model.eval()
+    return realistic_weights(model)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +58,7 @@ def our_logits(model: Transformer) -> torch.Tensor:
 
 def assert_same_logits(a: torch.Tensor, b: torch.Tensor) -> None:
     assert a.shape == b.shape
-    assert (a - b).abs().max().item() <= 1e-4
+    assert (a - b).abs().max().item() <= PARITY_ATOL
 
 
 def copy_dir(src: Path, dst: Path) -> Path:
@@ -127,9 +122,24 @@ def test_sharded_and_pickled_checkpoints(hf_dir, hf_model, tmp_path):
     assert_same_logits(our_logits(load_hf(pickled)[0]), hf_logits(hf_model))
 
 
-def test_dtype_and_import_is_strict_about_fused_rows(hf_dir):
+def test_dtype(hf_dir):
     model, _, _ = load_hf(hf_dir, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+@pytest.mark.parametrize("name, shape", [("transformer.h.0.attn.c_attn.weight", (32, 64)),
+                                         ("transformer.h.1.attn.c_attn.bias", (95,))])
+def test_import_is_strict_about_fused_rows(hf_dir, tmp_path, name, shape):
+    """c_attn holds q, k and v: a fused tensor with the rows of two (or one short) is refused."""
+    bad = copy_dir(hf_dir, tmp_path / "bad")
+    tensors = load_file(bad / "model.safetensors")
+    tensors[name] = tensors[name][..., :shape[-1]].contiguous()
+    save_file(tensors, bad / "model.safetensors")
+    with pytest.raises(CheckpointError) as info:
+        load_hf(bad)
+    message = one_line_error(info)
+    expected = "[" + ", ".join(map(str, shape)) + "]"
+    assert f"{name!r}" in message and expected in message
 
 
 # -------------------------------------------------------------------------------------------

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+import transformers
+from safetensors.torch import load_file, save_file
 
-transformers = pytest.importorskip("transformers")
-
-from scratchlm.checkpoint.hf import FAMILIES, export_weights, load_hf, save_hf  # noqa: E402
-from scratchlm.errors import CheckpointError  # noqa: E402
+from conftest import PARITY_ATOL, realistic_weights
+from scratchlm.checkpoint.hf import FAMILIES, export_weights, load_hf, save_hf
+from scratchlm.errors import CheckpointError
 
 VOCAB = 97
 SIZES = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -35,19 +35,10 @@ CASES = {
 IDS = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(0))
 
 
-def randomised(model: torch.nn.Module) -> torch.nn.Module:
-    """Norm weights and biases away from 1 and 0, so a mixed-up tensor cannot hide."""
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.add_(torch.randn_like(p) * 0.2)
-    return model.eval()
-
-
 @pytest.fixture(scope="module", params=list(CASES))
 def saved(request, tmp_path_factory) -> tuple[str, Path, torch.Tensor]:
     torch.manual_seed(0)
-    model = randomised(CASES[request.param]())
+    model = realistic_weights(CASES[request.param]())
     path = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(path)
     with torch.no_grad():
@@ -67,7 +58,7 @@ def test_logits_equal_transformers(saved):
     assert (config.rope_scaling or {}).get("rope_type") == ("llama3" if model_type == "llama" else None)
     assert (config.qkv_bias, config.o_bias) == ((True, False) if model_type == "qwen2" else (False, False))
     with torch.no_grad():
-        assert max_diff(model(IDS), expected) <= 1e-4
+        assert max_diff(model(IDS), expected) <= PARITY_ATOL
 
 
 def test_cached_decoding_equals_full_recompute(saved):
@@ -77,7 +68,7 @@ def test_cached_decoding_equals_full_recompute(saved):
         cache = model.new_cache(batch_size=2, max_length=40)
         steps = [model(IDS[:, :30], cache=cache)]
         steps += [model(IDS[:, t:t + 1], cache=cache) for t in range(30, 40)]
-    assert max_diff(torch.cat(steps, dim=1), expected) <= 1e-4
+    assert max_diff(torch.cat(steps, dim=1), expected) <= PARITY_ATOL
 
 
 def test_export_round_trip(saved, tmp_path):
@@ -91,7 +82,7 @@ def test_export_round_trip(saved, tmp_path):
     assert all(torch.equal(exported[k], original[k]) for k in original)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
-        assert max_diff(theirs(IDS).logits, expected) <= 1e-4
+        assert max_diff(theirs(IDS).logits, expected) <= PARITY_ATOL
 
 
 def test_export_writes_the_tokenizers_bos_and_eos(tmp_path):
@@ -135,7 +126,7 @@ def test_v4_config_form(saved, tmp_path):
     (v4 / "config.json").write_text(json.dumps(cfg))
     model, _, _ = load_hf(v4)
     with torch.no_grad():
-        assert max_diff(model(IDS), expected) <= 1e-4
+        assert max_diff(model(IDS), expected) <= PARITY_ATOL
 
 
 @pytest.mark.parametrize("change, message", [
@@ -153,3 +144,46 @@ def test_refused_configs(saved, tmp_path, change, message):
     with pytest.raises(CheckpointError, match=message) as info:
         load_hf(bad)
     assert "\n" not in str(info.value)
+
+
+def test_v4_linear_rope_scaling_with_the_legacy_type_key(saved, tmp_path):
+    """transformers v4 files spell the scaling ``rope_scaling: {"type": "linear", "factor": F}``."""
+    model_type, path, _ = saved
+    legacy = tmp_path / "legacy"
+    shutil.copytree(path, legacy)
+    cfg = json.loads((legacy / "config.json").read_text())
+    cfg["rope_theta"] = cfg.pop("rope_parameters")["rope_theta"]
+    cfg["rope_scaling"] = {"type": "linear", "factor": 4.0}
+    (legacy / "config.json").write_text(json.dumps(cfg))
+    model, _, config = load_hf(legacy)
+    assert config.rope_scaling["rope_type"] == "linear" and config.rope_scaling["factor"] == 4.0
+    assert "rope_theta" not in config.rope_scaling
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(legacy, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = theirs(IDS).logits
+        assert max_diff(model(IDS), expected) <= PARITY_ATOL
+        default, _, _ = load_hf(path)
+        assert max_diff(default(IDS), expected) > 0.01  # the scaling changes the function
+
+
+def test_a_tied_head_stored_anyway_is_accepted(tmp_path):
+    """Some tied checkpoints still store lm_head.weight (a copy of the embedding): not 'unexpected'."""
+    model = realistic_weights(CASES["qwen2"]())
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    assert "lm_head.weight" not in tensors
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    ours, _, config = load_hf(tmp_path)
+    assert config.tie_embeddings
+    with torch.no_grad():
+        assert max_diff(ours(IDS), model(IDS).logits) <= PARITY_ATOL
+
+
+def test_export_refuses_parameters_the_format_has_no_place_for():
+    from scratchlm.errors import ConfigError
+    from scratchlm.models import build_model, from_preset
+
+    model = build_model(from_preset("tiny-gpt2", qk_norm=True))  # GPT-2 has no q/k norms
+    with pytest.raises(ConfigError, match="the gpt2 format has no place for .*q_norm"):
+        export_weights(FAMILIES["gpt2"], model)

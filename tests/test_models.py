@@ -316,13 +316,18 @@ def test_causal_mask_is_lower_triangular_and_padding_keeps_the_diagonal():
 def test_layernorm_and_gelu_as_gpt2_defines_them():
     """R §4: biased variance, eps 1e-5 (mean 0, variance 1 per token); GELU with the tanh approximation."""
     model = make_model(from_preset("tiny-gpt2"))
-    norm = torch.nn.LayerNorm(32, eps=1e-5)
+    norm = model.layers[0].input_layernorm  # the model's own norm, with a random scale and shift
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.3)
+        norm.bias.normal_(0.0, 0.3)
     x = torch.randn(4, 32) * 3 + 1
-    y = norm(x)
-    torch.testing.assert_close(y.mean(-1), torch.zeros(4), atol=1e-5, rtol=0)
-    torch.testing.assert_close(y.var(-1, unbiased=False), torch.ones(4), atol=1e-3, rtol=0)
-    assert type(model.layers[0].input_layernorm) is torch.nn.LayerNorm
-    assert model.layers[0].input_layernorm.eps == 1e-5
+    mean = x.mean(-1, keepdim=True)
+    biased_var = ((x - mean) ** 2).mean(-1, keepdim=True)  # divided by n, not n - 1
+    expected = (x - mean) / torch.sqrt(biased_var + 1e-5) * norm.weight + norm.bias
+    torch.testing.assert_close(norm(x), expected, atol=1e-5, rtol=1e-5)
+    for layer in model.layers:
+        for n in (layer.input_layernorm, layer.post_attention_layernorm):
+            assert n.eps == 1e-5
     mlp = model.layers[0].mlp
     h = torch.randn(5, 32)
     u = mlp.up_proj(h)

@@ -7,16 +7,15 @@ import math
 import random
 import struct
 
+import nltk.lm as nltk_lm
 import numpy as np
 import pytest
+from nltk.lm.preprocessing import pad_both_ends, padded_everygram_pipeline
+from nltk.util import ngrams as nltk_ngrams
 
 from scratchlm.data.corpora import read_corpus
 from scratchlm.errors import CheckpointError, ConfigError, DataError
 from scratchlm.models.ngram import BOS, EOS, UNK, NGramCounts, sentences_of, words_of
-
-nltk_lm = pytest.importorskip("nltk.lm")
-from nltk.lm.preprocessing import pad_both_ends, padded_everygram_pipeline  # noqa: E402
-from nltk.util import ngrams as nltk_ngrams  # noqa: E402
 
 
 @pytest.fixture(scope="module")

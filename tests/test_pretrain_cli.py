@@ -167,3 +167,37 @@ def test_ctrl_c_saves_and_exits_130(run_cli, tmp_path, corpus):
     assert f"--resume {run}" in err
     assert json.loads((run / io.STATE_INFO_FILE).read_text())["step"] == 2
     assert io.load_run(run).config.name == "tiny-gpt2"
+
+
+def test_bpe_run_reports_nats_per_char_over_characters(run_cli, tmp_path, corpus):
+    """--tokenizer bpe:N to the end: the validation nats/char the run prints and logs is the validation
+    NLL, recomputed here from the saved model, per *character* of the validation text."""
+    import torch
+    import torch.nn.functional as F
+
+    import scratchlm
+
+    run = tmp_path / "run"
+    code, out, err = run_cli("pretrain", "--preset", "tiny-gpt2", "--context-length", "16",
+                             "--batch-size", "4", "--tokenizer", "bpe:300", "--data", corpus,
+                             "--max-steps", "3", "--eval-every", "3", "--eval-batches", "0",
+                             "--precision", "fp32", "--sample-tokens", "0", "--out", run)
+    assert code == 0, err
+    last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["kind"] == "eval" and last["step"] == 3
+
+    lm = scratchlm.load(run, device="cpu")
+    val_text = TEXT[int(len(TEXT) * 0.9):]  # the last 10% of the characters
+    ids = torch.tensor(lm.tokenizer.encode(val_text))
+    assert len(ids) < 0.7 * len(val_text)  # BPE: far fewer tokens than characters
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(ids) - 16, 16):  # disjoint validation windows, each with a next token
+            x, y = ids[start:start + 16], ids[start + 1:start + 17]
+            total += float(F.cross_entropy(lm.model(x[None])[0].double(), y, reduction="sum"))
+            count += len(y)
+    val_loss = total / count
+    assert last["val_loss"] == pytest.approx(val_loss, rel=1e-5)
+    # the mean NLL per token times the validation text's tokens per character
+    assert last["val_nats_per_char"] == pytest.approx(val_loss * len(ids) / len(val_text), rel=1e-5)
+    assert f"{last['val_nats_per_char']:.4f} nats/char" in out

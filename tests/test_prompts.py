@@ -102,7 +102,8 @@ CHATS = {
 @pytest.fixture(scope="module")
 def hf_tokenizer(tmp_path_factory):
     """A transformers tokenizer with bos/eos set, so apply_chat_template passes both to templates."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     from scratchlm.tokenizers.train_bpe import train_bpe
 
     tok = train_bpe("the cat sat on the mat. " * 20, 270, special_tokens=("<s>", "</s>"))

@@ -96,8 +96,9 @@ def test_k_quant_file_loads_with_the_dequantized_weights(tmp_path, dtype):
     from scratchlm.models.config import ModelConfig
     from test_gguf import add_config, llama_cpp_permute
 
-    config = ModelConfig(vocab_size=32, context_length=16, n_layer=1, n_head=2, n_kv_head=1, n_embd=256,
-                         intermediate_size=256, norm="rmsnorm", norm_bias=False, mlp="swiglu",
+    config = ModelConfig(vocab_size=32, context_length=16, n_layer=1, n_head=2, n_kv_head_override=1,
+                         n_embd=256,
+                         intermediate_size_override=256, norm="rmsnorm", norm_bias=False, mlp="swiglu",
                          positions="rope", qkv_bias=False, o_bias=False, mlp_bias=False)
     shapes = {"token_embd.weight": (32, 256), "output.weight": (32, 256), "blk.0.attn_q.weight": (256, 256),
               "blk.0.attn_k.weight": (128, 256), "blk.0.attn_v.weight": (128, 256),

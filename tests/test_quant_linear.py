@@ -115,8 +115,9 @@ def tiny_llama(seed: int = 0):
     from scratchlm.models.transformer import Transformer
 
     torch.manual_seed(seed)
-    config = ModelConfig(vocab_size=96, context_length=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
-                         intermediate_size=128, norm="rmsnorm", norm_bias=False, mlp="swiglu",
+    config = ModelConfig(vocab_size=96, context_length=64, n_layer=2, n_head=4, n_kv_head_override=2,
+                         n_embd=64,
+                         intermediate_size_override=128, norm="rmsnorm", norm_bias=False, mlp="swiglu",
                          positions="rope", qkv_bias=False, o_bias=False, mlp_bias=False, tie_embeddings=True)
     model = Transformer(config).eval()
     with torch.no_grad():
@@ -166,14 +167,14 @@ def test_quantize_keeps_matrices_that_do_not_fill_blocks_in_float():
     from scratchlm.models.transformer import Transformer
 
     config = ModelConfig(vocab_size=50, context_length=16, n_layer=1, n_head=2, n_embd=64,
-                         intermediate_size=48, norm="rmsnorm", mlp="swiglu", positions="rope",
+                         intermediate_size_override=48, norm="rmsnorm", mlp="swiglu", positions="rope",
                          qkv_bias=False, o_bias=False, mlp_bias=False)
     with pytest.warns(UserWarning, match=r"kept in float.*layers\.0\.mlp\.down_proj \[64, 48\]"):
         model = quantize_model(Transformer(config).eval(), "q8_0")
     assert isinstance(model.layers[0].mlp.down_proj, nn.Linear)
     assert isinstance(model.layers[0].self_attn.o_proj, QuantLinear)
     odd = ModelConfig(vocab_size=50, context_length=16, n_layer=1, n_head=2, n_embd=24,
-                      intermediate_size=48, norm="rmsnorm", mlp="swiglu", positions="rope")
+                      intermediate_size_override=48, norm="rmsnorm", mlp="swiglu", positions="rope")
     with pytest.raises(ConfigError, match="no weight matrix .* Q4_0 blocks of 32"):
         quantize_model(Transformer(odd), "q4_0")
 

@@ -175,6 +175,18 @@ def test_sampler_tracks_penalty_history():
     assert sampler.counts.shape == (1, 4) and sampler.seen[0, 2]
 
 
+def test_penalties_reach_the_sampled_token():
+    """Through the Sampler, not process_logits alone: the repetition penalty applies to the prompt
+    and to generated tokens, and the frequency penalty grows with every use (counts, not flags)."""
+    logits = torch.tensor([[2.0, 1.5, 1.25, 0.0]])
+    repeat = Sampler(SamplingParams(temperature=0, repetition_penalty=2.0), 4, [[0]])
+    assert repeat(logits).tolist() == [1]  # 2.0 / 2 < 1.5: the prompt's token is penalised
+    assert repeat(logits).tolist() == [2]  # and so is the token just generated
+    frequency = Sampler(SamplingParams(temperature=0, frequency_penalty=0.4), 4, [[3]])
+    assert [frequency(logits).item() for _ in range(4)] == [0, 0, 1, 2]  # 1.2 < 1.5, then 1.1 < 1.25
+    assert frequency.counts.tolist() == [[2, 1, 1, 0]]
+
+
 # ----- validation ---------------------------------------------------------------------------------
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import gguf
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -15,8 +16,6 @@ from scratchlm.tokenizers import ByteLevelBPE, load
 from scratchlm.tokenizers.bpe import SMOLLM2_PATTERN, bytes_to_token
 from test_tokenizers_bpe import FRAGMENTS, TEXT
 
-gguf = pytest.importorskip("gguf")
-
 CHATML = "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nWhat is 12 + 30?<|im_end|>\n" \
          "<|im_start|>assistant\n42 🙂<|im_end|>\n"
 NO_DIGITS = TEXT.filter(lambda t: not re.search(r"\d", t) and not any(c.isnumeric() for c in t))
@@ -26,7 +25,7 @@ FEW = settings(max_examples=100, deadline=None)
 @pytest.fixture(scope="module")
 def smollm2():
     """(ours, transformers') tokenizers from the same GGUF file; transformers takes a while."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
     path = shared_path("models", "SmolLM2-135M-Instruct.Q4_1.gguf")
     theirs = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     return load(path), theirs

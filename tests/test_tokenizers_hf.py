@@ -10,17 +10,17 @@ from __future__ import annotations
 import json
 
 import pytest
+import tokenizers
 from hypothesis import given
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 
 from conftest import shared_path
 from scratchlm.data.corpora import read_corpus
 from scratchlm.errors import DataError, UserError
 from scratchlm.tokenizers import ByteLevelBPE, load
-from scratchlm.tokenizers.bpe import GPT4_PATTERN, LLAMA3_PATTERN, QWEN2_PATTERN
+from scratchlm.tokenizers.bpe import GPT4_PATTERN
+from test_split_patterns import PUBLISHED
 from test_tokenizers_bpe import PARITY, TEXT
-
-tokenizers = pytest.importorskip("tokenizers")
-from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers  # noqa: E402
 
 CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
 
@@ -43,10 +43,10 @@ def _build(kind: str, directory):
     if kind == "gpt2":
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     elif kind == "llama3":
-        tok.pre_tokenizer = _split(LLAMA3_PATTERN)
+        tok.pre_tokenizer = _split(PUBLISHED["llama3"])  # Meta's pattern, not ours
         specials += ["<|begin_of_text|>", "<|eot_id|>"]
     elif kind == "qwen2":
-        tok.pre_tokenizer = _split(QWEN2_PATTERN)
+        tok.pre_tokenizer = _split(PUBLISHED["qwen2"])  # Qwen's pattern, not ours
         tok.normalizer = normalizers.NFC()
         specials += ["<|im_start|>", "<|im_end|>"]
         added = ["<think>", "</think>"]
@@ -110,7 +110,7 @@ def test_any_text_matches_hf(pairs, kind, text):
 
 def test_shapes_are_read_as_intended(pairs):
     assert pairs["gpt2"][0].pattern == pairs["strip"][0].pattern
-    assert pairs["llama3"][0].ignore_merges and pairs["llama3"][0].pattern == LLAMA3_PATTERN
+    assert pairs["llama3"][0].ignore_merges and pairs["llama3"][0].pattern == PUBLISHED["llama3"]
     qwen = pairs["qwen2"][0]
     assert qwen.normalizer == "NFC" and set(qwen.added_tokens) == {"<think>", "</think>"}
     # Non-special added tokens are always matched whole, as Hugging Face does.
@@ -137,7 +137,7 @@ def test_tokenizer_config_supplies_chat_template_and_eos(pairs, tmp_path):
 
 
 def test_pretrained_tokenizer_fast_loads_our_save(pairs, tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     ours = pairs["llama3"][0]
     ours.chat_template = CHAT_TEMPLATE
     ours.save(tmp_path)

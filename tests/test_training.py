@@ -311,7 +311,10 @@ def test_time_budget_stops_and_decays_to_min_lr():
     t = Trainer(tiny_model(tok.vocab_size), cfg, train, val_data=val)
     result = t.fit()
     assert result.step >= 1 and 1.5 <= result.elapsed < 30
-    assert t.optimizer.param_groups[0]["lr"] < 1e-3  # the cosine ran over the elapsed fraction
+    # The cosine runs over the elapsed fraction of the budget: the last update's rate is min_lr, up to
+    # the fraction of a step (a few ms of 1.5 s, on a loaded machine ~0.1 s: < 1% of the range).
+    final = t.optimizer.param_groups[0]["lr"]
+    assert 1e-4 <= final <= 1e-4 + 0.05 * (1e-3 - 1e-4)
 
 
 def test_bf16_autocast_keeps_fp32_master_weights():

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from conftest import shared_path
 from scratchlm.data.corpora import read_corpus
+from scratchlm.data.windows import SlidingWindowDataset, create_dataloader
 from scratchlm.errors import UserError
 from scratchlm.tokenizers import load
-
-torch = pytest.importorskip("torch")
-from scratchlm.data.windows import SlidingWindowDataset, create_dataloader  # noqa: E402
 
 
 @pytest.fixture(scope="module")

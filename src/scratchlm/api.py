@@ -226,7 +226,8 @@ def load(ref: str | Path, device: str | torch.device | None = None,
     if packing == "gguf":
         if adapter is not None:
             raise ConfigError("an adapter cannot be applied to a .gguf file's packed blocks",
-                              "use --dtype float16, or --quantize q8_0|q4_0|q4_1 (the adapter is merged first)")
+                              "use --dtype float16, or --quantize q8_0|q4_0|q4_1 (the adapter is merged "
+                              "first)")
         path = Path(ref).expanduser()
         if path.suffix != ".gguf":
             raise ConfigError(f"dtype gguf keeps a .gguf file's own weight types; {ref} is not a .gguf file",

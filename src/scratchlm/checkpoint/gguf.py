@@ -440,15 +440,15 @@ def save_gguf(model: Transformer, config: ModelConfig, path: str | Path, tokeniz
         writer.add_context_length(config.context_length)
         writer.add_embedding_length(config.n_embd)
         writer.add_block_count(config.n_layer)
-        writer.add_feed_forward_length(config.ffn_size)
+        writer.add_feed_forward_length(config.intermediate_size)
         writer.add_head_count(config.n_head)
-        writer.add_head_count_kv(config.kv_heads)
+        writer.add_head_count_kv(config.n_kv_head)
         writer.add_layer_norm_rms_eps(config.norm_eps)
         writer.add_rope_freq_base(config.rope_theta)
-        writer.add_rope_dimension_count(config.head_size)
-        if config.head_size != config.n_embd // config.n_head:
-            writer.add_key_length(config.head_size)
-            writer.add_value_length(config.head_size)
+        writer.add_rope_dimension_count(config.head_dim)
+        if config.head_dim != config.n_embd // config.n_head:
+            writer.add_key_length(config.head_dim)
+            writer.add_value_length(config.head_dim)
         writer.add_vocab_size(config.vocab_size)
         scaling = config.rope_scaling or {}
         kind = scaling.get("rope_type", scaling.get("type"))
@@ -456,8 +456,8 @@ def save_gguf(model: Transformer, config: ModelConfig, path: str | Path, tokeniz
             writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
             writer.add_rope_scaling_factor(float(scaling["factor"]))
         elif kind == "llama3":
-            plain = inverse_frequencies(config.head_size, config.rope_theta).double()
-            scaled = inverse_frequencies(config.head_size, config.rope_theta, scaling).double()
+            plain = inverse_frequencies(config.head_dim, config.rope_theta).double()
+            scaled = inverse_frequencies(config.head_dim, config.rope_theta, scaling).double()
             writer.add_tensor(_ROPE_FREQS, (plain / scaled).float().numpy())
             writer.add_rope_scaling_orig_ctx_len(int(scaling["original_max_position_embeddings"]))
         elif kind not in (None, "default"):
@@ -467,7 +467,7 @@ def save_gguf(model: Transformer, config: ModelConfig, path: str | Path, tokeniz
             _add_tokenizer(writer, tokenizer, config.vocab_size)
         for name, param in model.named_parameters():  # a tied head appears once, as the embedding
             values = param.detach().float().cpu().numpy()
-            heads = {"q_proj": config.n_head, "k_proj": config.kv_heads}.get(name.split(".")[-2]) \
+            heads = {"q_proj": config.n_head, "k_proj": config.n_kv_head}.get(name.split(".")[-2]) \
                 if arch == "llama" else None
             if heads is not None:
                 values = _permute_rows(values, heads)

@@ -2,7 +2,7 @@
 
 Dimension i of a head is paired with dimension i + head_dim/2 and the pair is rotated by
 position · θ_i, θ_i = base^(−2i/head_dim).  (Burkov's book rotates adjacent pairs (2i, 2i+1)
-instead; the two agree after permuting the rows of W_q and W_k — see tests.)
+instead; the two agree after permuting the rows of W_q and W_k: tests/test_rope.py.)
 """
 
 from __future__ import annotations

@@ -136,7 +136,7 @@ class Transformer(nn.Module):
         """
         past = cache.length if cache is not None else 0
         x = self._embed(input_ids, past, position_ids)
-        rope, mask = self._rope_and_mask(input_ids, past, attention_mask, position_ids)
+        rope, mask = self._rope_and_mask(input_ids, past, attention_mask, position_ids, x.dtype)
         for layer in self.layers:
             x = layer(x, rope, mask, cache)
         if cache is not None:
@@ -158,7 +158,7 @@ class Transformer(nn.Module):
         x = self._embed(input_ids, 0, position_ids) if start_layer == 0 else hidden
         if x is None:
             raise ValueError("hidden states are needed to start after layer 0")
-        rope, mask = self._rope_and_mask(input_ids, 0, attention_mask, position_ids)
+        rope, mask = self._rope_and_mask(input_ids, 0, attention_mask, position_ids, x.dtype)
         for layer in self.layers[start_layer:stop_layer]:
             x = layer(x, rope, mask, None)
         return self.norm(x) if stop_layer is None else x
@@ -179,14 +179,14 @@ class Transformer(nn.Module):
         return self.dropout(x)
 
     def _rope_and_mask(self, input_ids: torch.Tensor, past: int, attention_mask: torch.Tensor | None,
-                       position_ids: torch.Tensor | None) -> tuple[tuple[torch.Tensor, torch.Tensor] | None,
-                                                                   torch.Tensor | None]:
+                       position_ids: torch.Tensor | None, dtype: torch.dtype,
+                       ) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None]:
         b, t = input_ids.shape
         rope = None
         if self.embed_positions is None:
             if position_ids is None:
                 position_ids = torch.arange(past, past + t, device=input_ids.device).expand(b, t)
-            rope = rope_cos_sin(self.rope_inv_freq, position_ids, self.embed_tokens.weight.dtype)
+            rope = rope_cos_sin(self.rope_inv_freq, position_ids, dtype)
         return rope, self._mask(t, past, attention_mask, input_ids.device)
 
     @staticmethod
