@@ -116,3 +116,17 @@ def realistic_weights(model, seed: int = 0):
 # realistic_weights: the real agreement is 2-5e-6 (GPT-2, Llama, Qwen2, Qwen3 against transformers),
 # while a q/k swap, a rope base x100 or two query heads exchanged move them by 0.3 or more.
 PARITY_ATOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def absl_handler_off_captured_streams():
+    """absl.logging (imported by rouge-score and lm-eval, the parity oracles of the eval tests) makes
+    a handler on the sys.stderr of that moment, pytest's capture stream, and closes that stream
+    when a later ``logging.config.dictConfig`` (uvicorn's, in the serving tests) shuts down every
+    handler; pytest then crashes at exit.  Point it at the real stderr, which it never closes."""
+    yield
+    import sys
+
+    absl_logging = sys.modules.get("absl.logging")
+    if absl_logging is not None:
+        absl_logging.get_absl_handler().python_handler.stream = sys.__stderr__

@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("scratchlm.cli.generate", "continue a prompt, or answer a chat message, streaming"),
     "chat": ("scratchlm.cli.chat", "chat with a model in the terminal, streaming, with history"),
     "serve": ("scratchlm.cli.serve", "serve a model over an OpenAI-compatible HTTP API"),
-    "eval": ("scratchlm.cli.evaluate", "evaluate a model (perplexity)"),
+    "eval": ("scratchlm.cli.evaluate", "perplexity, ROUGE, multiple choice, ranking, LLM judge, report"),
     "tokenizer": ("scratchlm.cli.tokenizer", "train a BPE tokenizer, encode or decode text"),
     "convert": ("scratchlm.cli.convert", "convert a model: Hugging Face or GGUF <-> scratchlm run dir"),
     "presets": ("scratchlm.cli.presets", "list the named model presets with parameter counts"),
