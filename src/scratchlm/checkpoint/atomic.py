@@ -107,3 +107,15 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """A matplotlib figure laid out, written as a PNG atomically, and closed (it holds memory until then)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return path

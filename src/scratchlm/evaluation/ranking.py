@@ -207,7 +207,7 @@ def plot_ratings(ratings: Sequence[Rating], path: str | Path, title: str = "") -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from scratchlm.checkpoint.atomic import atomic_path
+    from scratchlm.checkpoint.atomic import save_figure
 
     order = list(ratings)[::-1]  # best at the top
     y = np.arange(len(order))
@@ -222,9 +222,4 @@ def plot_ratings(ratings: Sequence[Rating], path: str | Path, title: str = "") -
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, fontsize="small", frameon=False)
     if title:
         ax.set_title(title, pad=24)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -75,9 +75,9 @@ def _pyplot():
 
 
 def _save(fig: Any, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    _pyplot().close(fig)
+    from scratchlm.checkpoint.atomic import save_figure
+
+    save_figure(fig, path)
 
 
 # ----- what each kind of file becomes ---------------------------------------------------------

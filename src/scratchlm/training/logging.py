@@ -27,7 +27,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from scratchlm.checkpoint.io import atomic_path
+from scratchlm.checkpoint.atomic import atomic_path, save_figure
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
@@ -117,12 +117,7 @@ def plot_losses(records: Iterable[dict[str, Any]], path: str | Path, title: str 
         ax.legend(handles, labels)
     if title:
         ax.set_title(title)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def append_sample(path: str | Path, step: int, prompt: str, text: str, note: str = "") -> None:
