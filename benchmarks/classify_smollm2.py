@@ -2,8 +2,8 @@
 
 The recipe: SMS spam balanced to 747 + 747, split 0.7/0.1/0.2 (seed 123), the last transformer
 block, the final norm and a new 2-way head trainable, AdamW lr 5e-5 weight decay 0.1, batch 8,
-5 epochs (130 steps each), training and validation accuracy after every epoch, test accuracy at
-the end.
+5 epochs (130 steps each), training and validation accuracy after every epoch (5 batches each,
+his eval_iter), and train, validation and test accuracy on every example at the end.
 
 * **scratchlm**: ``scratchlm.finetune.classify.finetune_classifier`` run whole (the frozen 29
   blocks computed once per text, then only the last block trains), timed end to end, model load
@@ -131,7 +131,9 @@ def main() -> int:
         print(f"peer not run: transformers could not be imported ({err})")
         return 0
     steps = 5 * (len(train) // 8)
-    eval_batches = 5 * (math.ceil(len(train) / 8) + math.ceil(len(val) / 8)) + math.ceil(len(test) / 8)
+    # the recipe's evaluations: 5 batches of each split after every epoch (Raschka's eval_iter), then
+    # every example of the three splits at the end
+    eval_batches = 5 * (5 + 5) + sum(math.ceil(len(part) / 8) for part in (train, val, test))
     peer = steps * step + eval_batches * evaluation
     print(f"peer (transformers, plain loop): {step:.3f} s per training step, {evaluation:.3f} s per "
           f"evaluation batch (medians of {args.peer_steps} and {args.peer_eval_batches}, measured); "

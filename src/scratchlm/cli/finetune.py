@@ -20,12 +20,13 @@ from scratchlm.errors import ConfigError
 from scratchlm.training.config import TrainConfig
 
 # Raschka ch. 6: AdamW lr 5e-5, weight decay 0.1, batch 8, 5 epochs, a constant rate (no warmup,
-# no decay), no clipping, torch's AdamW betas; the split 0.7/0.1/0.2 shuffled with seed 123.
+# no decay), no clipping, torch's AdamW betas, accuracy after every epoch on 5 batches of each
+# split (his eval_iter) and on every example at the end; the split 0.7/0.1/0.2 shuffled with seed 123.
 CLASSIFY = TrainConfig(batch_size=8, lr=5e-5, lr_schedule="constant", warmup_steps=0, weight_decay=0.1,
-                       beta2=0.999, grad_clip=None, max_epochs=5, eval_every="epoch", eval_batches=0,
+                       beta2=0.999, grad_clip=None, max_epochs=5, eval_every="epoch", eval_batches=5,
                        log_every=10, seed=123, precision="fp32", device="cpu")
 SOURCES = {name: "Raschka ch. 6" for name in ("batch_size", "lr", "lr_schedule", "weight_decay", "max_epochs",
-                                              "seed")}
+                                              "seed", "eval_batches")}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
