@@ -151,19 +151,20 @@ def test_fast_bf16_on_cpus_with_amx_or_avx512_bf16(monkeypatch):
 def test_auto_precision_probes_the_cpu(monkeypatch):
     """On a CPU with fast bf16, 'auto' times both precisions on this model and keeps the faster one."""
     from scratchlm import runtime
+    from scratchlm.training import precision
 
     tok, train, _ = char_data()
     monkeypatch.setattr(runtime, "fast_bf16", lambda device: True)
     t = Trainer(tiny_model(tok.vocab_size), quiet(batch_size=4, max_steps=1), train)
     assert t.precision == "fp32" and "not probed" in t._probe_note  # too small to be worth timing
-    monkeypatch.setattr(runtime, "PROBE_MIN_PARAMETERS", 0)
-    original = runtime.probe_bf16
+    monkeypatch.setattr(precision, "PROBE_MIN_PARAMETERS", 0)
+    original = precision.probe_bf16
     for bf16_seconds, expected in ((0.5, "bf16"), (0.95, "fp32")):
         def probe(step, s=bf16_seconds):
             original(step, rounds=1)  # the real forward/backward passes run, on a copy of the model
             return 1.0, s
 
-        monkeypatch.setattr(runtime, "probe_bf16", probe)
+        monkeypatch.setattr(precision, "probe_bf16", probe)
         model = tiny_model(tok.vocab_size)
         before = {k: v.clone() for k, v in model.state_dict().items()}
         rng = torch.get_rng_state()
@@ -174,20 +175,16 @@ def test_auto_precision_probes_the_cpu(monkeypatch):
 
 
 def test_probe_bf16_times_both_precisions_after_a_warm_up():
+    from scratchlm.training.precision import probe_bf16
+
     calls = []
 
     def step(bf16):
         calls.append(bf16)
         return 0.5 if bf16 else 1.0 + len(calls)
 
-    assert runtime_probe(step, rounds=2) == (4.0, 0.5)
+    assert probe_bf16(step, rounds=2) == (4.0, 0.5)
     assert calls == [False, True, False, True, False, True]
-
-
-def runtime_probe(step, rounds):
-    from scratchlm.runtime import probe_bf16
-
-    return probe_bf16(step, rounds=rounds)
 
 
 # --- the loop ---------------------------------------------------------------------------------

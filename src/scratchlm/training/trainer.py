@@ -39,7 +39,7 @@ from scratchlm.data.collate import stack_collate, to_device
 from scratchlm.errors import ConfigError, DataError
 from scratchlm.models.config import ModelConfig
 from scratchlm.tokenizers import Tokenizer
-from scratchlm.training import distributed, resume
+from scratchlm.training import distributed, precision, resume
 from scratchlm.training.config import TrainConfig, TrainResult
 from scratchlm.training.evaluators import Evaluator, LossEvaluator, Totals, eval_record, sum_outputs
 from scratchlm.training.logging import (
@@ -142,7 +142,7 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir / METRICS_FILE) if self.run_dir and self.dist.is_main else None
 
     def _probe_precision(self) -> str:
-        """Time this model's forward/backward in fp32 and bf16 (``runtime.choose_precision``);
+        """Time this model's forward/backward in fp32 and bf16 (``precision.choose_precision``);
         data-parallel ranks vote, and bf16 is used only if every rank found it faster."""
         batch = to_device(self.collate([self.train_data[i] for i in range(self.config.batch_size)]),
                           self.device)
@@ -151,7 +151,7 @@ class Trainer:
             vote = torch.tensor([float(bf16)], device=self.device)
             return int(distributed.all_reduce_sum(vote, self.dist).item()) == self.dist.world_size
 
-        choice, self._probe_note = runtime.choose_precision(
+        choice, self._probe_note = precision.choose_precision(
             self.module, lambda model: self.loss_fn(model, batch).loss_sum, self.device, agree)
         return choice
 
