@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--alpha", type=float, default=16)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--bf16", action="store_true",
+                        help="also time ours under bf16 autocast (fp32 master weights), what "
+                        "'finetune classify --precision auto' picks on CPUs with fast bf16 matmuls")
     args = parser.parse_args(argv)
     if not Path(args.model).exists():
         print(f"skipped: {args.model} not present (the shared models folder is optional)")
@@ -81,16 +84,20 @@ def main(argv: list[str] | None = None) -> int:
         return theirs.base_model.model.model(input_ids=ids, use_cache=False).last_hidden_state[:, -1]
 
     sides = {}
-    for name, model, hidden, head in (("transformers+peft", theirs, hidden_theirs, head_theirs),
-                                      ("ours", ours, hidden_ours, head_ours)):
+    runs = [("transformers+peft", theirs, hidden_theirs, head_theirs, False),
+            ("ours", ours, hidden_ours, head_ours, False)]
+    if args.bf16:
+        runs.append(("ours, bf16 autocast", ours, hidden_ours, head_ours, True))
+    for name, model, hidden, head, bf16 in runs:
         model.train()
         params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
         optimizer = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.0)
 
-        def step(hidden=hidden, head=head, optimizer=optimizer) -> tuple[float, float]:
+        def step(hidden=hidden, head=head, optimizer=optimizer, bf16=bf16) -> tuple[float, float]:
             start = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(head(hidden()), labels)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = F.cross_entropy(head(hidden()).float(), labels)
             loss.backward()
             optimizer.step()
             return time.perf_counter() - start, loss.item()
