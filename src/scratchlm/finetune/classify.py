@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,7 +33,10 @@ from scratchlm.finetune.data import LabelledText
 from scratchlm.finetune.heads import DEFAULT_TEMPLATE, LabelText, SequenceClassifier
 from scratchlm.finetune.lora_config import LoRAConfig
 from scratchlm.tokenizers import Tokenizer
+from scratchlm.training.config import TrainConfig
+from scratchlm.training.evaluators import Totals
 from scratchlm.training.logprobs import IGNORE_INDEX
+from scratchlm.training.trainer import Trainer
 
 TRAIN_MODES = ("last-block", "head", "all", "lora")
 
@@ -245,7 +249,7 @@ def encode_split(model: SequenceClassifier | LabelText, examples: Sequence[Label
     return encode(examples, tokenizer, model.labels, max_length)
 
 
-def accuracy_figures(totals: Any) -> dict[str, float]:
+def accuracy_figures(totals: Totals) -> dict[str, float]:
     """Loss and accuracy of a split's ``Totals`` (classification_loss's sums)."""
     count = totals.count or math.nan
     return {"loss": totals.loss_sum / count, "accuracy": totals.metrics.get("accuracy", 0.0) / count}
@@ -272,11 +276,11 @@ class ClassifyRecipe:
 class ClassifyResult:
     figures: dict[str, Any]
     classifier: SequenceClassifier | LabelText
-    trainer: Any
+    trainer: Trainer
 
 
-def finetune_classifier(base: nn.Module, tokenizer: Tokenizer, recipe: ClassifyRecipe, config: Any, *,
-                        run_dir: Any = None, resume: bool = False) -> ClassifyResult:
+def finetune_classifier(base: nn.Module, tokenizer: Tokenizer, recipe: ClassifyRecipe, config: TrainConfig, *,
+                        run_dir: str | Path | None = None, resume: bool = False) -> ClassifyResult:
     """Train a classifier on ``base`` with the one loop; evaluate it on all three splits.
 
     Returns the figures of ``results.json``: loss and accuracy per split, the labels, the split
@@ -285,7 +289,7 @@ def finetune_classifier(base: nn.Module, tokenizer: Tokenizer, recipe: ClassifyR
     import time
 
     from scratchlm.checkpoint.io import RunManifest, write_json_atomic
-    from scratchlm.training import LossEvaluator, Trainer
+    from scratchlm.training import LossEvaluator
     from scratchlm.training.losses import answer_loss, classification_loss
 
     started = time.perf_counter()
@@ -332,7 +336,5 @@ def finetune_classifier(base: nn.Module, tokenizer: Tokenizer, recipe: ClassifyR
                     "max_length": max_length, "steps": trainer.step,
                     "wall_time_s": round(time.perf_counter() - started, 2)})
     if run_dir is not None and trainer.dist.is_main:
-        from pathlib import Path
-
         write_json_atomic(Path(run_dir) / "results.json", figures)
     return ClassifyResult(figures, classifier, trainer)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from scratchlm.errors import CheckpointError, ConfigError
+from scratchlm.tokenizers import Tokenizer
 from scratchlm.training.logprobs import IGNORE_INDEX, token_logprobs
 
 HEAD_TYPE = "classification"
@@ -94,7 +95,7 @@ class LabelText(nn.Module):
         self.answer_ids = [list(ids) for ids in answer_ids]
 
     @classmethod
-    def build(cls, base: nn.Module, labels: Sequence[str], template: str, tokenizer: Any) -> LabelText:
+    def build(cls, base: nn.Module, labels: Sequence[str], template: str, tokenizer: Tokenizer) -> LabelText:
         eos = [tokenizer.eos_id] if getattr(tokenizer, "eos_id", None) is not None else []
         return cls(base, labels, template, [tokenizer.encode(" " + label) + eos for label in labels])
 
@@ -105,7 +106,7 @@ class LabelText(nn.Module):
     def head_parameters(self) -> list[nn.Parameter]:
         return list(self.base.lm_head.parameters())
 
-    def prompt_parts(self, tokenizer: Any, text: str) -> tuple[list[int], list[int]]:
+    def prompt_parts(self, tokenizer: Tokenizer, text: str) -> tuple[list[int], list[int]]:
         """Token ids of the template before and after the text (tokenized apart from it, so a text
         cut to fit the context never changes the prompt's own tokens)."""
         before, after = self.template.split("{text}", 1)
