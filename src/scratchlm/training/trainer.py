@@ -134,7 +134,7 @@ class Trainer:
         self._perm: tuple[int, torch.Tensor] | None = None
         self._consistent = True  # False while an update is half applied: no checkpoint then
         self._stop_requested = False  # set by Ctrl-C on this process; never cleared by a step
-        self._stop_agreed = False  # every process has seen a stop request at the last step's all-reduce
+        self._stop_agreed = False  # a stop was requested on some rank by the last step (all-reduced)
         self._session_start = 0.0
         self._elapsed_at_start = 0.0
         self._shared_elapsed = 0.0  # data-parallel: the ranks' mean clock at the last step (see progress)
