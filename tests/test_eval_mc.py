@@ -20,8 +20,9 @@ from scratchlm.evaluation.mc import (
     with_few_shot,
 )
 from scratchlm.evaluation.stats import mean_stderr
-from scratchlm.models import build_model, from_preset
+from scratchlm.models import from_preset
 from scratchlm.tokenizers.train_bpe import train_bpe
+from test_serving import wide_random_model
 
 CORPUS = (Path(__file__).resolve().parent.parent / "src/scratchlm/evaluation/mc.py").read_text()
 ITEMS = [
@@ -36,13 +37,7 @@ ITEMS = [
 
 
 def wide_random(config, std: float = 0.3) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = build_model(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, std)
-    return model.eval()
+    return wide_random_model(config, std).eval()
 
 
 @pytest.fixture(scope="module")
