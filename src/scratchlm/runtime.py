@@ -8,7 +8,9 @@ faults) are in docs/benchmarks.md.
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 
 import torch
 
@@ -106,3 +108,15 @@ def keep_freed_memory() -> bool:
     m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
     _MALLOC_TUNED = bool(mallopt(m_trim_threshold, 2**31 - 1)) and bool(mallopt(m_mmap_max, 0))
     return _MALLOC_TUNED
+
+
+@contextlib.contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``model`` in evaluation mode (no dropout) inside the block, its own mode restored after it:
+    generation, evaluation and frozen-prefix passes can run in the middle of training."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

@@ -37,6 +37,7 @@ import torch
 
 from scratchlm.errors import ConfigError, DataError
 from scratchlm.evaluation.stats import mean_stderr
+from scratchlm.runtime import evaluating
 from scratchlm.training.logprobs import IGNORE_INDEX, sequence_logprobs, token_logprobs
 
 DELIMITER = " "  # lm-eval's default target_delimiter
@@ -359,9 +360,7 @@ def evaluate_mc(model: Any, tokenizer: Any, items: Sequence[Item], *, delimiter:
                                   f"context of {context_length}")
         else:
             encoded.append(e)
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         if reference or not hasattr(model, "new_cache"):
             for e in encoded:
                 results[e.index].choices = score_reference(model, e)
@@ -380,6 +379,4 @@ def evaluate_mc(model: Any, tokenizer: Any, items: Sequence[Item], *, delimiter:
                 results[e.index].choices = scores
             if progress:
                 progress(len(batch))
-    finally:
-        model.train(was_training)
     return MCResult(results)

@@ -22,6 +22,7 @@ import torch
 
 from scratchlm.errors import ConfigError, DataError
 from scratchlm.models.protocols import CausalLM
+from scratchlm.runtime import evaluating
 from scratchlm.tokenizers import Tokenizer
 from scratchlm.training.logprobs import IGNORE_INDEX, sequence_logprobs
 
@@ -66,9 +67,7 @@ def sliding_window_nll(model: CausalLM, ids: Sequence[int] | torch.Tensor, conte
     device = next(model.parameters()).device
     spans = windows(len(ids), context_length, stride)
     total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         for i in range(0, len(spans), batch_size):
             chunk = spans[i:i + batch_size]
             width = max(end - start for start, end, _ in chunk)
@@ -82,8 +81,6 @@ def sliding_window_nll(model: CausalLM, ids: Sequence[int] | torch.Tensor, conte
             scored = sequence_logprobs(model(inputs.to(device)), targets.to(device))
             total -= float(scored.sum.double().sum())
             count += int(scored.count.sum())
-    finally:
-        model.train(was_training)
     return total, count
 
 

@@ -32,6 +32,7 @@ from scratchlm.errors import ConfigError
 from scratchlm.finetune.data import LabelledText
 from scratchlm.finetune.heads import DEFAULT_TEMPLATE, LabelText, SequenceClassifier
 from scratchlm.finetune.lora_config import LoRAConfig
+from scratchlm.runtime import evaluating
 from scratchlm.tokenizers import Tokenizer
 from scratchlm.training.config import TrainConfig
 from scratchlm.training.evaluators import Totals
@@ -157,13 +158,11 @@ def cache_prefix(base: nn.Module, data: EncodedTexts, start_layer: int, pad: int
     """
     from tqdm.auto import tqdm
 
-    was_training = base.training
-    base.eval()
     hidden: list[torch.Tensor | None] = [None] * len(data.rows)
     order = sorted(range(len(data.rows)), key=lambda i: len(data.rows[i]))
     collate = Collate(pad)
     device = next(base.parameters()).device
-    try:
+    with evaluating(base):
         for start in tqdm(range(0, len(order), batch_size), desc=progress, disable=progress is None,
                           unit="batch", leave=False):
             rows = order[start:start + batch_size]
@@ -171,8 +170,6 @@ def cache_prefix(base: nn.Module, data: EncodedTexts, start_layer: int, pad: int
             states = base.hidden_states(batch["input_ids"].to(device), stop_layer=start_layer)
             for row, i in enumerate(rows):
                 hidden[i] = states[row, :len(data.rows[i])].clone()
-    finally:
-        base.train(was_training)
     data.hidden = [h for h in hidden if h is not None]
 
 

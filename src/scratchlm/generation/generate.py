@@ -121,13 +121,10 @@ class TokenGenerator:
         self._stopped.add(row)
 
     def __iter__(self) -> Iterator[TokenEvent]:
-        model = self.model
-        was_training = model.training
-        model.eval()  # no dropout while generating, even when called from the training loop
-        try:
+        from scratchlm.runtime import evaluating  # (imports torch: this package does not, until called)
+
+        with evaluating(self.model):  # no dropout while generating, even from the training loop
             yield from self._decode()
-        finally:
-            model.train(was_training)
 
     def _decode(self) -> Iterator[TokenEvent]:
         import torch

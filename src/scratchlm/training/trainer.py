@@ -305,12 +305,8 @@ class Trainer:
 
     def evaluate_split(self, dataset: Any) -> Totals:
         """The loss and metric sums over every example of ``dataset`` (a test split, say)."""
-        was_training = self.module.training
-        self.module.eval()
-        try:
+        with runtime.evaluating(self.module):
             return self._split_totals(dataset, everything=True)
-        finally:
-            self.module.train(was_training)
 
     def evaluate(self, final: bool = False) -> dict[str, Any]:
         """Evaluate on fixed examples of both splits; the evaluator names the figures.
@@ -318,13 +314,9 @@ class Trainer:
         ``final``: the validation split is covered whole (the figure a run is judged by), not
         just the fixed subset that keeps periodic evaluations cheap.
         """
-        was_training = self.module.training
-        self.module.eval()
-        try:
+        with runtime.evaluating(self.module):
             train = self._split_totals(self.train_data)
             val = None if self.val_data is None else self._split_totals(self.val_data, everything=final)
-        finally:
-            self.module.train(was_training)
         figures = {**self.evaluator.figures("train", train), **self.evaluator.figures("val", val)}
         self.last_eval = eval_record(self.step, self.tokens, self.epochs, self._now(),
                                      self.optimizer.param_groups[0]["lr"], figures, final)
@@ -337,12 +329,8 @@ class Trainer:
         if self.metrics is not None:
             self.metrics.write(record)
         self._say(f"step {self.step}: {self.evaluator.describe(record)}, {record['elapsed']:.0f} s")
-        was_training = self.module.training
-        self.module.eval()
-        try:
+        with runtime.evaluating(self.module):
             self.last_sample = self.evaluator.sample(self.module, record, self.run_dir)
-        finally:
-            self.module.train(was_training)
 
     # --- the loop ---------------------------------------------------------------------------------
 
