@@ -244,7 +244,10 @@ def test_chatml_is_burkovs_build_prompt():
 
 def test_styles_are_data():
     assert set(PROMPT_STYLES) == {"alpaca", "phi3", "chatml"}
-    custom = PromptStyle("vicuna", "USER: {instruction}{input}", " {input}", "\nASSISTANT: ")
+    custom = PromptStyle("vicuna", "{% for m in messages %}{{ ('USER: ' if m.role == 'user' else "
+                         "'\\nASSISTANT: ') + m.content }}{% endfor %}"
+                         "{% if add_generation_prompt %}{{ '\\nASSISTANT: ' }}{% endif %}",
+                         " {input}", "\nASSISTANT: ")
     assert format_instruction(NO_INPUT, custom) == ("USER: Name the capital of France.",
                                                     "\nASSISTANT: Paris.")
     braces = {"instruction": "Fill {input} and {0}", "output": "{x}"}

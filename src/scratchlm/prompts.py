@@ -21,10 +21,11 @@ Messages are checked before rendering (a list of mappings with a known ``role`` 
 calls ``raise_exception`` -- is a one-line ``UserError``.  Without a template, ChatML is used.
 
 **Prompt styles.**  Instruction finetuning formats ``{"instruction", "input", "output"}`` entries
-with a fixed text template; ``format_instruction(entry, style)`` returns ``(prompt, response)``,
-whose concatenation is the training text and whose split is where the loss mask starts.  Three
-styles are data (``PROMPT_STYLES``): Raschka's Alpaca (ch. 7), Raschka's Phi-3 variant (exercise
-7.1) and Burkov's ChatML ``build_prompt`` (B §5.3.3).
+with a fixed text template.  Each style (``PROMPT_STYLES``) is a Jinja chat template, so the same
+definition renders training text, inference prompts and a finetuned run's chat: Raschka's Alpaca
+(ch. 7), Raschka's Phi-3 variant (exercise 7.1) and Burkov's ChatML ``build_prompt`` (B §5.3.3).
+``format_instruction(entry, style)`` returns ``(prompt, response)``, split where the books start
+the loss mask; ``format_prompt`` is what a model continues to answer an entry.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ from scratchlm.errors import DataError, UserError
 __all__ = [
     "CHATML_TEMPLATE", "ROLES", "END_OF_TURN_TOKENS", "render_chat", "check_messages",
     "PromptStyle", "PROMPT_STYLES", "get_style", "format_instruction", "format_prompt",
+    "instruction_messages",
+    "TEMPLATE_CHOICES", "template_style",
+    "ALPACA_TEMPLATE", "PHI3_TEMPLATE", "BURKOV_CHATML_TEMPLATE",
 ]
 
 # ----------------------------------------------------------------------------------------------
@@ -239,51 +243,86 @@ def render_chat(messages: Sequence[Mapping[str, Any]], template: str | None = No
 # ----------------------------------------------------------------------------------------------
 
 
+# Each style is a Jinja chat template over messages, so one definition serves training (render the
+# whole conversation), inference (render up to the assistant's turn with the generation prompt) and
+# chat/serve on a finetuned run (the template is saved with it).  The user's turn of an instruction
+# entry is its instruction followed by the style's input block (``instruction_messages``).  Alpaca
+# and Phi-3 end each answer with the end-of-text token, which Raschka appends as the first
+# padding token that stays a target; ChatML ends it with <|im_end|>.
+
+ALPACA_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' -%}{{ messages[0]['content'] }}{%- set turns = messages[1:] -%}"
+    "{%- else -%}{{ 'Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.' }}{%- set turns = messages -%}{%- endif -%}"
+    "{%- for message in turns -%}"
+    "{%- if message['role'] == 'user' -%}{{ '\\n\\n### Instruction:\\n' + message['content'] }}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{ '\\n\\n### Response:\\n' + message['content'] + eos_token }}"
+    "{%- else -%}{{ raise_exception('the alpaca template has no ' + message['role'] + ' turns') }}"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '\\n\\n### Response:\\n' }}{%- endif -%}"
+)
+
+PHI3_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{{ '<|system|>\\n' + message['content'] }}"
+    "{%- elif message['role'] == 'user' -%}"
+    "{{ ('' if loop.first else '\\n') + '<|user|>\\n' + message['content'] }}"
+    "{%- elif message['role'] == 'assistant' -%}{{ '\\n<|assistant|>:\\n' + message['content'] + eos_token }}"
+    "{%- else -%}{{ raise_exception('the phi3 template has no ' + message['role'] + ' turns') }}"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '\\n<|assistant|>:\\n' }}{%- endif -%}"
+)
+
+BURKOV_CHATML_TEMPLATE = (
+    "{%- if messages[0]['role'] != 'system' -%}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.\\n<|im_end|>\\n' }}{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{{ ('' if loop.first else '\\n') + '<|im_start|>' + message['role'] + '\\n' + message['content']"
+    " + '\\n<|im_end|>' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '\\n<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
+
 @dataclass(frozen=True)
 class PromptStyle:
-    """How an instruction entry becomes text: ``prompt``, ``response_prefix``, output, ``response_suffix``.
+    """A prompt style: a chat ``template`` (Jinja, as ``render_chat`` takes), and how an instruction
+    entry becomes a user turn (``input_block``, holding ``{input}``, follows the instruction when
+    the entry has a non-empty input).
 
-    ``prompt`` holds ``{instruction}`` and ``{input}``; ``{input}`` becomes ``input_block`` (itself
-    holding ``{input}``) when the entry has a non-empty input, and nothing otherwise.  The
-    response part starts at ``response_prefix``, because that is where the books split the text
-    for loss masking (Raschka's ``instruction_length`` counts the prompt without the response
-    header).  At inference the model continues ``format_prompt``, which ends with the prefix.
+    ``response_prefix`` is the end of the generation prompt that belongs to the response when the
+    books split the text for loss masking (Raschka's ``instruction_length`` counts the prompt
+    without the response header): ``format_instruction`` splits there.  ``tokens`` are the
+    special tokens the template writes, which a tokenizer must have for the style to make sense.
     """
 
     name: str
-    prompt: str
+    template: str
     input_block: str
     response_prefix: str
-    response_suffix: str = ""
     description: str = ""
+    tokens: tuple[str, ...] = ()
 
 
 PROMPT_STYLES: dict[str, PromptStyle] = {
     style.name: style for style in (
         PromptStyle(
-            name="alpaca",
-            prompt=("Below is an instruction that describes a task. "
-                    "Write a response that appropriately completes the request."
-                    "\n\n### Instruction:\n{instruction}{input}"),
-            input_block="\n\n### Input:\n{input}",
+            name="alpaca", template=ALPACA_TEMPLATE, input_block="\n\n### Input:\n{input}",
             response_prefix="\n\n### Response:\n",
-            description="Raschka ch. 7 (gpt_instruction_finetuning.py): Alpaca with its preamble",
+            description="Raschka ch. 7 (format_input): Alpaca with its preamble, end-of-text after the "
+                        "answer",
         ),
         PromptStyle(
-            name="phi3",
-            prompt="<|user|>\n{instruction}{input}",
-            input_block="\n{input}",
+            name="phi3", template=PHI3_TEMPLATE, input_block="\n{input}",
             response_prefix="\n<|assistant|>:\n",
             description="Raschka exercise 7.1 (format_input_phi): Phi-3's role tags, as the book writes them",
         ),
         PromptStyle(
-            name="chatml",
-            prompt=("<|im_start|>system\nYou are a helpful assistant.\n<|im_end|>\n"
-                    "<|im_start|>user\n{instruction}{input}\n<|im_end|>\n<|im_start|>assistant"),
-            input_block="\n\n{input}",
-            response_prefix="\n",
-            response_suffix="\n<|im_end|>",
-            description="Burkov B §5.3.3 (build_prompt): ChatML with a newline before each <|im_end|>",
+            name="chatml", template=BURKOV_CHATML_TEMPLATE, input_block="\n\n{input}", response_prefix="\n",
+            description="Burkov B §5.3.3 (build_prompt): ChatML with a system turn and a newline before "
+                        "each <|im_end|>",
+            tokens=("<|im_start|>", "<|im_end|>"),
         ),
     )
 }
@@ -300,6 +339,22 @@ def get_style(style: str | PromptStyle) -> PromptStyle:
     return PROMPT_STYLES[style]
 
 
+TEMPLATE_CHOICES = (*PROMPT_STYLES, "model")
+
+
+def template_style(name: str, model_template: str | None) -> PromptStyle:
+    """The style ``--template NAME`` names: one of ``PROMPT_STYLES``, or ``model``: the model's own
+    chat template (``model_template``), whose user turn of an instruction entry is the instruction,
+    a blank line and the input."""
+    if name != "model":
+        return get_style(name)
+    if model_template is None:
+        raise UserError("this model has no chat template of its own",
+                        f"pick one with --template {'|'.join(PROMPT_STYLES)}")
+    return PromptStyle("model", model_template, input_block="\n\n{input}", response_prefix="",
+                       description="the model's own chat template")
+
+
 def _field(entry: Mapping[str, Any], key: str, required: bool) -> str:
     value = entry.get(key)
     if value is None and not required:
@@ -311,28 +366,39 @@ def _field(entry: Mapping[str, Any], key: str, required: bool) -> str:
     return value
 
 
-def format_prompt(entry: Mapping[str, Any], style: str | PromptStyle = "alpaca") -> str:
-    """The text a model continues to answer ``entry`` (its ``output`` is not needed)."""
+def instruction_messages(entry: Mapping[str, Any], style: str | PromptStyle = "alpaca", *,
+                         with_output: bool = True) -> list[dict[str, str]]:
+    """An ``{"instruction", "input", "output"}`` entry as chat messages: the user's turn is the
+    instruction and the style's input block, the assistant's the output (left out when
+    ``with_output`` is false: the prompt of an entry to answer)."""
     style = get_style(style)
-    return _prompt(entry, style) + style.response_prefix
-
-
-def _prompt(entry: Mapping[str, Any], style: PromptStyle) -> str:
     if not isinstance(entry, Mapping):
         raise DataError(f"an instruction entry must be a dict, not {type(entry).__name__}",
                         "give entries as {'instruction': ..., 'input': ..., 'output': ...}")
     instruction = _field(entry, "instruction", required=True)
     given = _field(entry, "input", required=False)
-    block = style.input_block.format(input=given) if given else ""
-    return style.prompt.format(instruction=instruction, input=block)
+    user = instruction + (style.input_block.replace("{input}", given) if given else "")
+    messages = [{"role": "user", "content": user}]
+    if with_output:
+        messages.append({"role": "assistant", "content": _field(entry, "output", required=True)})
+    return messages
+
+
+def format_prompt(entry: Mapping[str, Any], style: str | PromptStyle = "alpaca") -> str:
+    """The text a model continues to answer ``entry`` (its ``output`` is not needed)."""
+    style = get_style(style)
+    return render_chat(instruction_messages(entry, style, with_output=False), style.template)
 
 
 def format_instruction(entry: Mapping[str, Any], style: str | PromptStyle = "alpaca") -> tuple[str, str]:
     """``(prompt, response)`` of an ``{"instruction", "input", "output"}`` entry.
 
-    ``prompt + response`` is the training text; the loss is taken on the response only when
-    masking instructions.  The end-of-text token is not included: the collate step appends it.
+    ``prompt + response`` is the training text; the response starts at the style's
+    ``response_prefix`` (where the books start the loss mask).  The end-of-text token is not
+    included: the collate step appends it.
     """
     style = get_style(style)
-    prompt = _prompt(entry, style)
-    return prompt, style.response_prefix + _field(entry, "output", required=True) + style.response_suffix
+    messages = instruction_messages(entry, style)
+    prompt = format_prompt(entry, style)[:-len(style.response_prefix) or None]
+    text = render_chat(messages, style.template, add_generation_prompt=False, eos_token="")
+    return prompt, text[len(prompt):]

@@ -1,5 +1,5 @@
 """Finetune a pretrained model: 'classify' (a classification head, Raschka ch. 6 / appendix E, or
-classification as text, Burkov §5.3.2).
+classification as text, Burkov §5.3.2) and 'instruct' (instruction tuning, Raschka ch. 7, Burkov §5.3.3).
 
 The model is anything scratchlm.load opens (a run dir, a Hugging Face directory or hub id, a
 .gguf file).  The run dir names the base model instead of copying its weights: it holds the
@@ -29,22 +29,26 @@ SOURCES = {name: "Raschka ch. 6" for name in ("batch_size", "lr", "lr_schedule",
                                               "seed", "eval_batches")}
 
 
+# Raschka ch. 7: AdamW lr 5e-5, weight decay 0.1, batch 8, 2 epochs, a constant rate, no clipping,
+# the loss on 5 batches of each split every 5 steps (his eval_freq / eval_iter) and before training.
+INSTRUCT = TrainConfig(batch_size=8, lr=5e-5, lr_schedule="constant", warmup_steps=0, weight_decay=0.1,
+                       beta2=0.999, grad_clip=None, max_epochs=2, eval_every=5, eval_batches=5,
+                       eval_at_start=True, log_every=5, seed=123, precision="fp32", device="cpu")
+INSTRUCT_SOURCES = {name: "Raschka ch. 7" for name in ("batch_size", "lr", "lr_schedule", "weight_decay",
+                                                       "max_epochs", "seed", "eval_every", "eval_batches")}
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(title="methods", metavar="METHOD")
     p = sub.add_parser("classify", help="train a text classifier on a pretrained model",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     s = argparse.SUPPRESS
-    g = p.add_argument_group("model and data")
-    g.add_argument("--model", default=s, metavar="REF",
-                   help="the pretrained model: run dir, Hugging Face directory or hub id, or .gguf file")
-    g.add_argument("--data", default=s, metavar="FILE",
-                   help="labelled texts: TSV/CSV 'label<TAB>text' (header optional) or JSONL "
-                        '{"text", "label"}; labels may be any strings')
-    g.add_argument("--val-data", default=s, metavar="FILE", help="a separate validation file (then --data "
-                   "is all training data unless --test-data is missing, which --split then cuts)")
-    g.add_argument("--test-data", default=s, metavar="FILE", help="a separate test file")
-    g.add_argument("--split", default=s, metavar="TRAIN,VAL,TEST",
-                   help="fractions of --data, shuffled with --seed (default: 0.7,0.1,0.2; Raschka ch. 6)")
+    g = _model_and_data(p, data="labelled texts: TSV/CSV 'label<TAB>text' (header optional) or JSONL "
+                        '{"text", "label"}; labels may be any strings',
+                        split="fractions of --data, shuffled with --seed "
+                        "(default: 0.7,0.1,0.2; Raschka ch. 6)",
+                        separate="then --data is all training data unless --test-data is missing, which "
+                        "--split then cuts")
     g.add_argument("--balance", action=argparse.BooleanOptionalAction, default=s,
                    help="undersample every class to the smallest one before splitting "
                         "(default: on; Raschka's balanced SMS spam set: 747 + 747)")
@@ -65,34 +69,94 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "'Predict emotion: {text}\\nEmotion:' for any labels)")
     add_lora_options(g, rank=16, alpha=16.0)
     add_training_options(p, CLASSIFY, items="examples", sources=SOURCES)
+    _output(p, "classify")
+    p.set_defaults(func=run_classify)
+    _configure_instruct(sub)
+
+
+def _model_and_data(p: argparse.ArgumentParser, *, data: str, split: str, separate: str
+                    ) -> argparse._ArgumentGroup:
+    """The options every finetuning method shares: the model, the data and its split."""
+    s = argparse.SUPPRESS
+    g = p.add_argument_group("model and data")
+    g.add_argument("--model", default=s, metavar="REF",
+                   help="the pretrained model: run dir, Hugging Face directory or hub id, or .gguf file")
+    g.add_argument("--data", default=s, metavar="FILE", help=data)
+    g.add_argument("--val-data", default=s, metavar="FILE", help=f"a separate validation file ({separate})")
+    g.add_argument("--test-data", default=s, metavar="FILE", help="a separate test file")
+    g.add_argument("--split", default=s, metavar="TRAIN,VAL,TEST", help=split)
+    return g
+
+
+def _output(p: argparse.ArgumentParser, method: str) -> None:
+    s = argparse.SUPPRESS
     g = p.add_argument_group("output")
     g.add_argument("--out", default=s, metavar="DIR",
-                   help="run dir to create (default: runs/classify-TIMESTAMP)")
+                   help=f"run dir to create (default: runs/{method}-TIMESTAMP)")
     g.add_argument("--overwrite", action="store_true", default=s,
                    help="replace the run dir --out if it already holds a run")
-    p.set_defaults(func=run_classify)
+
+
+def _configure_instruct(sub: Any) -> None:
+    from scratchlm.prompts import PROMPT_STYLES, TEMPLATE_CHOICES
+
+    s = argparse.SUPPRESS
+    p = sub.add_parser("instruct", help="instruction-tune a pretrained model (Alpaca, prompt/completion or "
+                       "chat data)", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = _model_and_data(p, data="instruction data, JSON list or JSONL: Alpaca "
+                        '{"instruction", "input", "output"}, '
+                        '{"prompt", "completion"} (used as written, end-of-text appended), or chat '
+                        '{"messages": [{"role", "content"}, ...]} (every assistant turn is learned)',
+                        split="fractions of --data in file order: the first is training, then the test "
+                        "fraction, then validation (default: 0.85,0.05,0.1 = 935/55/110 of 1,100; "
+                        "Raschka ch. 7)", separate="then --data is all training data")
+    g.add_argument("--template", choices=TEMPLATE_CHOICES, default=s,
+                   help="how conversations become text: "
+                        + "; ".join(f"{name}: {style.description}" for name, style in PROMPT_STYLES.items())
+                        + "; model: the model's own chat template (SmolLM2: ChatML). Saved in the run "
+                        "dir, so chat and serve format prompts the same way (default: alpaca; Raschka ch. 7)")
+    g.add_argument("--mask-prompt", action=argparse.BooleanOptionalAction, default=s,
+                   help="learn only the assistant's turns: system and user turns and the template's "
+                        "scaffolding are not targets (default: on, as Raschka's exercise 7.2, Burkov §5.3.3 "
+                        "and TRL's assistant-only loss; his first recipe learns the prompt too: "
+                        "--no-mask-prompt)")
+    g.add_argument("--max-length", type=int, default=s, metavar="N",
+                   help="input tokens per example; longer ones are cut at the end and counted "
+                        "(default: the model's context; Raschka: 1024)")
+    g.add_argument("--group-by-length", action="store_true", default=s,
+                   help="batch examples of similar length together (less padding; shuffled in groups of "
+                        "50 batches)")
+    g = p.add_argument_group("what trains")
+    g.add_argument("--train", nargs="+", default=s, metavar="MODE",
+                   help="all: every weight (default; Raschka ch. 7); lora: LoRA adapters on every linear "
+                        "layer of the blocks (Burkov §5.5); last-blocks N: the last N transformer blocks "
+                        "and the final norm")
+    add_lora_options(g, rank=16, alpha=32.0)
+    g.add_argument("--max-new-tokens", type=int, default=s, metavar="N",
+                   help="tokens per greedy test response, written to RUN/test_responses.jsonl; 0: none "
+                        "(default: 256; Raschka ch. 7)")
+    add_training_options(p, INSTRUCT, items="examples", sources=INSTRUCT_SOURCES)
+    _output(p, "instruct")
+    p.set_defaults(func=run_instruct)
 
 
 def _fractions(text: str) -> list[float]:
     try:
-        return [float(x) for x in text.split(",")]
+        fractions = [float(x) for x in text.split(",")]
     except ValueError:
-        raise ConfigError(f"--split {text}: expected three fractions", "e.g. --split 0.7,0.1,0.2") from None
+        fractions = []
+    if len(fractions) != 3:
+        raise ConfigError(f"--split {text}: expected three fractions (train, validation, test) that add "
+                          "up to 1",
+                          "e.g. --split 0.7,0.1,0.2")
+    return fractions
 
 
 def run_classify(args: argparse.Namespace) -> int:
     from scratchlm.finetune.data import balance, label_set, read_labelled, split
 
-    given = given_options(args)
-    if "model" not in given and "resume" not in given:
-        raise ConfigError("no model to finetune", "pass --model REF (a run dir, HF model or .gguf file)")
-    if "data" not in given and "resume" not in given:
-        raise ConfigError("no training data", "pass --data FILE (label<TAB>text lines, or JSONL)")
-    resume = "resume" in given
-    run_dir, saved = _run_dir(given)
-    if resume:
-        given = {**saved["cli"], **{k: v for k, v in given.items() if k != "resume"}}
-    tc = train_config(given, CLASSIFY, saved=saved.get("training") if resume else None)
+    given, run_dir, resume, tc = _start(args, "classify", CLASSIFY, "label<TAB>text lines, or JSONL")
     seed = tc.seed
     lora = lora_config_from_args(argparse.Namespace(**given))  # a bad rank or alpha fails before loading
     examples = read_labelled(given["data"])
@@ -105,17 +169,12 @@ def run_classify(args: argparse.Namespace) -> int:
         train, val, test = split(pool, _fractions(given.get("split", "0.7,0.1,0.2")), seed)
     labels = label_set(train, val, test)
 
-    from scratchlm.api import load
     from scratchlm.finetune.classify import ClassifyRecipe, finetune_classifier
     from scratchlm.finetune.heads import DEFAULT_TEMPLATE
     from scratchlm.runtime import set_threads
 
     set_threads(given.get("threads", 0))
-    lm = load(given["model"], device=tc.device)
-    if lm.tokenizer is None:
-        raise ConfigError(f"{given['model']} has no tokenizer", "pass a model directory with tokenizer files")
-    base_ref = str(Path(given["model"]).resolve()) if Path(given["model"]).exists() else given["model"]
-    cli = {k: v for k, v in given.items() if k not in ("resume", "out", "overwrite", "threads", "func")}
+    lm, base_ref, cli = _load_model(given, tc.device)
     recipe = ClassifyRecipe(train, val, test, labels, mode=given.get("train", "last-block"), lora=lora,
                             max_length=given.get("max_length"), base_model=base_ref,
                             as_text=bool(given.get("as_text")),
@@ -134,17 +193,125 @@ def run_classify(args: argparse.Namespace) -> int:
           f"run dir {run_dir}", file=sys.stderr)
     if not resume and given.get("overwrite"):
         _clear(run_dir)
-    try:
-        result = finetune_classifier(lm.model, lm.tokenizer, recipe, tc, run_dir=run_dir, resume=resume)
-    except KeyboardInterrupt:
-        print(f"interrupted: checkpoint in {run_dir}; continue with: scratchlm finetune classify "
-              f"--resume {run_dir}", file=sys.stderr)
+    result = _interruptible(lambda: finetune_classifier(lm.model, lm.tokenizer, recipe, tc, run_dir=run_dir,
+                                                        resume=resume), "classify", run_dir)
+    if result is None:
         return 130
     _report(result.figures, run_dir)
     return 0
 
 
-def _run_dir(given: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+def run_instruct(args: argparse.Namespace) -> int:
+    from scratchlm.finetune.conversations import book_split, read_examples
+    from scratchlm.finetune.instruct import InstructRecipe, encode_splits, finetune_instruct
+    from scratchlm.prompts import template_style
+
+    given, run_dir, resume, tc = _start(args, "instruct", INSTRUCT,
+                                        "Alpaca JSON, prompt/completion or chat JSONL")
+    mode, blocks = _train_mode(given.get("train", ["all"]))
+    lora = lora_config_from_args(argparse.Namespace(**given))
+    max_new = given.get("max_new_tokens", 256)
+    if max_new < 0 or given.get("max_length", 1) < 1:
+        raise ConfigError("--max-new-tokens must be ≥ 0 and --max-length ≥ 1", "pass e.g. --max-length 1024")
+    examples = read_examples(given["data"])
+    if "val_data" in given or "test_data" in given:
+        train = examples
+        val = read_examples(given["val_data"]) if "val_data" in given else []
+        test = read_examples(given["test_data"]) if "test_data" in given else []
+    else:
+        train, val, test = book_split(examples, _fractions(given.get("split", "0.85,0.05,0.1")))
+    from scratchlm.runtime import set_threads
+
+    set_threads(given.get("threads", 0))
+    lm, base_ref, cli = _load_model(given, tc.device)
+    style = template_style(given.get("template", "alpaca"), lm.chat_template)
+    recipe = InstructRecipe(train, val, test, style, mode=mode, last_blocks=blocks, lora=lora,
+                            mask_prompt=given.get("mask_prompt", True), max_length=given.get("max_length"),
+                            group_by_length=bool(given.get("group_by_length")), max_new_tokens=max_new,
+                            base_model=base_ref, data_info={"cli": cli})
+    if mode == "lora":
+        from scratchlm.finetune.lora import resolve_targets
+
+        resolve_targets(lm.model, lora)
+    print(f"instruction-tuning {lm.config.name} with the {style.name} template: {len(train)} train / "
+          f"{len(val)} validation / {len(test)} test examples ({examples[0].form} data), --train {mode}, "
+          f"run dir {run_dir}", file=sys.stderr)
+    splits = encode_splits(recipe, lm.tokenizer, lm.config.context_length)
+    if not resume and given.get("overwrite"):
+        _clear(run_dir)
+    result = _interruptible(lambda: finetune_instruct(lm.model, lm.tokenizer, recipe, tc, splits=splits,
+                                                      run_dir=run_dir, resume=resume), "instruct", run_dir)
+    if result is None:
+        return 130
+    figures = result.figures
+    print(f"\ndone: {figures['steps']} steps in {figures['wall_time_s']:.0f} s")
+    for split in ("val", "test"):
+        if f"{split}_loss" in figures:
+            print(f"{split:<6} loss {figures[f'{split}_loss']:.4f}")
+    for label, name in (("run dir", ""), ("results", "results.json"), ("loss plot", "loss.png"),
+                        ("responses", "test_responses.jsonl")):
+        if (run_dir / name).exists():
+            print(f"{label + ':':<12}{run_dir / name}")
+    print(f"chat:       scratchlm chat --model {run_dir}")
+    return 0
+
+
+def _train_mode(words: list[str]) -> tuple[str, int]:
+    """``--train all|lora|last-blocks N`` as (mode, blocks)."""
+    from scratchlm.finetune.instruct import TRAIN_MODES
+
+    mode, rest = words[0], words[1:]
+    if mode not in TRAIN_MODES:
+        raise ConfigError(f"unknown --train {mode!r}", f"use one of {', '.join(TRAIN_MODES)}")
+    if mode != "last-blocks":
+        if rest:
+            raise ConfigError(f"--train {mode} takes no number", f"pass --train {mode}")
+        return mode, 0
+    if len(rest) != 1 or not rest[0].isdigit() or int(rest[0]) < 1:
+        raise ConfigError("--train last-blocks needs how many blocks", "e.g. --train last-blocks 2")
+    return mode, int(rest[0])
+
+
+def _start(args: argparse.Namespace, method: str, defaults: TrainConfig, data_form: str
+           ) -> tuple[dict[str, Any], Path, bool, TrainConfig]:
+    """The options given (over a resumed run's saved ones), the run dir, whether it resumes, and the
+    training config; a missing model or data is an error before anything loads."""
+    given = given_options(args)
+    if "model" not in given and "resume" not in given:
+        raise ConfigError("no model to finetune", "pass --model REF (a run dir, HF model or .gguf file)")
+    if "data" not in given and "resume" not in given:
+        raise ConfigError("no training data", f"pass --data FILE ({data_form})")
+    resume = "resume" in given
+    run_dir, saved = _run_dir(given, method)
+    if resume:
+        given = {**saved["cli"], **{k: v for k, v in given.items() if k != "resume"}}
+    tc = train_config(given, defaults, saved=saved.get("training") if resume else None)
+    return given, run_dir, resume, tc
+
+
+def _load_model(given: dict[str, Any], device: str) -> tuple[Any, str, dict[str, Any]]:
+    """The model to finetune, the reference its run names as base, and the options the run saves."""
+    from scratchlm.api import load
+
+    lm = load(given["model"], device=device)
+    if lm.tokenizer is None:
+        raise ConfigError(f"{given['model']} has no tokenizer", "pass a model directory with tokenizer files")
+    base_ref = str(Path(given["model"]).resolve()) if Path(given["model"]).exists() else given["model"]
+    cli = {k: v for k, v in given.items() if k not in ("resume", "out", "overwrite", "threads", "func")}
+    return lm, base_ref, cli
+
+
+def _interruptible(train: Any, method: str, run_dir: Path) -> Any:
+    """``train()``, or None after a Ctrl-C, which leaves a checkpoint to resume from."""
+    try:
+        return train()
+    except KeyboardInterrupt:
+        print(f"interrupted: checkpoint in {run_dir}; continue with: scratchlm finetune {method} "
+              f"--resume {run_dir}", file=sys.stderr)
+        return None
+
+
+def _run_dir(given: dict[str, Any], method: str) -> tuple[Path, dict[str, Any]]:
     """The run dir, and (resuming) the run's saved settings; a new --out must not hold another run."""
     import time
 
@@ -155,11 +322,11 @@ def _run_dir(given: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
         payload = read_run_config(run_dir)
         cli = (payload.get("data") or {}).get("cli")
         if not isinstance(cli, dict):
-            raise ConfigError(f"{run_dir} was not written by 'scratchlm finetune classify'",
+            raise ConfigError(f"{run_dir} was not written by 'scratchlm finetune {method}'",
                               "resume it with the command that wrote it")
         return run_dir, {"cli": cli, "training": payload.get("training") or {}}
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(given["out"]) if "out" in given else Path("runs") / f"classify-{stamp}"
+    run_dir = Path(given["out"]) if "out" in given else Path("runs") / f"{method}-{stamp}"
     if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())) and not given.get("overwrite"):
         raise ConfigError(f"{run_dir} already exists", f"continue it with --resume {run_dir}, replace it "
                           "with --overwrite, or choose another --out")

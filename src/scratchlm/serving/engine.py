@@ -491,3 +491,41 @@ class Engine:
         self._pending, self._reading, self._joining = [], None, []
         self._rows, self._cache, self._mask = [], None, None
 
+
+
+def complete_all(model: CausalLM, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]],
+                 params: SamplingParams, *, max_batch: int = 16,
+                 progress: str | None = None) -> list[Completion]:
+    """Complete every prompt (token ids) through one ``Engine``, and return the completions in order.
+
+    Offline batch generation (a finetuning run's test responses): all prompts are queued at once,
+    so a row that finishes early frees its slot for the next prompt at once.  ``progress``: a
+    description for a progress bar on stderr (None: no bar).  A failed request raises.
+    """
+    import queue
+
+    from tqdm.auto import tqdm
+
+    if not prompts:
+        return []
+    finished: queue.Queue[tuple[int, StreamEvent]] = queue.Queue()
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=len(prompts)).start()
+    results: list[Completion | None] = [None] * len(prompts)
+    try:
+        for i, ids in enumerate(prompts):
+            def on_event(event: StreamEvent, i: int = i) -> None:
+                if event.completion is not None or event.error is not None:
+                    finished.put((i, event))
+
+            engine.submit(ids, params, on_event)
+        with tqdm(total=len(prompts), desc=progress, disable=progress is None, unit="answer") as bar:
+            for _ in range(len(prompts)):
+                i, event = finished.get()
+                if event.error is not None:
+                    raise UserError(f"generating answer {i + 1} failed: {event.error}",
+                                    "check the prompt and the model")
+                results[i] = event.completion
+                bar.update()
+    finally:
+        engine.close()
+    return [r for r in results if r is not None]

@@ -113,9 +113,27 @@ def next_token_loss(model: torch.nn.Module, batch: Any) -> LossOutput:
     (what ``SlidingWindowDataset`` yields).
     """
     inputs, targets = split_lm_batch(batch)
-    logits = model(inputs)
-    loss = cross_entropy_sum(logits.flatten(0, 1), targets.flatten())
-    return LossOutput(loss, (targets != IGNORE_INDEX).sum())
+    logits, picked = target_logits(model, inputs, targets)
+    loss = cross_entropy_sum(logits, picked)
+    return LossOutput(loss, (picked != IGNORE_INDEX).sum())
+
+
+def target_logits(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits [N, V] and targets [N] of the positions whose target counts.
+
+    Where some targets are ``IGNORE_INDEX`` (masked prompts, padding) and the model exposes its
+    final hidden states and ``lm_head``, the head -- the widest matrix product of a small model --
+    and the loss over the vocabulary run only on the counted positions.  Exact: a position's
+    logits depend on its own hidden state alone.  Otherwise (all positions count, a wrapped or
+    headless model) every position's logits, flattened.
+    """
+    keep = targets != IGNORE_INDEX
+    head = getattr(model, "lm_head", None)
+    if head is None or bool(keep.all()):
+        return model(inputs).flatten(0, 1), targets.flatten()
+    hidden = model(inputs, return_hidden=True)
+    return head(hidden[keep]), targets[keep]
 
 
 def classification_loss(model: torch.nn.Module, batch: Any) -> LossOutput:

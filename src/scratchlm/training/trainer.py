@@ -223,7 +223,10 @@ class Trainer:
     def _permutation(self) -> torch.Tensor:
         if self._perm is None or self._perm[0] != self.epoch:
             g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.epoch)
-            self._perm = (self.epoch, torch.randperm(len(self.train_data), generator=g))
+            order = getattr(self.train_data, "epoch_order", None)  # e.g. batches grouped by length
+            perm = order(g, self.global_batch) if callable(order) else torch.randperm(len(self.train_data),
+                                                                                       generator=g)
+            self._perm = (self.epoch, perm)
         return self._perm[1]
 
     def _micro_batches(self) -> Iterator[Any]:
