@@ -280,6 +280,18 @@ def test_instruct_command_writes_the_run_chat_and_serve_use(run_cli, model_dir, 
     lm = scratchlm.load(out)
     assert lm.chat_template == PROMPT_STYLES["alpaca"].template
     assert lm.chat_prompt("Name it.") == format_prompt({"instruction": "Name it."})
+    # the server formats a chat request with the run's template: the prompt the run was trained on
+    import httpx
+
+    from scratchlm.serving.openai_server import ServerConfig, ServerThread
+
+    with ServerThread(lm, ServerConfig("sft", max_batch=2, max_queue=2, max_tokens_limit=8)) as server:
+        reply = httpx.post(server.url + "/v1/chat/completions", timeout=30, json={
+            "model": "sft", "messages": [{"role": "user", "content": "Name it."}], "max_tokens": 4,
+            "temperature": 0}).json()
+    fed = TOKENIZER.encode(format_prompt({"instruction": "Name it."}), allowed_special="all")
+    assert reply["usage"]["prompt_tokens"] == len(fed)
+    assert reply["choices"][0]["message"]["content"] == lm.chat("Name it.", temperature=0, max_new_tokens=4)
 
 
 def test_lora_adapter_from_an_instruct_run_loads_in_peft(run_cli, tmp_path):
@@ -349,3 +361,27 @@ def test_a_template_the_tokenizer_has_no_tokens_for(run_cli, tmp_path):
     code, _, stderr = run_cli("finetune", "instruct", "--model", str(base), "--data", str(data),
                               "--out", str(tmp_path / "run"), "--template", "model")
     assert code == 2 and "no chat template" in stderr
+
+
+def test_an_interrupted_lora_run_resumes_exactly(run_cli, model_dir, tmp_path):
+    """Ctrl-C after step 3 of 6, then --resume: the same losses and test responses as one straight run
+    (length-grouped batches, LoRA, a masked prompt)."""
+    from conftest import ctrl_c_at
+
+    data = write_json(tmp_path / "data.json", alpaca_rows(40))
+    args = ("--train", "lora", "--lora-rank", "4", "--max-steps", "6", "--batch-size", "4", "--lr", "0.01",
+            "--eval-every", "3", "--max-new-tokens", "4", "--group-by-length")
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    code, _, err = run_cli("finetune", "instruct", "--model", model_dir, "--data", data,
+                           "--out", straight, *args)
+    assert code == 0, err
+    with ctrl_c_at(3):
+        code, _, err = run_cli("finetune", "instruct", "--model", model_dir, "--data", data,
+                               "--out", interrupted, *args)
+    assert code == 130 and f"--resume {interrupted}" in err
+    code, _, err = run_cli("finetune", "instruct", "--resume", interrupted)
+    assert code == 0, err
+    a, b = (json.loads((d / "results.json").read_text()) for d in (straight, interrupted))
+    assert (a["val_loss"], a["test_loss"]) == (b["val_loss"], b["test_loss"])
+    responses = [(d / "test_responses.jsonl").read_text() for d in (straight, interrupted)]
+    assert responses[0] == responses[1]

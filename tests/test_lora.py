@@ -352,13 +352,17 @@ def test_lora_cli_options():
     from scratchlm.cli.options import add_lora_options, lora_config_from_args
 
     parser = argparse.ArgumentParser()
-    add_lora_options(parser, rank=16, alpha=16)
-    args = parser.parse_args(["--lora-targets", "q_proj, v_proj", "--lora-dropout", "0.05"])
-    config = lora_config_from_args(args)
-    assert config == LoRAConfig(rank=16, alpha=16, dropout=0.05, targets=("q_proj", "v_proj"))
-    assert lora_config_from_args(parser.parse_args([])).targets == ("all-linear",)
+    recipe = LoRAConfig(rank=16, alpha=16)
+    add_lora_options(parser, recipe)
+
+    def parsed(*argv: str) -> LoRAConfig:
+        return lora_config_from_args(vars(parser.parse_args(list(argv))), recipe)
+
+    assert parsed("--lora-targets", "q_proj, v_proj", "--lora-dropout", "0.05") == LoRAConfig(
+        rank=16, alpha=16, dropout=0.05, targets=("q_proj", "v_proj"))
+    assert parsed() == recipe and vars(parser.parse_args([])) == {}  # absent until given: resume keeps its
     with pytest.raises(ConfigError, match="rank must be a positive integer"):
-        lora_config_from_args(parser.parse_args(["--lora-rank", "0"]))
+        parsed("--lora-rank", "0")
 
 
 def test_adapter_for_another_shape_names_the_tensor(dirs, tmp_path):

@@ -17,6 +17,7 @@ from typing import Any
 from scratchlm.cli.options import add_lora_options, lora_config_from_args
 from scratchlm.cli.training_options import add_training_options, given_options, train_config
 from scratchlm.errors import ConfigError
+from scratchlm.finetune.lora_config import LoRAConfig
 from scratchlm.training.config import TrainConfig
 
 # Raschka ch. 6: AdamW lr 5e-5, weight decay 0.1, batch 8, 5 epochs, a constant rate (no warmup,
@@ -25,6 +26,7 @@ from scratchlm.training.config import TrainConfig
 CLASSIFY = TrainConfig(batch_size=8, lr=5e-5, lr_schedule="constant", warmup_steps=0, weight_decay=0.1,
                        beta2=0.999, grad_clip=None, max_epochs=5, eval_every="epoch", eval_batches=5,
                        log_every=10, seed=123, precision="fp32", device="cpu")
+CLASSIFY_LORA = LoRAConfig(rank=16, alpha=16.0)  # Raschka appendix E: rank 16, alpha 16
 SOURCES = {name: "Raschka ch. 6" for name in ("batch_size", "lr", "lr_schedule", "weight_decay", "max_epochs",
                                               "seed", "eval_batches")}
 
@@ -34,6 +36,7 @@ SOURCES = {name: "Raschka ch. 6" for name in ("batch_size", "lr", "lr_schedule",
 INSTRUCT = TrainConfig(batch_size=8, lr=5e-5, lr_schedule="constant", warmup_steps=0, weight_decay=0.1,
                        beta2=0.999, grad_clip=None, max_epochs=2, eval_every=5, eval_batches=5,
                        eval_at_start=True, log_every=5, seed=123, precision="fp32", device="cpu")
+INSTRUCT_LORA = LoRAConfig(rank=16, alpha=32.0)  # rank 16 as Burkov §5.5; alpha 2r, the usual choice
 INSTRUCT_SOURCES = {name: "Raschka ch. 7" for name in ("batch_size", "lr", "lr_schedule", "weight_decay",
                                                        "max_epochs", "seed", "eval_every", "eval_batches")}
 
@@ -67,7 +70,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                    help="the prompt of --as-text, with {text} where the text goes; the answer is ' LABEL' "
                         "and the end-of-text token (default: 'Predict label: {text}\\nLabel:', Burkov's "
                         "'Predict emotion: {text}\\nEmotion:' for any labels)")
-    add_lora_options(g, rank=16, alpha=16.0)
+    add_lora_options(g, CLASSIFY_LORA)
     add_training_options(p, CLASSIFY, items="examples", sources=SOURCES)
     _output(p, "classify")
     p.set_defaults(func=run_classify)
@@ -132,7 +135,7 @@ def _configure_instruct(sub: Any) -> None:
                    help="all: every weight (default; Raschka ch. 7); lora: LoRA adapters on every linear "
                         "layer of the blocks (Burkov §5.5); last-blocks N: the last N transformer blocks "
                         "and the final norm")
-    add_lora_options(g, rank=16, alpha=32.0)
+    add_lora_options(g, INSTRUCT_LORA)
     g.add_argument("--max-new-tokens", type=int, default=s, metavar="N",
                    help="tokens per greedy test response, written to RUN/test_responses.jsonl; 0: none "
                         "(default: 256; Raschka ch. 7)")
@@ -158,7 +161,7 @@ def run_classify(args: argparse.Namespace) -> int:
 
     given, run_dir, resume, tc = _start(args, "classify", CLASSIFY, "label<TAB>text lines, or JSONL")
     seed = tc.seed
-    lora = lora_config_from_args(argparse.Namespace(**given))  # a bad rank or alpha fails before loading
+    lora = lora_config_from_args(given, CLASSIFY_LORA)  # a bad rank or alpha fails before loading
     examples = read_labelled(given["data"])
     if "val_data" in given or "test_data" in given:
         train = balance(examples, seed) if given.get("balance", True) else examples
@@ -209,7 +212,7 @@ def run_instruct(args: argparse.Namespace) -> int:
     given, run_dir, resume, tc = _start(args, "instruct", INSTRUCT,
                                         "Alpaca JSON, prompt/completion or chat JSONL")
     mode, blocks = _train_mode(given.get("train", ["all"]))
-    lora = lora_config_from_args(argparse.Namespace(**given))
+    lora = lora_config_from_args(given, INSTRUCT_LORA)
     max_new = given.get("max_new_tokens", 256)
     if max_new < 0 or given.get("max_length", 1) < 1:
         raise ConfigError("--max-new-tokens must be ≥ 0 and --max-length ≥ 1", "pass e.g. --max-length 1024")

@@ -7,6 +7,8 @@ One place for their names, help texts and defaults, so the CLI, the API and the 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
+from typing import Any
 
 from scratchlm.api import DTYPES, LM, QUANT_DTYPES
 from scratchlm.finetune.lora_config import ALL_LINEAR, LoRAConfig
@@ -83,28 +85,33 @@ def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
     )
 
 
-def add_lora_options(parser: argparse.ArgumentParser, *, rank: int | None = None, alpha: float | None = None,
-                     dropout: float | None = None, targets: str | None = None) -> None:
+def add_lora_options(parser: argparse.ArgumentParser, defaults: LoRAConfig | None = None) -> None:
     """--lora-rank, --lora-alpha, --lora-dropout, --lora-targets (``lora_config_from_args``).
 
-    Defaults are ``LoRAConfig``'s (peft's) unless a command passes its own (a recipe's).
+    Defaults are ``defaults`` (a recipe's) or ``LoRAConfig``'s (peft's).  An option not given is
+    absent from the namespace (``argparse.SUPPRESS``), so a resumed run keeps the values it saved.
     """
-    d = LoRAConfig()
-    parser.add_argument("--lora-rank", type=int, default=d.rank if rank is None else rank, metavar="R",
-                        help="rank of each LoRA adapter (A is R x in, B is out x R)")
-    parser.add_argument("--lora-alpha", type=float, default=d.alpha if alpha is None else alpha,
-                        help="LoRA alpha: the update B A is scaled by alpha / rank, as in peft")
-    parser.add_argument("--lora-dropout", type=float, default=d.dropout if dropout is None else dropout,
-                        help="dropout on the adapters' input (the base layer sees the input unchanged)")
-    parser.add_argument("--lora-targets", default=",".join(d.targets) if targets is None else targets,
-                        metavar="NAMES",
+    d = defaults or LoRAConfig()
+    s = argparse.SUPPRESS
+    parser.add_argument("--lora-rank", type=int, default=s, metavar="R",
+                        help=f"rank of each LoRA adapter (A is R x in, B is out x R; default: {d.rank})")
+    parser.add_argument("--lora-alpha", type=float, default=s,
+                        help=f"LoRA alpha: the update B A is scaled by alpha / rank, as in peft "
+                        f"(default: {d.alpha:g})")
+    parser.add_argument("--lora-dropout", type=float, default=s,
+                        help="dropout on the adapters' input (the base layer sees the input unchanged; "
+                        f"default: {d.dropout:g})")
+    parser.add_argument("--lora-targets", default=s, metavar="NAMES",
                         help="comma-separated Hugging Face module names to adapt, as peft names them: "
                         "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj (Llama family), "
                         f"c_attn,attn.c_proj,c_fc,mlp.c_proj (GPT-2), lm_head; {ALL_LINEAR} = every linear "
-                        "layer of the blocks")
+                        f"layer of the blocks (default: {','.join(d.targets)})")
 
 
-def lora_config_from_args(args: argparse.Namespace) -> LoRAConfig:
-    """The ``LoRAConfig`` of ``add_lora_options``' options (a bad value is a one-line ConfigError)."""
-    return LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                      targets=args.lora_targets)
+def lora_config_from_args(given: Mapping[str, Any], defaults: LoRAConfig | None = None) -> LoRAConfig:
+    """The ``LoRAConfig`` of ``add_lora_options``' options given over ``defaults`` (a bad value is a
+    one-line ConfigError)."""
+    d = defaults or LoRAConfig()
+    return LoRAConfig(rank=given.get("lora_rank", d.rank), alpha=given.get("lora_alpha", d.alpha),
+                      dropout=given.get("lora_dropout", d.dropout),
+                      targets=given.get("lora_targets", d.targets))
