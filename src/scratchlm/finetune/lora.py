@@ -211,7 +211,12 @@ class LoRALinear(nn.Module):
         y = self.base(x)
         if self.merged or self.disabled:
             return y
-        return y + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
+        # y + scale · (A x) Bᵀ as one addmm: the product accumulates into y's copy, with no separate
+        # passes over [tokens, out] for the scaling and the sum
+        h = F.linear(self.dropout(x), self.lora_A)
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B.t(),
+                          alpha=self.scale)
+        return out.view(y.shape)
 
     def delta_weight(self) -> torch.Tensor:
         """scale · B A, [out, in], computed in fp32 and returned in the base weight's dtype."""
