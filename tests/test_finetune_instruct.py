@@ -20,7 +20,7 @@ from scratchlm.finetune.conversations import (
     prompt_ids,
     read_examples,
 )
-from scratchlm.finetune.instruct import LengthGrouped, PadCollate, encode_rows
+from scratchlm.finetune.instruct import LengthGrouped, PadCollate, encode_rows, instruct_loss
 from scratchlm.models.config import ModelConfig
 from scratchlm.models.transformer import Transformer
 from scratchlm.prompts import (
@@ -214,12 +214,31 @@ def test_masking_truncation_and_padding():
     assert max(map(len, cut.inputs)) == shortest - 2
     assert cut.targets[0][-1] != TOKENIZER.eos_id  # the end was cut off, the answer's start kept
     assert encode_rows(examples, style, TOKENIZER, max_length=5).dropped == len(examples)
-    batch = PadCollate(pad=0)([masked[0], masked[1]])
+    [batch] = PadCollate(pad=0, split=False)([masked[0], masked[1]])
     width = max(len(masked.inputs[0]), len(masked.inputs[1]))
     assert batch["input_ids"].shape == batch["labels"].shape == (2, width)
     short = min(0, 1, key=lambda r: len(masked.inputs[r]))
-    assert (batch["labels"][short, len(masked.inputs[short]):] == IGNORE_INDEX).all()
-    assert (batch["input_ids"][short, len(masked.inputs[short]):] == 0).all()
+    row = 1 if len(masked.inputs[short]) < width else 0  # rows are sorted longest first
+    assert (batch["labels"][row, len(masked.inputs[short]):] == IGNORE_INDEX).all()
+    assert (batch["input_ids"][row, len(masked.inputs[short]):] == 0).all()
+
+
+def test_a_batch_cut_in_two_length_groups_gives_the_whole_batchs_loss_and_gradients():
+    model = Transformer(tiny_config(TOKENIZER.vocab_size)).train()
+    rows = [([5] * n, [IGNORE_INDEX] * (n - 3) + [7, 8, 9]) for n in (40, 38, 9, 8, 7, 41)]
+    groups = PadCollate(pad=0)(rows)
+    [whole] = PadCollate(pad=0, split=False)(rows)
+    assert [g["input_ids"].shape for g in groups] == [(3, 41), (3, 9)]
+    results = []
+    for batch in (groups, [whole]):
+        model.zero_grad()
+        out = instruct_loss(model, batch)
+        out.loss_sum.backward()
+        grad = model.layers[0].mlp.up_proj.weight.grad.clone()
+        results.append((out.loss_sum.detach(), int(out.count), grad))
+    (a, n, ga), (b, m, gb) = results
+    assert n == m == 18 and torch.allclose(a, b, rtol=1e-6) and torch.allclose(ga, gb, rtol=1e-4, atol=1e-7)
+    assert len(PadCollate(pad=0)(rows[2:5])) == 1  # similar lengths: no cut
 
 
 def test_length_grouped_order_is_a_permutation_sorted_within_groups():
@@ -241,14 +260,15 @@ def test_masked_batch_loss_equals_transformers_labels_minus_100(tmp_path):
     ours = scratchlm.load(tmp_path, device="cpu").model.eval()
     examples = [read_examples_from(r) for r in alpaca_rows(3)]
     rows = encode_rows(examples, PROMPT_STYLES["alpaca"], TOKENIZER, max_length=200)
-    batch = PadCollate(pad=0)([rows[i] for i in range(3)])
+    [batch] = PadCollate(pad=0, split=False)([rows[i] for i in range(3)])
     out = next_token_loss(ours, batch)
     (out.loss_sum / out.count).backward()
     # transformers shifts labels itself: full sequences, -100 where not learned and on padding
     full = torch.cat([batch["input_ids"], torch.zeros(3, 1, dtype=torch.long)], dim=1)
     labels = torch.cat([torch.full((3, 1), -100), batch["labels"]], dim=1)
-    for r, (ids, _) in enumerate(rows):
-        full[r, len(ids)] = rows.targets[r][-1]
+    for r in range(3):
+        width = int((batch["labels"][r] != IGNORE_INDEX).nonzero().max()) + 1  # the row's real length
+        full[r, width] = batch["labels"][r, width - 1]
     expected = hf(full, labels=labels).loss
     expected.backward()
     assert abs(float((out.loss_sum / out.count).detach()) - float(expected.detach())) <= 1e-5
