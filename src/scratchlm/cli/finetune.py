@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from scratchlm.cli import finetune_dpo
 from scratchlm.cli.options import add_lora_options, lora_config_from_args
 from scratchlm.cli.training_options import add_training_options, given_options, train_config
 from scratchlm.errors import ConfigError
@@ -71,6 +72,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--overwrite", action="store_true", default=s,
                    help="replace the run dir --out if it already holds a run")
     p.set_defaults(func=run_classify)
+    finetune_dpo.add_parser(sub)
 
 
 def _fractions(text: str) -> list[float]:

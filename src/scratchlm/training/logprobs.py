@@ -62,3 +62,25 @@ def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor,
     """Per-row sums of ``token_logprobs`` over logits [B, T, V] and targets [B, T], with counts."""
     per_token = token_logprobs(logits, targets, ignore_index)
     return SequenceLogProbs(per_token.sum(dim=-1), (targets != ignore_index).sum(dim=-1))
+
+
+def completion_logprobs(model: torch.nn.Module, input_ids: torch.Tensor,
+                        targets: torch.Tensor) -> torch.Tensor:
+    """Per-row sums of ``log p(targets)`` for ids [B, T] with shifted targets [B, T] → float32 [B].
+
+    ``sequence_logprobs(model(input_ids), targets).sum``, computing logits only where a target
+    counts: for a decoder with ``return_hidden`` (``models.Transformer``, also inside a
+    ``DistributedDataParallel`` wrapper, whose forward it goes through) the head runs on the
+    hidden states of the target positions only.  DPO's completions are a fraction of its rows'
+    tokens, and the head (V × D) is the largest matrix of a small model.  Rows are right-padded:
+    causal attention never lets a real token see the padding after it, so no mask is needed.
+    """
+    from scratchlm.models.transformer import Transformer
+
+    module = getattr(model, "module", model)
+    if not isinstance(module, Transformer):
+        return sequence_logprobs(model(input_ids), targets).sum
+    hidden = model(input_ids, return_hidden=True)
+    rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+    picked = token_logprobs(module.lm_head(hidden[rows, cols]), targets[rows, cols])
+    return picked.new_zeros(input_ids.shape[0]).index_add(0, rows, picked)
