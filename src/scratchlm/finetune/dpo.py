@@ -216,6 +216,11 @@ def finetune_dpo(model: nn.Module, tokenizer: Tokenizer, recipe: DPORecipe, conf
     splits, too_long = {}, {}
     for name, part in (("train", recipe.train), ("val", recipe.val), ("test", recipe.test)):
         splits[name], too_long[name] = encode_pairs(part, tokenizer, max_length)
+    if sum(too_long.values()):
+        import sys
+
+        print(f"warning: {sum(too_long.values())} pairs have a prompt of {max_length} tokens or more and are "
+              "left out (nothing of their answers fits; counted in results.json)", file=sys.stderr)
     reference: FrozenReference | AdapterReference | None
     if recipe.precompute_ref:  # before anything trains: the starting model is its own reference
         frozen = FrozenReference(ref_model.to(next(model.parameters()).device) if ref_model else model)
