@@ -412,3 +412,55 @@ def test_encoded_pairs_collate_marks_only_completions():
     assert batch["targets"][0, :len(pair.prompt) - 1].eq(-100).all()
     assert batch["targets"][0, len(pair.prompt) - 1:len(row) - 1].tolist() == pair.chosen
     assert batch["lengths"].tolist() == [len(pair.chosen), len(pair.rejected)]
+
+
+# --- data parallelism ------------------------------------------------------------------------------
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, policy: str, run_dir: str) -> None:
+    from scratchlm.training import distributed
+
+    torch.set_num_threads(1)
+    ctx = distributed.init(rank, world, device="cpu", init_method=f"file://{init_file}")
+    try:
+        lm = scratchlm.load(policy)
+        finetune_dpo(lm.model, lm.tokenizer, DPORecipe(PAIRS * 2, PAIRS, PAIRS[:3]),
+                     _config(batch_size=2, max_steps=2, lr=1e-2, eval_every=1), run_dir=run_dir, dist=ctx)
+    finally:
+        distributed.shutdown(ctx)
+
+
+@pytest.mark.slow
+def test_two_processes_reduce_rewards_like_one(dirs, tmp_path):
+    """2 gloo processes × 2 pairs give the single process's 4-pair steps: the loss, every reward sum
+    (all-reduced with the loss) and the weights; the final splits are scored whole on both."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    run_dir = tmp_path / "ddp"
+    args = (2, str(tmp_path / "init"), str(dirs["policy"]), str(run_dir))
+    context = mp.start_processes(_ddp_worker, args=args, nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + 180
+    while not context.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the data-parallel workers did not finish")
+    lm = scratchlm.load(dirs["policy"])
+    single = finetune_dpo(lm.model, lm.tokenizer, DPORecipe(PAIRS * 2, PAIRS, PAIRS[:3]),
+                          _config(batch_size=4, max_steps=2, lr=1e-2, eval_every=1), run_dir=tmp_path / "one")
+    ddp = json.loads((run_dir / "results.json").read_text())
+    for key in ("eval_loss", "eval_rewards/chosen", "eval_rewards/margins", "eval_rewards/accuracies",
+                "test_loss", "test_rewards/rejected"):
+        assert ddp[key] == pytest.approx(single.figures[key], abs=1e-5), key
+
+    def train_records(path: Path) -> list[dict]:
+        records = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+        return [r for r in records if r["kind"] == "train"]
+
+    for ours, theirs in zip(train_records(run_dir), train_records(tmp_path / "one"), strict=True):
+        for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+            assert ours[key] == pytest.approx(theirs[key], abs=1e-5), key
+    weights = scratchlm.load(run_dir).model.state_dict()
+    assert max(float((weights[k] - v).abs().max()) for k, v in lm.model.state_dict().items()) <= 1e-4

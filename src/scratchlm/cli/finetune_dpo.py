@@ -117,6 +117,7 @@ def run_dpo(args: argparse.Namespace) -> int:
     from scratchlm.data.preference import drop_ties, read_preferences, split_pairs
     from scratchlm.finetune.dpo import DPORecipe, finetune_dpo
     from scratchlm.runtime import set_threads
+    from scratchlm.training import distributed
 
     set_threads(given.get("threads", 0))
     lm = load(given["model"], device=tc.device)
@@ -164,7 +165,8 @@ def run_dpo(args: argparse.Namespace) -> int:
         _clear(run_dir)
     try:
         result = finetune_dpo(lm.model, lm.tokenizer, recipe, tc, ref_model=ref_model,
-                              ref_tokenizer=ref_tokenizer, run_dir=run_dir, resume=resume)
+                              ref_tokenizer=ref_tokenizer, run_dir=run_dir, resume=resume,
+                              dist=distributed.from_env(tc.device))
     except KeyboardInterrupt:
         print(f"interrupted: checkpoint in {run_dir}; continue with: "
               f"scratchlm finetune dpo --resume {run_dir}", file=sys.stderr)

@@ -35,6 +35,7 @@ from scratchlm.finetune.lora_config import LoRAConfig
 from scratchlm.runtime import evaluating
 from scratchlm.tokenizers import Tokenizer
 from scratchlm.training.config import TrainConfig
+from scratchlm.training.distributed import DistContext
 from scratchlm.training.logprobs import IGNORE_INDEX, completion_logprobs
 from scratchlm.training.losses import DPO_LOSSES, DPOLoss
 from scratchlm.training.trainer import Trainer
@@ -190,11 +191,13 @@ def _eval_figures(prefix: str, totals: Any) -> dict[str, float]:
 
 def finetune_dpo(model: nn.Module, tokenizer: Tokenizer, recipe: DPORecipe, config: TrainConfig, *,
                  ref_model: nn.Module | None = None, ref_tokenizer: Tokenizer | None = None,
-                 run_dir: str | Path | None = None, resume: bool = False) -> DPOResult:
+                 run_dir: str | Path | None = None, resume: bool = False,
+                 dist: DistContext | None = None) -> DPOResult:
     """Preference-tune ``model`` with the one loop; evaluate on the validation and test splits.
 
     ``ref_model``: the reference (None: the starting model, frozen; with LoRA, ``model`` itself
     with its adapters off); ``ref_tokenizer``: its tokenizer, which must be the policy's.
+    ``dist``: the data-parallel group (``training.distributed.from_env`` under torchrun).
     Returns the figures of ``results.json``: ``eval_*`` (validation) and ``test_*`` (test) loss,
     rewards and log-probs, the split sizes and the wall time.
     """
@@ -211,6 +214,8 @@ def finetune_dpo(model: nn.Module, tokenizer: Tokenizer, recipe: DPORecipe, conf
         raise ConfigError("the reference model's tokenizer differs from the policy's, so it cannot score "
                           "the same token ids", "pass a --ref-model with the same tokenizer (or none)")
     torch.manual_seed(config.seed)  # LoRA's initial A follows the run's seed
+    device = dist.device if dist is not None else next(model.parameters()).device
+    model.to(device)  # where the trainer puts it, before a reference is copied from it or precomputed
     max_length = min(recipe.max_length or model.config.context_length, model.config.context_length)
     pad = _pad_id(tokenizer)
     splits, too_long = {}, {}
@@ -223,14 +228,14 @@ def finetune_dpo(model: nn.Module, tokenizer: Tokenizer, recipe: DPORecipe, conf
               "left out (nothing of their answers fits; counted in results.json)", file=sys.stderr)
     reference: FrozenReference | AdapterReference | None
     if recipe.precompute_ref:  # before anything trains: the starting model is its own reference
-        frozen = FrozenReference(ref_model.to(next(model.parameters()).device) if ref_model else model)
+        frozen = FrozenReference(ref_model.to(device) if ref_model is not None else model)
         for data in splits.values():
             precompute_reference(data, frozen, pad, config.batch_size)
         reference = ref_model = frozen = None  # every batch carries its ref_logps; a separate model goes
         gc.collect()
     elif ref_model is not None or recipe.mode == "all":
         ref_model = ref_model if ref_model is not None else copy.deepcopy(model)  # the starting model
-        reference = FrozenReference(ref_model.requires_grad_(False).to(next(model.parameters()).device))
+        reference = FrozenReference(ref_model.requires_grad_(False).to(device))
     else:
         reference = AdapterReference()
     groups = trainable_groups(model, recipe.mode, config.weight_decay, recipe.lora)
@@ -243,7 +248,8 @@ def finetune_dpo(model: nn.Module, tokenizer: Tokenizer, recipe: DPORecipe, conf
     trainer = Trainer(model, config, splits["train"], val_data=splits["val"] or None,
                       loss_fn=DPOLoss(recipe.beta, recipe.loss, reference), collate=PairCollate(pad),
                       parameters=groups, evaluator=evaluator, run_dir=run_dir, model_config=model.config,
-                      tokenizer=tokenizer, run_info={"manifest": manifest, "data": recipe.data_info})
+                      tokenizer=tokenizer, run_info={"manifest": manifest, "data": recipe.data_info},
+                      dist=dist)
     trainer.fit(resume=resume)
     figures: dict[str, Any] = {}
     for name, prefix in (("val", "eval"), ("test", "test")):
