@@ -291,6 +291,12 @@ def test_chat_form_renders_prompt_and_completion():
     implicit = to_pair({"chosen": item["prompt"] + item["chosen"],
                         "rejected": item["prompt"] + item["rejected"]}, "item 1")
     assert implicit == pair
+    raschka = to_pair({"instruction": "Hi?", "input": "", "chosen": "Yes.", "rejected": "No."}, "item 1",
+                      style=None)  # --template model: one user turn through the chat template
+    assert raschka == pair
+    alpaca = to_pair({"instruction": "Hi?", "input": "x", "chosen": "Yes.", "rejected": "No."}, "item 1")
+    assert alpaca.prompt.endswith("### Input:\nx\n\n### Response:\n")
+    assert alpaca.chosen == "Yes." and alpaca.eos
 
 
 # --- the CLI ---------------------------------------------------------------------------------------

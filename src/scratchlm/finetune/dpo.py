@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from torch import nn
 
 from scratchlm.data.preference import EncodedPair, PreferencePair, encode_pair
 from scratchlm.errors import ConfigError
+from scratchlm.finetune.classify import pad_id
 from scratchlm.finetune.lora_config import LoRAConfig
 from scratchlm.runtime import evaluating
 from scratchlm.tokenizers import Tokenizer
@@ -54,12 +56,6 @@ def encode_pairs(pairs: Sequence[PreferencePair], tokenizer: Tokenizer,
     encoded = [encode_pair(p, tokenizer, max_length) for p in pairs]
     kept = EncodedPairs(e for e in encoded if e.chosen and e.rejected)
     return kept, len(encoded) - len(kept)
-
-
-def _pad_id(tokenizer: Tokenizer) -> int:
-    from scratchlm.finetune.classify import pad_id
-
-    return pad_id(tokenizer)
 
 
 @dataclass
@@ -217,13 +213,11 @@ def finetune_dpo(model: nn.Module, tokenizer: Tokenizer, recipe: DPORecipe, conf
     device = dist.device if dist is not None else next(model.parameters()).device
     model.to(device)  # where the trainer puts it, before a reference is copied from it or precomputed
     max_length = min(recipe.max_length or model.config.context_length, model.config.context_length)
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     splits, too_long = {}, {}
     for name, part in (("train", recipe.train), ("val", recipe.val), ("test", recipe.test)):
         splits[name], too_long[name] = encode_pairs(part, tokenizer, max_length)
     if sum(too_long.values()):
-        import sys
-
         print(f"warning: {sum(too_long.values())} pairs have a prompt of {max_length} tokens or more and are "
               "left out (nothing of their answers fits; counted in results.json)", file=sys.stderr)
     reference: FrozenReference | AdapterReference | None
