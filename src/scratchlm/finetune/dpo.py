@@ -233,7 +233,7 @@ def finetune_dpo(model: nn.Module, tokenizer: Tokenizer, recipe: DPORecipe, conf
     else:
         reference = AdapterReference()
     groups = trainable_groups(model, recipe.mode, config.weight_decay, recipe.lora)
-    evaluator = LossEvaluator(unit="pairs", plot_metrics=("val_rewards/margins", "val_rewards/accuracies"),
+    evaluator = LossEvaluator(unit="pairs", plot_metrics=("train_rewards/margins", "val_rewards/margins"),
                               shown=("rewards/margins", "rewards/accuracies"))
     lora = recipe.mode == "lora"
     manifest = RunManifest(base_model=recipe.base_model if lora else None,
