@@ -28,8 +28,7 @@ from scratchlm.finetune.dpo import (  # noqa: E402
 from scratchlm.finetune.lora import LoRAConfig, disable_adapters  # noqa: E402
 from scratchlm.tokenizers.train_bpe import train_bpe  # noqa: E402
 from scratchlm.training.config import TrainConfig  # noqa: E402
-from scratchlm.training.logprobs import completion_logprobs, sequence_logprobs  # noqa: E402
-from scratchlm.training.losses import DPOLoss, preference_loss  # noqa: E402
+from scratchlm.training.losses import DPOLoss, pair_logprobs, preference_loss  # noqa: E402
 
 CORPUS = "a tiny corpus for a tiny tokenizer, tiny and fine. The answer is yes; the answer is no. " * 10
 TOKENIZER = train_bpe(CORPUS, 270, special_tokens=("<|endoftext|>",))
@@ -120,21 +119,20 @@ def test_tokenization_is_trls(dirs):
 
 
 def test_logprob_sums_loss_and_rewards_equal_transformers(dirs):
-    """Per-pair sums of one padded [chosen; rejected] batch equal unpadded transformers rows, and the
-    three losses and the rewards equal TRL's formulas over those sums."""
+    """Per-answer sums of one packed batch (each row: the prompt once, both answers, padding) equal
+    transformers on each prompt + answer alone, and the three losses and the rewards equal TRL's
+    formulas over those sums."""
     policy, ref = scratchlm.load(dirs["policy"]).model, scratchlm.load(dirs["ref"]).model
     hf_policy, hf_ref, tokenizer = _hf(dirs["policy"]), _hf(dirs["ref"]), _hf_tokenizer(dirs["policy"])
     batch = _batch()
     with torch.no_grad():
-        ours = completion_logprobs(policy, batch["input_ids"], batch["targets"])
-        plain = sequence_logprobs(policy(batch["input_ids"]), batch["targets"]).sum
+        ours = pair_logprobs(policy, batch)
     ids = [_trl_ids(tokenizer, p) for p in PAIRS]
     theirs = torch.tensor([_hf_sum(hf_policy, p, c) for p, c, _ in ids]
                           + [_hf_sum(hf_policy, p, r) for p, _, r in ids])
     theirs_ref = torch.tensor([_hf_sum(hf_ref, p, c) for p, c, _ in ids]
                               + [_hf_sum(hf_ref, p, r) for p, _, r in ids])
     assert (ours.double() - theirs).abs().max() <= TOL
-    assert (plain.double() - theirs).abs().max() <= TOL
     lengths = torch.tensor([len(c) for _, c, _ in ids] + [len(r) for _, _, r in ids], dtype=torch.float64)
     beta = 0.1
     chosen, rejected = (theirs - theirs_ref).chunk(2)
@@ -247,10 +245,10 @@ def test_lora_reference_is_the_policy_with_adapters_off(dirs, monkeypatch):
     base = scratchlm.load(dirs["policy"]).model
     with torch.no_grad():
         reference = loss_fn.reference(lm.model, batch)
-        tuned = completion_logprobs(lm.model, batch["input_ids"], batch["targets"])
-        expected = completion_logprobs(base, batch["input_ids"], batch["targets"])
+        tuned = pair_logprobs(lm.model, batch)
+        expected = pair_logprobs(base, batch)
         with disable_adapters(lm.model):
-            off = completion_logprobs(lm.model, batch["input_ids"], batch["targets"])
+            off = pair_logprobs(lm.model, batch)
     assert torch.equal(reference, off)
     assert (reference - expected).abs().max() <= TOL
     assert (tuned - expected).abs().max() > 1e-3  # the adapters learned something
@@ -410,14 +408,21 @@ def test_identical_answers_are_dropped_with_one_warning(dirs, tmp_path, run_cli)
     assert "14 train / 1 validation / 2 test pairs" in err
 
 
-def test_encoded_pairs_collate_marks_only_completions():
+def test_packed_row_holds_the_prompt_once_and_both_answers():
     pair = encode_pair(PAIRS[0], TOKENIZER)
-    batch = PairCollate(TOKENIZER.eos_id)(EncodedPairs([pair]))
-    row = pair.prompt + pair.chosen
-    assert batch["input_ids"].shape[0] == 2
-    assert batch["targets"][0, :len(pair.prompt) - 1].eq(-100).all()
-    assert batch["targets"][0, len(pair.prompt) - 1:len(row) - 1].tolist() == pair.chosen
-    assert batch["lengths"].tolist() == [len(pair.chosen), len(pair.rejected)]
+    p, c, r = len(pair.prompt), len(pair.chosen), len(pair.rejected)
+    batch = PairCollate(TOKENIZER.eos_id)(EncodedPairs([pair, encode_pair(PAIRS[2], TOKENIZER)]))
+    assert batch["input_ids"][0, :p + c + r].tolist() == pair.prompt + pair.chosen + pair.rejected
+    assert batch["position_ids"][0, :p + c + r].tolist() == [*range(p + c), *range(p, p + r)]
+    mask = batch["attention_mask"][0, 0]
+    assert not mask[p + c:p + c + r, p:p + c].any() and mask[p + c:p + c + r, :p].all()
+    rows, cols, targets, owners = batch["picks"]
+    chosen = (rows == 0) & (owners == 0)
+    rejected = (rows == 0) & (owners == 2)
+    assert targets[chosen].tolist() == pair.chosen and cols[chosen].tolist() == list(range(p - 1, p + c - 1))
+    assert targets[rejected].tolist() == pair.rejected
+    assert cols[rejected].tolist() == [p - 1, *range(p + c, p + c + r - 1)]
+    assert batch["lengths"][0::2].tolist() == [c, r]
 
 
 # --- data parallelism ------------------------------------------------------------------------------

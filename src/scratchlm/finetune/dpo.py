@@ -2,8 +2,8 @@
 DPO loss + a trainable set + the loss evaluator, over ``training.Trainer``.
 
 * **data** (``data.preference``): each pair tokenized as TRL does; a batch of P pairs is one
-  [2P, T] block, the P chosen rows then the P rejected ones, right-padded to the longest row,
-  with next-token targets on the completion tokens only (one forward for both answers);
+  forward of P packed rows, each the prompt once and both answers (``PairCollate``), right-padded
+  to the longest, with log-probabilities taken at the completion tokens only;
 * **loss**: ``training.losses.DPOLoss`` (sigmoid, IPO or hinge as TRL defines them); its reward
   sums are metrics, so ``metrics.jsonl`` carries ``rewards/*`` for training and validation;
 * **reference**: a separate frozen model (``--ref-model``, or a frozen copy of the starting
@@ -38,8 +38,7 @@ from scratchlm.runtime import evaluating
 from scratchlm.tokenizers import Tokenizer
 from scratchlm.training.config import TrainConfig
 from scratchlm.training.distributed import DistContext
-from scratchlm.training.logprobs import IGNORE_INDEX, completion_logprobs
-from scratchlm.training.losses import DPO_LOSSES, DPOLoss
+from scratchlm.training.losses import DPO_LOSSES, DPOLoss, pair_logprobs
 from scratchlm.training.trainer import Trainer
 
 TRAIN_MODES = ("all", "lora")
@@ -60,25 +59,43 @@ def encode_pairs(pairs: Sequence[PreferencePair], tokenizer: Tokenizer,
 
 @dataclass
 class PairCollate:
-    """P pairs → ``input_ids`` / ``targets`` [2P, T] (chosen rows, then rejected), ``lengths`` [2P],
-    and ``ref_logps`` [2P] when every pair has its reference log-probs."""
+    """P pairs → one packed row per pair: the prompt once, then the chosen answer, then the rejected one.
+
+    The rejected tokens take the positions that follow the prompt and do not see the chosen ones
+    (``attention_mask`` [P, 1, T, T], ``position_ids`` [P, T]), so each answer is computed exactly
+    as it would be alone after the prompt, while the prompt's tokens (most of a row in Raschka's
+    data) go through the model once instead of twice.  ``picks`` [4, N]: row, position, target
+    and owner of every completion token's log-probability (owners 0..P−1 the chosen answers,
+    P..2P−1 the rejected; the prompt's last position predicts the first token of both; with an
+    empty prompt the first token has no context and does not count, as in TRL).  Rows are
+    right-padded.  ``lengths`` [2P]: completion tokens; ``ref_logps`` [2P] when every pair has
+    its reference log-probs.
+    """
 
     pad: int
 
     def __call__(self, pairs: Sequence[EncodedPair]) -> dict[str, Any]:
-        rows = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
-        width = max(len(a) + len(b) for a, b in rows)
-        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
-        targets = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        for r, (prompt, completion) in enumerate(rows):
-            row = torch.as_tensor(prompt + completion)
-            ids[r, :len(row)] = row
-            # the logit at t predicts token t + 1: completion tokens from the prompt's last position on
-            # (with an empty prompt the first completion token has no context and does not count, as in TRL)
-            start = max(len(prompt) - 1, 0)
-            targets[r, start:len(row) - 1] = row[start + 1:]
-        batch = {"input_ids": ids, "targets": targets,
-                 "lengths": torch.tensor([len(c) for _, c in rows])}
+        n = len(pairs)
+        width = max(len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
+        ids = torch.full((n, width), self.pad, dtype=torch.long)
+        positions = torch.zeros((n, width), dtype=torch.long)
+        mask = torch.ones(width, width, dtype=torch.bool).tril().repeat(n, 1, 1, 1)
+        picks: list[tuple[int, int, int, int]] = []
+        for i, pair in enumerate(pairs):
+            p, c, r = len(pair.prompt), len(pair.chosen), len(pair.rejected)
+            ids[i, :p + c + r] = torch.as_tensor(pair.prompt + pair.chosen + pair.rejected)
+            positions[i, :p + c] = torch.arange(p + c)
+            positions[i, p + c:p + c + r] = torch.arange(p, p + r)
+            mask[i, 0, p + c:p + c + r, p:p + c] = False  # the rejected answer does not see the chosen
+            # the logit at a position scores the next token of its own sequence
+            chosen_from = [p - 1 + j for j in range(c)]
+            rejected_from = [p - 1] + [p + c + j - 1 for j in range(1, r)]
+            picks += [(i, at, tok, i) for at, tok in zip(chosen_from, pair.chosen, strict=True) if at >= 0]
+            picks += [(i, at, tok, n + i) for at, tok in zip(rejected_from, pair.rejected, strict=True)
+                      if at >= 0]
+        batch = {"input_ids": ids, "position_ids": positions, "attention_mask": mask,
+                 "picks": torch.tensor(picks, dtype=torch.long).T.contiguous(),
+                 "lengths": torch.tensor([len(p.chosen) for p in pairs] + [len(p.rejected) for p in pairs])}
         if all(p.ref is not None for p in pairs):
             refs = [p.ref for p in pairs]
             batch["ref_logps"] = torch.tensor([r[0] for r in refs] + [r[1] for r in refs])  # type: ignore[index]
@@ -94,7 +111,7 @@ class FrozenReference:
     @torch.no_grad()
     def __call__(self, policy: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         with evaluating(self.model):
-            return completion_logprobs(self.model, batch["input_ids"], batch["targets"])
+            return pair_logprobs(self.model, batch)
 
 
 @dataclass
@@ -107,7 +124,7 @@ class AdapterReference:
 
         module = getattr(policy, "module", policy)  # not through DDP: nothing to synchronise
         with evaluating(module), disable_adapters(module):
-            return completion_logprobs(module, batch["input_ids"], batch["targets"])
+            return pair_logprobs(module, batch)
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ never materialised (at V = 50k that would be the largest tensor of the step).  G
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -64,23 +65,21 @@ def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor,
     return SequenceLogProbs(per_token.sum(dim=-1), (targets != ignore_index).sum(dim=-1))
 
 
-def completion_logprobs(model: torch.nn.Module, input_ids: torch.Tensor,
-                        targets: torch.Tensor) -> torch.Tensor:
-    """Per-row sums of ``log p(targets)`` for ids [B, T] with shifted targets [B, T] → float32 [B].
 
-    ``sequence_logprobs(model(input_ids), targets).sum``, computing logits only where a target
-    counts: for a decoder with ``return_hidden`` (``models.Transformer``, also inside a
-    ``DistributedDataParallel`` wrapper, whose forward it goes through) the head runs on the
-    hidden states of the target positions only.  DPO's completions are a fraction of its rows'
-    tokens, and the head (V × D) is the largest matrix of a small model.  Rows are right-padded:
-    causal attention never lets a real token see the padding after it, so no mask is needed.
+def picked_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, picks: Sequence[torch.Tensor], n: int,
+                    **forward: torch.Tensor) -> torch.Tensor:
+    """Sums of chosen tokens' log-probabilities, computing logits only at the positions that count.
+
+    ``picks`` = (rows, cols, targets, owners), each [N]: the logit at ``(rows[k], cols[k])`` scores
+    ``targets[k]``, added to sum ``owners[k]`` of the ``n`` returned (float32).  A position may be
+    picked twice (two continuations of one prefix).  ``model`` is a decoder with ``return_hidden``
+    and ``lm_head`` (``models.Transformer``, also inside a ``DistributedDataParallel`` wrapper,
+    whose forward it goes through); ``forward``: its ``attention_mask`` / ``position_ids``.  The
+    head (V × D, the largest matrix of a small model) runs on the picked rows only, and no
+    [B, T, V] log-softmax is ever made.
     """
-    from scratchlm.models.transformer import Transformer
-
-    module = getattr(model, "module", model)
-    if not isinstance(module, Transformer):
-        return sequence_logprobs(model(input_ids), targets).sum
-    hidden = model(input_ids, return_hidden=True)
-    rows, cols = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
-    picked = token_logprobs(module.lm_head(hidden[rows, cols]), targets[rows, cols])
-    return picked.new_zeros(input_ids.shape[0]).index_add(0, rows, picked)
+    rows, cols, targets, owners = picks
+    hidden = model(input_ids, return_hidden=True, **forward)
+    head = getattr(model, "module", model).lm_head
+    picked = token_logprobs(head(hidden[rows, cols]), targets)
+    return picked.new_zeros(n).index_add(0, owners, picked)

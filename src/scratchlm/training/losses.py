@@ -200,14 +200,23 @@ class ReferenceLogProbs(Protocol):
     def __call__(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor: ...
 
 
+def pair_logprobs(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """The summed log-probabilities [2P] of the chosen then the rejected completions of a packed DPO
+    batch (``finetune.dpo.PairCollate``): one forward, logits at completion tokens only."""
+    from scratchlm.training.logprobs import picked_logprobs
+
+    return picked_logprobs(model, batch["input_ids"], batch["picks"], batch["lengths"].shape[0],
+                           attention_mask=batch["attention_mask"], position_ids=batch["position_ids"])
+
+
 @dataclass
 class DPOLoss:
-    """``loss_fn(model, batch)`` for DPO: the policy's completion log-probs in one forward over the
-    chosen and rejected rows of every pair, against the reference's, through ``preference_loss``.
+    """``loss_fn(model, batch)`` for DPO: the policy's completion log-probs of every pair in one
+    forward (``pair_logprobs``), against the reference's, through ``preference_loss``.
 
-    ``batch``: ``input_ids`` and shifted ``targets`` [2P, T] (completion tokens only, the rest
-    ``IGNORE_INDEX``), ``lengths`` [2P] (completion tokens), and either ``ref_logps`` [2P]
-    (precomputed) or nothing, and then ``reference(model, batch)`` gives them.
+    ``batch``: a packed batch of P pairs (``finetune.dpo.PairCollate``) with ``lengths`` [2P]
+    (completion tokens) and either ``ref_logps`` [2P] (precomputed) or nothing, and then
+    ``reference(model, batch)`` gives them.
     """
 
     beta: float = 0.1
@@ -215,9 +224,7 @@ class DPOLoss:
     reference: ReferenceLogProbs | None = None
 
     def __call__(self, model: torch.nn.Module, batch: dict[str, Any]) -> LossOutput:
-        from scratchlm.training.logprobs import completion_logprobs
-
-        policy = completion_logprobs(model, batch["input_ids"], batch["targets"])
+        policy = pair_logprobs(model, batch)
         reference = batch.get("ref_logps")
         if reference is None:
             if self.reference is None:
