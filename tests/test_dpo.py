@@ -15,7 +15,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import scratchlm  # noqa: E402
-from conftest import realistic_weights  # noqa: E402
+from conftest import ctrl_c_at, realistic_weights  # noqa: E402
 from scratchlm.data.preference import PreferencePair, encode_pair, split_pairs, to_pair  # noqa: E402
 from scratchlm.finetune.dpo import (  # noqa: E402
     AdapterReference,
@@ -359,6 +359,26 @@ def test_cli_trl_chat_form_lora_precomputed(dirs, tmp_path, run_cli):
     results = json.loads((run / "results.json").read_text())
     assert results["loss_type"] == "ipo" and results["precompute_ref"] is True
     assert scratchlm.load(run).model is not None
+
+
+@pytest.mark.parametrize("mode", ["all", "lora"])
+def test_cli_resume_continues_exactly(dirs, tmp_path, run_cli, mode):
+    """Ctrl-C after step 2 of 4, then --resume: the same results as the run never interrupted (the
+    reference is the starting model again: a fresh copy, or the base under the adapters)."""
+    data = tmp_path / "pairs.json"
+    data.write_text(json.dumps(_raschka_items()))
+    options = ["--data", data, "--train", mode, "--lora-rank", "4", "--lr", "1e-3", "--max-steps", "4",
+               "--batch-size", "2", "--eval-every", "2", "--eval-batches", "1", "--threads", "1"]
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    assert run_cli(*DPO, dirs["policy"], "--out", straight, *options)[0] == 0
+    with ctrl_c_at(2):
+        code, _, err = run_cli(*DPO, dirs["policy"], "--out", interrupted, *options)
+    assert code == 130 and f"--resume {interrupted}" in err
+    code, _, err = run_cli("finetune", "dpo", "--resume", interrupted)
+    assert code == 0, err
+    a, b = (json.loads((d / "results.json").read_text()) for d in (straight, interrupted))
+    for key in ("eval_loss", "eval_rewards/margins", "test_loss", "test_rewards/chosen"):
+        assert a[key] == b[key], key
 
 
 # --- bad inputs ------------------------------------------------------------------------------------

@@ -108,8 +108,9 @@ def run_dpo(args: argparse.Namespace) -> int:
     if not resume:
         given.setdefault("out", str(Path("runs") / f"dpo-{time.strftime('%Y%m%d-%H%M%S')}"))
     run_dir, saved = _run_dir(given)
-    if resume:
-        given = {**saved["cli"], **{k: v for k, v in given.items() if k != "resume"}}
+    if resume:  # the LoRA options always have a value (no SUPPRESS): the run's own shape wins
+        given = {**saved["cli"], **{k: v for k, v in given.items()
+                                    if k != "resume" and not (k.startswith("lora_") and k in saved["cli"])}}
     tc = train_config(given, DPO, saved=saved.get("training") if resume else None)
     lora = lora_config_from_args(argparse.Namespace(**given))
 
