@@ -428,6 +428,30 @@ def test_identical_answers_are_dropped_with_one_warning(dirs, tmp_path, run_cli)
     assert "14 train / 1 validation / 2 test pairs" in err
 
 
+@pytest.mark.parametrize("preset", ["tiny-gpt2", "tiny-llama"])
+def test_packed_sums_equal_each_answer_alone(preset):
+    """Learned positions (GPT-2) and rope (Llama) alike: the packed row scores each answer as the
+    prompt + answer row alone does."""
+    from scratchlm.models import build_model, from_preset
+    from scratchlm.training.logprobs import sequence_logprobs
+
+    torch.manual_seed(0)
+    model = realistic_weights(build_model(from_preset(preset, vocab_size=TOKENIZER.vocab_size,
+                                                      context_length=64)))
+    encoded = [encode_pair(p, TOKENIZER) for p in PAIRS]
+    with torch.no_grad():
+        packed = pair_logprobs(model, PairCollate(TOKENIZER.eos_id)(EncodedPairs(encoded)))
+        alone = []
+        for side in ("chosen", "rejected"):
+            for pair in encoded:
+                answer = getattr(pair, side)
+                ids = torch.tensor([pair.prompt + answer])
+                targets = torch.tensor([[-100] * (len(pair.prompt) - 1) + answer + [-100]])
+                alone.append(float(sequence_logprobs(model(ids), targets).sum[0]))
+    # float32 sums of ~100 nats: rounding of a few ulps; a wrong position or mask moves them by nats
+    torch.testing.assert_close(packed, torch.tensor(alone), rtol=2e-7, atol=TOL)
+
+
 def test_packed_row_holds_the_prompt_once_and_both_answers():
     pair = encode_pair(PAIRS[0], TOKENIZER)
     p, c, r = len(pair.prompt), len(pair.chosen), len(pair.rejected)
