@@ -167,10 +167,12 @@ class Transformer(nn.Module):
 
     def _embed(self, input_ids: torch.Tensor, past: int, position_ids: torch.Tensor | None) -> torch.Tensor:
         t = input_ids.shape[1]
-        end = past + t if position_ids is None else int(position_ids.max()) + 1
-        if end > self.config.context_length and self.embed_positions is not None:
-            raise ValueError(f"sequence of {end} tokens exceeds the context length "
-                             f"{self.config.context_length}")
+        if self.embed_positions is not None:  # a learned table has no row past the context
+            given = position_ids is not None and position_ids.numel() > 0
+            end = int(position_ids.max()) + 1 if given else past + t  # type: ignore[union-attr]
+            if end > self.config.context_length:
+                raise ValueError(f"sequence of {end} tokens exceeds the context length "
+                                 f"{self.config.context_length}")
         x = self.embed_tokens(input_ids)
         if self.embed_positions is not None:
             # Default positions: add a slice of the table, broadcast over the batch; its backward is
