@@ -116,14 +116,19 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.model).exists() or not DATA.exists():
         print(f"skipped: {args.model} or {DATA} not present (the shared folder is optional)")
         return 0
-    import scratchlm
-    from scratchlm.checkpoint.hf import save_hf
     from scratchlm.data.preference import read_preferences
 
     torch.set_num_threads(args.threads)
     pairs = read_preferences(DATA)[:args.batch * args.steps]
     rows = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs]
-    tmp = Path(tempfile.mkdtemp(prefix="dpo-trl-"))
+    with tempfile.TemporaryDirectory(prefix="dpo-trl-") as tmp:  # 1.7 GB of run dirs and exports
+        return measure(Path(tmp), pairs, rows, args)
+
+
+def measure(tmp: Path, pairs: list, rows: list[dict], args: argparse.Namespace) -> int:
+    import scratchlm
+    from scratchlm.checkpoint.hf import save_hf
+
     print(f"load average before: {os.getloadavg()[0]:.2f} (1 min), {os.cpu_count()} cores, "
           f"{args.threads} threads, {args.steps} steps of {args.batch} pairs")
     results: dict[str, tuple[list[float], float]] = {}
