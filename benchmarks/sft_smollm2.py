@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     import scratchlm
     from scratchlm.checkpoint.io import read_run_config
     from scratchlm.evaluation.rouge import rouge
-    from scratchlm.finetune.conversations import book_split, read_examples
+    from scratchlm.finetune.conversations import book_split, prompt_ids, read_examples
     from scratchlm.finetune.instruct import write_test_responses
     from scratchlm.prompts import template_style
     from scratchlm.runtime import set_threads
@@ -48,8 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     test = book_split(read_examples(cli["data"]))[2]
     out = run / "base_test_responses.jsonl"
     start = time.perf_counter()
-    write_test_responses(out, base.model, base.tokenizer, test, style, args.max_new_tokens,
-                         progress="base model answers")
+    prompts = [prompt_ids(example, style, base.tokenizer) for example in test]
+    records = [example.summary() for example in test]
+    write_test_responses(out, base.model, base.tokenizer, prompts, records, style.template,
+                         args.max_new_tokens, progress="base model answers")
     print(f"base model: {len(test)} answers in {time.perf_counter() - start:.0f} s", file=sys.stderr)
 
     evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

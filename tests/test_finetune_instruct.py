@@ -100,7 +100,8 @@ def test_the_three_forms_are_read_from_json_and_jsonl(tmp_path):
     assert completion[0].form == "completion" and completion[0].reference() == " yo"
     chat = read_examples(write_json(tmp_path / "m.jsonl", [CHAT], jsonl=True))
     assert chat[0].form == "chat" and chat[0].reference() == "The fox is quick."
-    assert chat[0].summary() == {"instruction": "how are you today?", "input": ""}
+    assert chat[0].summary() == {"instruction": "how are you today?", "input": "",
+                                 "reference": "The fox is quick."}
 
 
 @pytest.mark.parametrize("rows, message", [
@@ -315,7 +316,8 @@ def test_instruct_command_writes_the_run_chat_and_serve_use(run_cli, model_dir, 
 
 
 def test_lora_adapter_from_an_instruct_run_loads_in_peft(run_cli, tmp_path):
-    peft = pytest.importorskip("peft")
+    import peft
+
     base = tmp_path / "hf"
     tiny_hf_llama().save_pretrained(base)
     TOKENIZER.save(base)

@@ -14,8 +14,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from scratchlm.cli import finetune_common as common
+from scratchlm.cli import finetune_dpo
 from scratchlm.cli.options import add_lora_options, lora_config_from_args
-from scratchlm.cli.training_options import add_training_options, given_options, train_config
+from scratchlm.cli.training_options import add_training_options
 from scratchlm.errors import ConfigError
 from scratchlm.finetune.lora_config import LoRAConfig
 from scratchlm.training.config import TrainConfig
@@ -46,7 +48,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("classify", help="train a text classifier on a pretrained model",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     s = argparse.SUPPRESS
-    g = _model_and_data(p, data="labelled texts: TSV/CSV 'label<TAB>text' (header optional) or JSONL "
+    g = common.model_and_data(p, data="labelled texts: TSV/CSV 'label<TAB>text' (header optional) or JSONL "
                         '{"text", "label"}; labels may be any strings',
                         split="fractions of --data, shuffled with --seed "
                         "(default: 0.7,0.1,0.2; Raschka ch. 6)",
@@ -72,32 +74,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "'Predict emotion: {text}\\nEmotion:' for any labels)")
     add_lora_options(g, CLASSIFY_LORA)
     add_training_options(p, CLASSIFY, items="examples", sources=SOURCES)
-    _output(p, "classify")
+    common.output_options(p, "classify")
     p.set_defaults(func=run_classify)
     _configure_instruct(sub)
-
-
-def _model_and_data(p: argparse.ArgumentParser, *, data: str, split: str, separate: str
-                    ) -> argparse._ArgumentGroup:
-    """The options every finetuning method shares: the model, the data and its split."""
-    s = argparse.SUPPRESS
-    g = p.add_argument_group("model and data")
-    g.add_argument("--model", default=s, metavar="REF",
-                   help="the pretrained model: run dir, Hugging Face directory or hub id, or .gguf file")
-    g.add_argument("--data", default=s, metavar="FILE", help=data)
-    g.add_argument("--val-data", default=s, metavar="FILE", help=f"a separate validation file ({separate})")
-    g.add_argument("--test-data", default=s, metavar="FILE", help="a separate test file")
-    g.add_argument("--split", default=s, metavar="TRAIN,VAL,TEST", help=split)
-    return g
-
-
-def _output(p: argparse.ArgumentParser, method: str) -> None:
-    s = argparse.SUPPRESS
-    g = p.add_argument_group("output")
-    g.add_argument("--out", default=s, metavar="DIR",
-                   help=f"run dir to create (default: runs/{method}-TIMESTAMP)")
-    g.add_argument("--overwrite", action="store_true", default=s,
-                   help="replace the run dir --out if it already holds a run")
+    finetune_dpo.add_parser(sub)
 
 
 def _configure_instruct(sub: Any) -> None:
@@ -107,7 +87,7 @@ def _configure_instruct(sub: Any) -> None:
     p = sub.add_parser("instruct", help="instruction-tune a pretrained model (Alpaca, prompt/completion or "
                        "chat data)", description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = _model_and_data(p, data="instruction data, JSON list or JSONL: Alpaca "
+    g = common.model_and_data(p, data="instruction data, JSON list or JSONL: Alpaca "
                         '{"instruction", "input", "output"}, '
                         '{"prompt", "completion"} (used as written, end-of-text appended), or chat '
                         '{"messages": [{"role", "content"}, ...]} (every assistant turn is learned)',
@@ -140,26 +120,14 @@ def _configure_instruct(sub: Any) -> None:
                    help="tokens per greedy test response, written to RUN/test_responses.jsonl; 0: none "
                         "(default: 256; Raschka ch. 7)")
     add_training_options(p, INSTRUCT, items="examples", sources=INSTRUCT_SOURCES)
-    _output(p, "instruct")
+    common.output_options(p, "instruct")
     p.set_defaults(func=run_instruct)
-
-
-def _fractions(text: str) -> list[float]:
-    try:
-        fractions = [float(x) for x in text.split(",")]
-    except ValueError:
-        fractions = []
-    if len(fractions) != 3:
-        raise ConfigError(f"--split {text}: expected three fractions (train, validation, test) that add "
-                          "up to 1",
-                          "e.g. --split 0.7,0.1,0.2")
-    return fractions
 
 
 def run_classify(args: argparse.Namespace) -> int:
     from scratchlm.finetune.data import balance, label_set, read_labelled, split
 
-    given, run_dir, resume, tc = _start(args, "classify", CLASSIFY, "label<TAB>text lines, or JSONL")
+    given, run_dir, resume, tc = common.start(args, "classify", CLASSIFY, "label<TAB>text lines, or JSONL")
     seed = tc.seed
     lora = lora_config_from_args(given, CLASSIFY_LORA)  # a bad rank or alpha fails before loading
     examples = read_labelled(given["data"])
@@ -169,7 +137,7 @@ def run_classify(args: argparse.Namespace) -> int:
         test = read_labelled(given["test_data"]) if "test_data" in given else []
     else:
         pool = balance(examples, seed) if given.get("balance", True) else examples
-        train, val, test = split(pool, _fractions(given.get("split", "0.7,0.1,0.2")), seed)
+        train, val, test = split(pool, common.fractions(given.get("split", "0.7,0.1,0.2")), seed)
     labels = label_set(train, val, test)
 
     from scratchlm.finetune.classify import ClassifyRecipe, finetune_classifier
@@ -177,7 +145,7 @@ def run_classify(args: argparse.Namespace) -> int:
     from scratchlm.runtime import set_threads
 
     set_threads(given.get("threads", 0))
-    lm, base_ref, cli = _load_model(given, tc.device)
+    lm, base_ref, cli = common.load_model(given, tc.device)
     recipe = ClassifyRecipe(train, val, test, labels, mode=given.get("train", "last-block"), lora=lora,
                             max_length=given.get("max_length"), base_model=base_ref,
                             as_text=bool(given.get("as_text")),
@@ -195,9 +163,10 @@ def run_classify(args: argparse.Namespace) -> int:
           f"{len(train)} train / {len(val)} validation / {len(test)} test texts, --train {recipe.mode}, "
           f"run dir {run_dir}", file=sys.stderr)
     if not resume and given.get("overwrite"):
-        _clear(run_dir)
-    result = _interruptible(lambda: finetune_classifier(lm.model, lm.tokenizer, recipe, tc, run_dir=run_dir,
-                                                        resume=resume), "classify", run_dir)
+        common.clear(run_dir)
+    result = common.interruptible(lambda: finetune_classifier(lm.model, lm.tokenizer, recipe, tc,
+                                                              run_dir=run_dir, resume=resume),
+                                  "classify", run_dir)
     if result is None:
         return 130
     _report(result.figures, run_dir)
@@ -209,7 +178,7 @@ def run_instruct(args: argparse.Namespace) -> int:
     from scratchlm.finetune.instruct import InstructRecipe, encode_splits, finetune_instruct
     from scratchlm.prompts import template_style
 
-    given, run_dir, resume, tc = _start(args, "instruct", INSTRUCT,
+    given, run_dir, resume, tc = common.start(args, "instruct", INSTRUCT,
                                         "Alpaca JSON, prompt/completion or chat JSONL")
     mode, blocks = _train_mode(given.get("train", ["all"]))
     lora = lora_config_from_args(given, INSTRUCT_LORA)
@@ -222,11 +191,11 @@ def run_instruct(args: argparse.Namespace) -> int:
         val = read_examples(given["val_data"]) if "val_data" in given else []
         test = read_examples(given["test_data"]) if "test_data" in given else []
     else:
-        train, val, test = book_split(examples, _fractions(given.get("split", "0.85,0.05,0.1")))
+        train, val, test = book_split(examples, common.fractions(given.get("split", "0.85,0.05,0.1")))
     from scratchlm.runtime import set_threads
 
     set_threads(given.get("threads", 0))
-    lm, base_ref, cli = _load_model(given, tc.device)
+    lm, base_ref, cli = common.load_model(given, tc.device)
     style = template_style(given.get("template", "alpaca"), lm.chat_template)
     recipe = InstructRecipe(train, val, test, style, mode=mode, last_blocks=blocks, lora=lora,
                             mask_prompt=given.get("mask_prompt", True), max_length=given.get("max_length"),
@@ -241,9 +210,10 @@ def run_instruct(args: argparse.Namespace) -> int:
           f"run dir {run_dir}", file=sys.stderr)
     splits = encode_splits(recipe, lm.tokenizer, lm.config.context_length)
     if not resume and given.get("overwrite"):
-        _clear(run_dir)
-    result = _interruptible(lambda: finetune_instruct(lm.model, lm.tokenizer, recipe, tc, splits=splits,
-                                                      run_dir=run_dir, resume=resume), "instruct", run_dir)
+        common.clear(run_dir)
+    result = common.interruptible(lambda: finetune_instruct(lm.model, lm.tokenizer, recipe, tc, splits=splits,
+                                                            run_dir=run_dir, resume=resume),
+                                  "instruct", run_dir)
     if result is None:
         return 130
     figures = result.figures
@@ -273,77 +243,6 @@ def _train_mode(words: list[str]) -> tuple[str, int]:
     if len(rest) != 1 or not rest[0].isdigit() or int(rest[0]) < 1:
         raise ConfigError("--train last-blocks needs how many blocks", "e.g. --train last-blocks 2")
     return mode, int(rest[0])
-
-
-def _start(args: argparse.Namespace, method: str, defaults: TrainConfig, data_form: str
-           ) -> tuple[dict[str, Any], Path, bool, TrainConfig]:
-    """The options given (over a resumed run's saved ones), the run dir, whether it resumes, and the
-    training config; a missing model or data is an error before anything loads."""
-    given = given_options(args)
-    if "model" not in given and "resume" not in given:
-        raise ConfigError("no model to finetune", "pass --model REF (a run dir, HF model or .gguf file)")
-    if "data" not in given and "resume" not in given:
-        raise ConfigError("no training data", f"pass --data FILE ({data_form})")
-    resume = "resume" in given
-    run_dir, saved = _run_dir(given, method)
-    if resume:
-        given = {**saved["cli"], **{k: v for k, v in given.items() if k != "resume"}}
-    tc = train_config(given, defaults, saved=saved.get("training") if resume else None)
-    return given, run_dir, resume, tc
-
-
-def _load_model(given: dict[str, Any], device: str) -> tuple[Any, str, dict[str, Any]]:
-    """The model to finetune, the reference its run names as base, and the options the run saves."""
-    from scratchlm.api import load
-
-    lm = load(given["model"], device=device)
-    if lm.tokenizer is None:
-        raise ConfigError(f"{given['model']} has no tokenizer", "pass a model directory with tokenizer files")
-    base_ref = str(Path(given["model"]).resolve()) if Path(given["model"]).exists() else given["model"]
-    cli = {k: v for k, v in given.items() if k not in ("resume", "out", "overwrite", "threads", "func")}
-    return lm, base_ref, cli
-
-
-def _interruptible(train: Any, method: str, run_dir: Path) -> Any:
-    """``train()``, or None after a Ctrl-C, which leaves a checkpoint to resume from."""
-    try:
-        return train()
-    except KeyboardInterrupt:
-        print(f"interrupted: checkpoint in {run_dir}; continue with: scratchlm finetune {method} "
-              f"--resume {run_dir}", file=sys.stderr)
-        return None
-
-
-def _run_dir(given: dict[str, Any], method: str) -> tuple[Path, dict[str, Any]]:
-    """The run dir, and (resuming) the run's saved settings; a new --out must not hold another run."""
-    import time
-
-    from scratchlm.checkpoint.io import read_run_config
-
-    if "resume" in given:
-        run_dir = Path(given["resume"])
-        payload = read_run_config(run_dir)
-        cli = (payload.get("data") or {}).get("cli")
-        if not isinstance(cli, dict):
-            raise ConfigError(f"{run_dir} was not written by 'scratchlm finetune {method}'",
-                              "resume it with the command that wrote it")
-        return run_dir, {"cli": cli, "training": payload.get("training") or {}}
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(given["out"]) if "out" in given else Path("runs") / f"{method}-{stamp}"
-    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())) and not given.get("overwrite"):
-        raise ConfigError(f"{run_dir} already exists", f"continue it with --resume {run_dir}, replace it "
-                          "with --overwrite, or choose another --out")
-    return run_dir, {}
-
-
-def _clear(run_dir: Path) -> None:
-    """--overwrite: the old run goes only once every input has been checked."""
-    import shutil
-
-    if run_dir.is_dir():
-        shutil.rmtree(run_dir)
-    elif run_dir.exists():
-        run_dir.unlink()
 
 
 def _report(figures: dict[str, Any], run_dir: Path) -> None:

@@ -28,13 +28,14 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from scratchlm.errors import DataError, UserError
 from scratchlm.prompts import PromptStyle, check_messages, instruction_messages, render_chat
 from scratchlm.tokenizers import Tokenizer
 
 FORMS = ("alpaca", "completion", "chat")
+T = TypeVar("T")
 
 _FORM_HINT = ('give records as {"instruction", "input", "output"}, {"prompt", "completion"} or '
               '{"messages": [{"role", "content"}, ...]}')
@@ -63,18 +64,21 @@ class Example:
         return self.record["messages"][-1]["content"]
 
     def summary(self) -> dict[str, str]:
-        """``instruction`` and ``input`` of a test response record, whatever the form."""
+        """``instruction``, ``input`` and ``reference`` of a test response record, whatever the form."""
         if self.form == "alpaca":
-            return {"instruction": self.record["instruction"], "input": self.record.get("input") or ""}
-        if self.form == "completion":
-            return {"instruction": self.record["prompt"], "input": ""}
-        turns = self.record["messages"][:-1]
-        users = [m["content"] for m in turns if m["role"] == "user"]
-        return {"instruction": users[-1] if users else "", "input": ""}
+            asked = {"instruction": self.record["instruction"], "input": self.record.get("input") or ""}
+        elif self.form == "completion":
+            asked = {"instruction": self.record["prompt"], "input": ""}
+        else:
+            users = [m["content"] for m in self.record["messages"][:-1] if m["role"] == "user"]
+            asked = {"instruction": users[-1] if users else "", "input": ""}
+        return {**asked, "reference": self.reference()}
 
 
-def _records(path: Path) -> list[tuple[Any, str]]:
-    """The records of a JSON list or a JSON Lines file, each with its ``FILE:N`` location."""
+def read_records(path: str | Path) -> list[tuple[Any, str]]:
+    """The records of a JSON list or a JSON Lines file, each with its ``FILE:N`` location (the item's
+    number in a list, the line's in JSONL)."""
+    path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}", "check the path given to --data")
     try:
@@ -162,17 +166,18 @@ def check_example(record: Any, form: str, where: str) -> Example:
 def read_examples(path: str | Path) -> list[Example]:
     """Every record of an instruction file, checked (see the module docstring)."""
     path = Path(path)
-    records = _records(path)
+    records = read_records(path)
     if not records:
         raise DataError(f"{path} holds no records", "pass a file with instruction data")
     form = detect_form(*records[0])
     return [check_example(record, form, where) for record, where in records]
 
 
-def book_split(examples: Sequence[Example], fractions: Sequence[float] = (0.85, 0.05, 0.10)
-               ) -> tuple[list[Example], list[Example], list[Example]]:
+def book_split(examples: Sequence[T], fractions: Sequence[float] = (0.85, 0.05, 0.10)
+               ) -> tuple[list[T], list[T], list[T]]:
     """``(train, val, test)`` in file order as Raschka ch. 7 cuts it: the first ``train`` fraction,
-    then the ``test`` fraction, then the rest is validation (1,100 → 935 / 55 / 110)."""
+    then the ``test`` fraction, then the rest is validation (1,100 → 935 / 55 / 110).  Instruction
+    examples and preference pairs alike."""
     train_fraction, val_fraction, test_fraction = fractions
     if min(fractions) < 0 or train_fraction <= 0 or abs(sum(fractions) - 1) > 1e-6:
         raise DataError(f"split fractions {','.join(map(str, fractions))} must be ≥ 0 and add up to 1",

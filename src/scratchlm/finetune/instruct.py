@@ -22,7 +22,7 @@ line) and the validation and test losses go to ``results.json``.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -273,8 +273,11 @@ def finetune_instruct(model: nn.Module, tokenizer: Tokenizer, recipe: InstructRe
                     "train_time_s": round(time.perf_counter() - started, 2)})
     if run_dir is not None and trainer.dist.is_main and recipe.test and recipe.max_new_tokens > 0:
         answered = time.perf_counter()
-        write_test_responses(Path(run_dir) / RESPONSES_FILE, model, tokenizer, recipe.test, recipe.style,
-                             recipe.max_new_tokens, progress="test responses" if config.progress else None)
+        prompts = [prompt_ids(example, recipe.style, tokenizer) for example in recipe.test]
+        records = [example.summary() for example in recipe.test]
+        write_test_responses(Path(run_dir) / RESPONSES_FILE, model, tokenizer, prompts, records,
+                             recipe.style.template, recipe.max_new_tokens,
+                             progress="test responses" if config.progress else None)
         figures["responses_time_s"] = round(time.perf_counter() - answered, 2)
     figures["wall_time_s"] = round(time.perf_counter() - started, 2)
     if run_dir is not None and trainer.dist.is_main:
@@ -282,10 +285,12 @@ def finetune_instruct(model: nn.Module, tokenizer: Tokenizer, recipe: InstructRe
     return InstructResult(figures, trainer)
 
 
-def write_test_responses(path: Path, model: nn.Module, tokenizer: Tokenizer, examples: Sequence[Example],
-                         style: PromptStyle, max_new_tokens: int, *, progress: str | None = None) -> None:
-    """Answer each example's last turn greedily (batched through the serving engine) and write one
-    ``{"instruction", "input", "reference", "response"}`` record a line, atomically."""
+def write_test_responses(path: Path, model: nn.Module, tokenizer: Tokenizer, prompts: Sequence[Sequence[int]],
+                         records: Sequence[Mapping[str, str]], chat_template: str | None,
+                         max_new_tokens: int, *, progress: str | None = None) -> None:
+    """Answer each prompt (token ids) greedily, batched through the serving engine, stopping at the
+    template's end of turn, and write each record (``instruction``, ``input``, ``reference``) with
+    its ``response`` as one JSON line, atomically."""
     import json
 
     from scratchlm.api import LM
@@ -293,12 +298,10 @@ def write_test_responses(path: Path, model: nn.Module, tokenizer: Tokenizer, exa
     from scratchlm.runtime import evaluating
     from scratchlm.serving.engine import complete_all
 
-    lm = LM(model, tokenizer, model.config, style.template)
+    lm = LM(model, tokenizer, model.config, chat_template)
     params = lm.chat_params(None, {"temperature": 0.0, "max_new_tokens": max_new_tokens})
-    prompts = [prompt_ids(example, style, tokenizer) for example in examples]
     with evaluating(model):
         answers = complete_all(model, tokenizer, prompts, params, progress=progress)
-    lines = [json.dumps({**example.summary(), "reference": example.reference(),
-                         "response": answer.text.strip()}, ensure_ascii=False)
-             for example, answer in zip(examples, answers, strict=True)]
+    lines = [json.dumps({**record, "response": answer.text.strip()}, ensure_ascii=False)
+             for record, answer in zip(records, answers, strict=True)]
     write_text_atomic(path, "".join(line + "\n" for line in lines))

@@ -131,7 +131,9 @@ class Transformer(nn.Module):
 
         With ``cache``, the ids are the new tokens after ``cache.length`` cached ones.
         ``attention_mask`` [B, past + T] marks real tokens (1) and padding (0) over the whole
-        sequence so far; ``position_ids`` [B, T] default to past … past + T − 1.
+        sequence so far, or is the whole boolean mask [B, 1, T, past + T] (True = may attend; for
+        several sequences packed in one row, which must each see themselves); ``position_ids``
+        [B, T] default to past … past + T − 1.
         ``return_hidden`` returns the final normed hidden states instead of logits (for heads).
         """
         past = cache.length if cache is not None else 0
@@ -165,9 +167,12 @@ class Transformer(nn.Module):
 
     def _embed(self, input_ids: torch.Tensor, past: int, position_ids: torch.Tensor | None) -> torch.Tensor:
         t = input_ids.shape[1]
-        if past + t > self.config.context_length and self.embed_positions is not None:
-            raise ValueError(f"sequence of {past + t} tokens exceeds the context length "
-                             f"{self.config.context_length}")
+        if self.embed_positions is not None:  # a learned table has no row past the context
+            given = position_ids is not None and position_ids.numel() > 0
+            end = int(position_ids.max()) + 1 if given else past + t  # type: ignore[union-attr]
+            if end > self.config.context_length:
+                raise ValueError(f"sequence of {end} tokens exceeds the context length "
+                                 f"{self.config.context_length}")
         x = self.embed_tokens(input_ids)
         if self.embed_positions is not None:
             # Default positions: add a slice of the table, broadcast over the batch; its backward is
@@ -196,6 +201,8 @@ class Transformer(nn.Module):
         A query always sees itself, so rows of left padding never become all −∞ (NaN).  A mask
         without padding is dropped, so SDPA keeps its causal fast path.
         """
+        if attention_mask is not None and attention_mask.dim() == 4:  # the whole mask, as given
+            return attention_mask.bool()
         s = past + t
         if attention_mask is not None and bool(attention_mask[:, :s].all()):
             attention_mask = None

@@ -14,6 +14,7 @@ never materialised (at V = 50k that would be the largest tensor of the step).  G
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -62,3 +63,23 @@ def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor,
     """Per-row sums of ``token_logprobs`` over logits [B, T, V] and targets [B, T], with counts."""
     per_token = token_logprobs(logits, targets, ignore_index)
     return SequenceLogProbs(per_token.sum(dim=-1), (targets != ignore_index).sum(dim=-1))
+
+
+
+def picked_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, picks: Sequence[torch.Tensor], n: int,
+                    **forward: torch.Tensor) -> torch.Tensor:
+    """Sums of chosen tokens' log-probabilities, computing logits only at the positions that count.
+
+    ``picks`` = (rows, cols, targets, owners), each [N]: the logit at ``(rows[k], cols[k])`` scores
+    ``targets[k]``, added to sum ``owners[k]`` of the ``n`` returned (float32).  A position may be
+    picked twice (two continuations of one prefix).  ``model`` is a decoder with ``return_hidden``
+    and ``lm_head`` (``models.Transformer``, also inside a ``DistributedDataParallel`` wrapper,
+    whose forward it goes through); ``forward``: its ``attention_mask`` / ``position_ids``.  The
+    head (V × D, the largest matrix of a small model) runs on the picked rows only, and no
+    [B, T, V] log-softmax is ever made.
+    """
+    rows, cols, targets, owners = picks
+    hidden = model(input_ids, return_hidden=True, **forward)
+    head = getattr(model, "module", model).lm_head
+    picked = token_logprobs(head(hidden[rows, cols]), targets)
+    return picked.new_zeros(n).index_add(0, owners, picked)

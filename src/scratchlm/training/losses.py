@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
+from scratchlm.errors import ConfigError
 from scratchlm.training.logprobs import CHUNK_ELEMENTS, IGNORE_INDEX
 
 
@@ -163,3 +164,88 @@ def answer_loss(model: torch.nn.Module, batch: Any) -> LossOutput:
     loss = -scores.gather(1, labels[:, None]).sum()
     correct = (scores.detach().argmax(dim=-1) == labels).sum()
     return LossOutput(loss, labels.numel(), {"accuracy": correct})
+
+
+DPO_LOSSES = ("sigmoid", "ipo", "hinge")
+
+
+def preference_loss(policy: torch.Tensor, reference: torch.Tensor, beta: float, kind: str = "sigmoid",
+                    lengths: torch.Tensor | None = None) -> LossOutput:
+    """DPO's loss over pairs from the completions' summed log-probabilities, as TRL defines it.
+
+    ``policy`` / ``reference``: [2P] float, the P chosen completions then the P rejected ones
+    (one concatenated batch).  With the log-ratios ``c = π(y_w) − π_ref(y_w)`` and
+    ``r = π(y_l) − π_ref(y_l)`` and ``d = c − r``, a pair's loss is
+
+    * ``sigmoid`` (Rafailov et al. 2023): ``−log σ(β d)``;
+    * ``hinge`` (SLiC): ``max(0, 1 − β d)``;
+    * ``ipo`` (Azar et al. 2023): ``(c / n_w − r / n_l − 1 / (2β))²``, each log-ratio averaged over
+      its completion's tokens ``lengths`` [2P] (TRL's normalisation, confirmed by the authors).
+
+    Metrics (sums over the pairs): ``rewards/chosen`` = β c, ``rewards/rejected`` = β r,
+    ``rewards/margins`` = β d, ``rewards/accuracies`` = pairs with β c > β r, and the policy's
+    ``logps/chosen`` / ``logps/rejected``; an evaluator reports each as a mean per pair, which
+    are TRL's logged figures.
+    """
+    if beta <= 0:
+        raise ConfigError(f"beta must be positive, got {beta:g}", "pass --beta > 0 (the notebook's is 0.1)")
+    ratios = policy.float() - reference.float()
+    chosen, rejected = ratios.chunk(2)
+    delta = chosen - rejected
+    if kind == "sigmoid":
+        losses = -torch.nn.functional.logsigmoid(beta * delta)
+    elif kind == "hinge":
+        losses = torch.relu(1 - beta * delta)
+    elif kind == "ipo":
+        if lengths is None:
+            raise ValueError("the IPO loss needs the completion lengths")
+        n_chosen, n_rejected = lengths.float().clamp(min=1.0).chunk(2)
+        losses = (chosen / n_chosen - rejected / n_rejected - 1 / (2 * beta)) ** 2
+    else:
+        raise ConfigError(f"unknown DPO loss {kind!r}", f"use one of {', '.join(DPO_LOSSES)}")
+    rewards_chosen, rewards_rejected = beta * chosen.detach(), beta * rejected.detach()
+    logps_chosen, logps_rejected = policy.detach().float().chunk(2)
+    return LossOutput(losses.sum(), chosen.shape[0], {
+        "rewards/chosen": rewards_chosen.sum(), "rewards/rejected": rewards_rejected.sum(),
+        "rewards/margins": (rewards_chosen - rewards_rejected).sum(),
+        "rewards/accuracies": (rewards_chosen > rewards_rejected).sum(),
+        "logps/chosen": logps_chosen.sum(), "logps/rejected": logps_rejected.sum()})
+
+
+class ReferenceLogProbs(Protocol):
+    """The reference model's completion log-prob sums [2P] for a DPO batch (no gradient)."""
+
+    def __call__(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor: ...
+
+
+def pair_logprobs(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """The summed log-probabilities [2P] of the chosen then the rejected completions of a packed DPO
+    batch (``finetune.dpo.PairCollate``): one forward, logits at completion tokens only."""
+    from scratchlm.training.logprobs import picked_logprobs
+
+    return picked_logprobs(model, batch["input_ids"], batch["picks"], batch["lengths"].shape[0],
+                           attention_mask=batch["attention_mask"], position_ids=batch["position_ids"])
+
+
+@dataclass
+class DPOLoss:
+    """``loss_fn(model, batch)`` for DPO: the policy's completion log-probs of every pair in one
+    forward (``pair_logprobs``), against the reference's, through ``preference_loss``.
+
+    ``batch``: a packed batch of P pairs (``finetune.dpo.PairCollate``) with ``lengths`` [2P]
+    (completion tokens) and either ``ref_logps`` [2P] (precomputed) or nothing, and then
+    ``reference(model, batch)`` gives them.
+    """
+
+    beta: float = 0.1
+    kind: str = "sigmoid"
+    reference: ReferenceLogProbs | None = None
+
+    def __call__(self, model: torch.nn.Module, batch: dict[str, Any]) -> LossOutput:
+        policy = pair_logprobs(model, batch)
+        reference = batch.get("ref_logps")
+        if reference is None:
+            if self.reference is None:
+                raise ValueError("a DPO batch without ref_logps needs a reference")
+            reference = self.reference(model, batch)
+        return preference_loss(policy, reference, self.beta, self.kind, batch["lengths"])
