@@ -129,14 +129,18 @@ class AdapterReference:
 
 @torch.no_grad()
 def precompute_reference(data: EncodedPairs, reference: FrozenReference, pad: int,
-                         batch_size: int = 8) -> None:
+                         batch_size: int = 8, progress: str | None = None) -> None:
     """Store the reference's (chosen, rejected) log-prob sums in every pair of ``data``, in batches
-    sorted by length (little padding; right padding never changes a row's sums)."""
+    sorted by length (little padding; right padding never changes a row's sums).  ``progress``: a
+    description for a progress bar on stderr (None: no bar)."""
+    from tqdm.auto import tqdm
+
     device = next(reference.model.parameters()).device
     collate = PairCollate(pad)
     order = sorted(range(len(data)), key=lambda i: len(data[i].prompt) + max(len(data[i].chosen),
                                                                              len(data[i].rejected)))
-    for start in range(0, len(order), batch_size):
+    for start in tqdm(range(0, len(order), batch_size), desc=progress, disable=progress is None,
+                      unit="batch", leave=False):
         chunk = order[start:start + batch_size]
         batch = collate([EncodedPair(data[i].prompt, data[i].chosen, data[i].rejected) for i in chunk])
         sums = reference(reference.model, {k: v.to(device) for k, v in batch.items()}).tolist()
@@ -240,8 +244,9 @@ def finetune_dpo(model: nn.Module, tokenizer: Tokenizer, recipe: DPORecipe, conf
     reference: FrozenReference | AdapterReference | None
     if recipe.precompute_ref:  # before anything trains: the starting model is its own reference
         frozen = FrozenReference(ref_model.to(device) if ref_model is not None else model)
-        for data in splits.values():
-            precompute_reference(data, frozen, pad, config.batch_size)
+        for name, data in splits.items():
+            precompute_reference(data, frozen, pad, config.batch_size,
+                                 progress=f"{name}: reference log-probs, once" if config.progress else None)
         reference = ref_model = frozen = None  # every batch carries its ref_logps; a separate model goes
         gc.collect()
     elif ref_model is not None or recipe.mode == "all":
