@@ -116,9 +116,7 @@ def _configure_instruct(sub: Any) -> None:
                         "layer of the blocks (Burkov §5.5); last-blocks N: the last N transformer blocks "
                         "and the final norm")
     add_lora_options(g, INSTRUCT_LORA)
-    g.add_argument("--max-new-tokens", type=int, default=s, metavar="N",
-                   help="tokens per greedy test response, written to RUN/test_responses.jsonl; 0: none "
-                        "(default: 256; Raschka ch. 7)")
+    common.add_responses_option(g, "(what 'eval rouge' and 'eval judge' score)")
     add_training_options(p, INSTRUCT, items="examples", sources=INSTRUCT_SOURCES)
     common.output_options(p, "instruct")
     p.set_defaults(func=run_instruct)
@@ -174,7 +172,7 @@ def run_classify(args: argparse.Namespace) -> int:
 
 
 def run_instruct(args: argparse.Namespace) -> int:
-    from scratchlm.finetune.conversations import book_split, read_examples
+    from scratchlm.finetune.conversations import read_examples
     from scratchlm.finetune.instruct import InstructRecipe, encode_splits, finetune_instruct
     from scratchlm.prompts import template_style
 
@@ -185,13 +183,7 @@ def run_instruct(args: argparse.Namespace) -> int:
     max_new = given.get("max_new_tokens", 256)
     if max_new < 0 or given.get("max_length", 1) < 1:
         raise ConfigError("--max-new-tokens must be ≥ 0 and --max-length ≥ 1", "pass e.g. --max-length 1024")
-    examples = read_examples(given["data"])
-    if "val_data" in given or "test_data" in given:
-        train = examples
-        val = read_examples(given["val_data"]) if "val_data" in given else []
-        test = read_examples(given["test_data"]) if "test_data" in given else []
-    else:
-        train, val, test = book_split(examples, common.fractions(given.get("split", "0.85,0.05,0.1")))
+    train, val, test = common.book_splits(given, read_examples)
     from scratchlm.runtime import set_threads
 
     set_threads(given.get("threads", 0))
@@ -206,7 +198,7 @@ def run_instruct(args: argparse.Namespace) -> int:
 
         resolve_targets(lm.model, lora)
     print(f"instruction-tuning {lm.config.name} with the {style.name} template: {len(train)} train / "
-          f"{len(val)} validation / {len(test)} test examples ({examples[0].form} data), --train {mode}, "
+          f"{len(val)} validation / {len(test)} test examples ({train[0].form} data), --train {mode}, "
           f"run dir {run_dir}", file=sys.stderr)
     splits = encode_splits(recipe, lm.tokenizer, lm.config.context_length)
     if not resume and given.get("overwrite"):

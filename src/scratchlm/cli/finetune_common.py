@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from scratchlm.cli.training_options import given_options, train_config
 from scratchlm.errors import ConfigError
 from scratchlm.training.config import TrainConfig
+
+T = TypeVar("T")
 
 
 def model_and_data(p: argparse.ArgumentParser, *, data: str, split: str, separate: str
@@ -117,3 +120,22 @@ def clear(run_dir: Path) -> None:
         shutil.rmtree(run_dir)
     elif run_dir.exists():
         run_dir.unlink()
+
+
+def book_splits(given: dict[str, Any], read: Callable[[str], list[T]]) -> tuple[list[T], list[T], list[T]]:
+    """``(train, val, test)`` of ``--data`` in Raschka ch. 7's file order (``--split``), or, with
+    ``--val-data`` / ``--test-data``, all of ``--data`` for training and those files as given."""
+    from scratchlm.finetune.conversations import book_split
+
+    items = read(given["data"])
+    if "val_data" not in given and "test_data" not in given:
+        return book_split(items, fractions(given.get("split", "0.85,0.05,0.1")))
+    return (items, read(given["val_data"]) if "val_data" in given else [],
+            read(given["test_data"]) if "test_data" in given else [])
+
+
+def add_responses_option(group: argparse._ArgumentGroup, note: str) -> None:
+    """--max-new-tokens: the test split's greedy answers, written to RUN/test_responses.jsonl."""
+    group.add_argument("--max-new-tokens", type=int, default=argparse.SUPPRESS, metavar="N",
+                       help="tokens per greedy test response, written to RUN/test_responses.jsonl "
+                            f"{note}; 0: none (default: 256; Raschka ch. 7)")

@@ -74,9 +74,7 @@ def add_parser(subparsers: Any) -> None:
                    help="compute the reference's log-probabilities once for every pair before training, "
                         "then free the reference (each step runs only the policy)")
     add_lora_options(g, DPO_LORA)
-    g.add_argument("--max-new-tokens", type=int, default=s, metavar="N",
-                   help="tokens per greedy test response, written to RUN/test_responses.jsonl (the "
-                        "prompts instruction tuning answers too); 0: none (default: 256)")
+    common.add_responses_option(g, "(the prompts 'finetune instruct' answers, to compare the two)")
     add_training_options(p, DPO, items="pairs", sources=SOURCES)
     common.output_options(p, "dpo")
     p.set_defaults(func=run_dpo)
@@ -84,7 +82,6 @@ def add_parser(subparsers: Any) -> None:
 
 def run_dpo(args: argparse.Namespace) -> int:
     from scratchlm.data.preference import drop_ties, read_preferences
-    from scratchlm.finetune.conversations import book_split
     from scratchlm.finetune.dpo import DPORecipe, finetune_dpo
     from scratchlm.finetune.instruct import RESPONSES_FILE, write_test_responses
     from scratchlm.prompts import template_style
@@ -104,13 +101,7 @@ def run_dpo(args: argparse.Namespace) -> int:
     style = template_style(template, lm.chat_template)
     form = {"style": None if template == "model" else template, "chat_template": lm.chat_template,
             "bos_token": lm.tokenizer.bos_token, "eos_token": lm.tokenizer.eos_token}
-    pairs = read_preferences(given["data"], **form)
-    if "val_data" in given or "test_data" in given:
-        train = pairs
-        val = read_preferences(given["val_data"], **form) if "val_data" in given else []
-        test = read_preferences(given["test_data"], **form) if "test_data" in given else []
-    else:
-        train, val, test = book_split(pairs, common.fractions(given.get("split", "0.85,0.05,0.1")))
+    train, val, test = common.book_splits(given, lambda path: read_preferences(path, **form))
     ties = 0
     for part in (train, val, test):
         part[:], dropped = drop_ties(part)
