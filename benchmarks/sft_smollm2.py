@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import scratchlm
     from scratchlm.checkpoint.io import read_run_config
+    from scratchlm.data.instruction import book_split, prompt_ids, read_examples
     from scratchlm.evaluation.rouge import rouge
-    from scratchlm.finetune.conversations import book_split, prompt_ids, read_examples
     from scratchlm.finetune.instruct import write_test_responses
     from scratchlm.prompts import template_style
     from scratchlm.runtime import set_threads

@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train_examples(args: argparse.Namespace) -> list:
-    from scratchlm.finetune.conversations import book_split, read_examples
+    from scratchlm.data.instruction import book_split, read_examples
 
     return book_split(read_examples(args.data))[0][:args.steps * args.batch]
 

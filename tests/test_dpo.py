@@ -15,8 +15,8 @@ import transformers
 
 import scratchlm
 from conftest import ctrl_c_at, realistic_weights
+from scratchlm.data.instruction import book_split
 from scratchlm.data.preference import PreferencePair, encode_pair, to_pair
-from scratchlm.finetune.conversations import book_split
 from scratchlm.finetune.dpo import (
     AdapterReference,
     DPORecipe,

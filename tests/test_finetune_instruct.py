@@ -13,13 +13,13 @@ import transformers
 
 import scratchlm
 from scratchlm.api import LM
-from scratchlm.errors import ConfigError, DataError
-from scratchlm.finetune.conversations import (
+from scratchlm.data.instruction import (
     book_split,
     encode_example,
     prompt_ids,
     read_examples,
 )
+from scratchlm.errors import ConfigError, DataError
 from scratchlm.finetune.instruct import LengthGrouped, PadCollate, encode_rows, instruct_loss
 from scratchlm.models.config import ModelConfig
 from scratchlm.models.transformer import Transformer
@@ -169,7 +169,7 @@ def test_multi_turn_chat_learns_every_assistant_turn_and_its_end_only():
 
 
 def read_examples_from(record: dict):
-    from scratchlm.finetune.conversations import check_example, detect_form
+    from scratchlm.data.instruction import check_example, detect_form
 
     return check_example(record, detect_form(record, "x"), "x")
 

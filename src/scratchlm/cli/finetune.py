@@ -172,7 +172,7 @@ def run_classify(args: argparse.Namespace) -> int:
 
 
 def run_instruct(args: argparse.Namespace) -> int:
-    from scratchlm.finetune.conversations import read_examples
+    from scratchlm.data.instruction import read_examples
     from scratchlm.finetune.instruct import InstructRecipe, encode_splits, finetune_instruct
     from scratchlm.prompts import template_style
 

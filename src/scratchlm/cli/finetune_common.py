@@ -125,7 +125,7 @@ def clear(run_dir: Path) -> None:
 def book_splits(given: dict[str, Any], read: Callable[[str], list[T]]) -> tuple[list[T], list[T], list[T]]:
     """``(train, val, test)`` of ``--data`` in Raschka ch. 7's file order (``--split``), or, with
     ``--val-data`` / ``--test-data``, all of ``--data`` for training and those files as given."""
-    from scratchlm.finetune.conversations import book_split
+    from scratchlm.data.instruction import book_split
 
     items = read(given["data"])
     if "val_data" not in given and "test_data" not in given:

@@ -148,7 +148,7 @@ def read_preferences(path: str | Path, **form: Any) -> list[PreferencePair]:
     """Every item of the file as a ``PreferencePair`` (``form``: ``to_pair``'s keyword options).
 
     A bad item is a ``DataError`` naming the file and item (``FILE:N``)."""
-    from scratchlm.finetune.conversations import read_records
+    from scratchlm.data.instruction import read_records
 
     items = read_records(path)
     if not items:

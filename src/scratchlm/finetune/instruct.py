@@ -1,7 +1,7 @@
 """The instruction-tuning recipe (Raschka ch. 7, Burkov §5.3.3): conversations + masked next-token
 loss + a trainable set, over ``training.Trainer``.
 
-* **data**: ``finetune.conversations`` reads Alpaca, prompt/completion and chat files and renders
+* **data**: ``data.instruction`` reads Alpaca, prompt/completion and chat files and renders
   each example with a template into token ids and targets.  The targets are the assistant's turns
   (their end-of-turn token included, so the model learns to stop) when the prompt is masked,
   every token otherwise.  Batches are padded to their longest row; ``group_by_length`` batches
@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from scratchlm.data.instruction import Example, encode_example, prompt_ids
 from scratchlm.errors import ConfigError, DataError
-from scratchlm.finetune.conversations import Example, encode_example, prompt_ids
 from scratchlm.finetune.lora_config import LoRAConfig
 from scratchlm.prompts import PromptStyle
 from scratchlm.tokenizers import Tokenizer
