@@ -73,11 +73,12 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def plot_losses(records: Iterable[dict[str, Any]], path: str | Path, title: str = "",
-                extra: Sequence[str] = ()) -> Path:
+                extra: Sequence[str] = (), unit: str = "tokens") -> Path:
     """Train and validation loss against step, written atomically as a PNG (matplotlib, Agg backend).
 
     ``extra``: figures of the ``"eval"`` records drawn against a second axis on the right
-    (``val_accuracy``, ``val_rewards/margins``...).
+    (``val_accuracy``, ``val_rewards/margins``...).  ``unit``: what the loss is a mean over
+    (tokens: nats per token; examples, pairs: per example, per pair).
     """
     import matplotlib
 
@@ -100,7 +101,7 @@ def plot_losses(records: Iterable[dict[str, Any]], path: str | Path, title: str 
     if final:
         ax.plot(*zip(*final, strict=True), "*", color="tab:red", ms=10, label="validation, whole split")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats per token)")
+    ax.set_ylabel("loss (nats per token)" if unit == "tokens" else f"loss (per {unit.rstrip('s')})")
     ax.grid(alpha=0.3)
     lines = [(key, [(r["step"], r[key]) for r in evals if r.get(key) is not None]) for key in extra]
     lines = [(key, points) for key, points in lines if points]

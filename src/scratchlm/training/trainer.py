@@ -196,7 +196,7 @@ class Trainer:
                 name = getattr(self.model_config, "name", "")
                 plot_losses(read_metrics(self.run_dir / METRICS_FILE), self.run_dir / PLOT_FILE,
                             title=f"{name} · step {self.step} · {self.tokens:,} {self.evaluator.unit}",
-                            extra=self.evaluator.plot_metrics)
+                            extra=self.evaluator.plot_metrics, unit=self.evaluator.unit)
         distributed.barrier(self.dist)
 
     def check_resumable(self) -> ckpt.TrainState:
