@@ -170,6 +170,7 @@ def test_step_zero_is_ln2_with_zero_rewards(dirs, mode):
     assert abs(float(out.loss_sum) / out.count - math.log(2)) <= 1e-6
     for name in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
         assert abs(float(out.metrics[name])) <= 1e-6
+    assert float(out.metrics["rewards/accuracies"]) == 0  # TRL counts chosen > rejected strictly
 
 
 def test_beta_and_loss_type_are_checked():
