@@ -340,7 +340,7 @@ def test_lora_adapter_from_an_instruct_run_loads_in_peft(run_cli, tmp_path):
 
 
 def test_last_blocks_trains_only_those_blocks(model_dir):
-    from scratchlm.finetune.instruct import trainable_groups
+    from scratchlm.finetune.trainable import trainable_groups
 
     lm = scratchlm.load(model_dir)
     trainable_groups(lm.model, "last-blocks", 0.1, last_blocks=1)

@@ -223,7 +223,7 @@ def run_instruct(args: argparse.Namespace) -> int:
 
 def _train_mode(words: list[str]) -> tuple[str, int]:
     """``--train all|lora|last-blocks N`` as (mode, blocks)."""
-    from scratchlm.finetune.instruct import TRAIN_MODES
+    from scratchlm.finetune.trainable import TRAIN_MODES
 
     mode, rest = words[0], words[1:]
     if mode not in TRAIN_MODES:

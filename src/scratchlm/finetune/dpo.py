@@ -34,6 +34,7 @@ from scratchlm.data.preference import EncodedPair, PreferencePair, encode_pair
 from scratchlm.errors import ConfigError
 from scratchlm.finetune.classify import pad_id
 from scratchlm.finetune.lora_config import LoRAConfig
+from scratchlm.finetune.trainable import trainable_groups
 from scratchlm.runtime import evaluating
 from scratchlm.tokenizers import Tokenizer
 from scratchlm.training.config import TrainConfig
@@ -156,21 +157,6 @@ def same_tokenizer(policy: Tokenizer, reference: Tokenizer) -> bool:
     return all(policy.token_bytes(i) == reference.token_bytes(i) for i in range(policy.vocab_size))
 
 
-def trainable_groups(model: nn.Module, mode: str, weight_decay: float,
-                     lora: LoRAConfig | None = None) -> list[dict[str, Any]]:
-    """The optimizer's groups: every weight (matrices decayed), or LoRA adapters on ``model``."""
-    from scratchlm.finetune.lora import apply_lora, lora_param_groups
-    from scratchlm.training.optim import param_groups
-
-    if mode not in TRAIN_MODES:
-        raise ConfigError(f"unknown --train {mode!r}", f"use one of {', '.join(TRAIN_MODES)}")
-    if mode == "all":
-        model.requires_grad_(True)
-        return param_groups(model.parameters(), weight_decay)
-    apply_lora(model, lora or LoRAConfig(rank=16, alpha=16.0))
-    return lora_param_groups(model, weight_decay=0.0)
-
-
 @dataclass
 class DPORecipe:
     """Everything ``finetune_dpo`` needs besides the model and the training config."""
@@ -254,7 +240,7 @@ def finetune_dpo(model: nn.Module, tokenizer: Tokenizer, recipe: DPORecipe, conf
         reference = FrozenReference(ref_model.requires_grad_(False).to(device))
     else:
         reference = AdapterReference()
-    groups = trainable_groups(model, recipe.mode, config.weight_decay, recipe.lora)
+    groups = trainable_groups(model, recipe.mode, config.weight_decay, lora=recipe.lora)
     evaluator = LossEvaluator(unit="pairs", plot_metrics=("train_rewards/margins", "val_rewards/margins"),
                               shown=("rewards/margins", "rewards/accuracies"))
     lora = recipe.mode == "lora"

@@ -33,6 +33,7 @@ from torch import nn
 from scratchlm.data.instruction import Example, encode_example, prompt_ids
 from scratchlm.errors import ConfigError, DataError
 from scratchlm.finetune.lora_config import LoRAConfig
+from scratchlm.finetune.trainable import trainable_groups
 from scratchlm.prompts import PromptStyle
 from scratchlm.tokenizers import Tokenizer
 from scratchlm.training.config import TrainConfig
@@ -40,7 +41,6 @@ from scratchlm.training.logprobs import IGNORE_INDEX
 from scratchlm.training.losses import LossOutput, next_token_loss
 from scratchlm.training.trainer import Trainer
 
-TRAIN_MODES = ("all", "lora", "last-blocks")
 RESPONSES_FILE = "test_responses.jsonl"
 _MEGABATCH = 50  # batches per length-sorted group (transformers' LengthGroupedSampler uses 50 too)
 
@@ -142,31 +142,6 @@ def instruct_loss(model: nn.Module, groups: Sequence[dict[str, torch.Tensor]]) -
     """``next_token_loss`` summed over a batch's padded groups (``PadCollate``)."""
     outputs = [next_token_loss(model, group) for group in groups]
     return LossOutput(sum(out.loss_sum for out in outputs), sum(out.count for out in outputs))
-
-
-def trainable_groups(model: nn.Module, mode: str, weight_decay: float, *, last_blocks: int = 1,
-                     lora: LoRAConfig | None = None) -> list[dict[str, Any]]:
-    """Freeze the model, unfreeze what ``mode`` trains, and return the optimizer's groups."""
-    from scratchlm.training.optim import param_groups
-
-    if mode not in TRAIN_MODES:
-        raise ConfigError(f"unknown --train {mode!r}", f"use one of {', '.join(TRAIN_MODES)}")
-    if mode == "lora":
-        from scratchlm.finetune.lora import apply_lora, lora_param_groups
-
-        model.requires_grad_(False)
-        apply_lora(model, lora or LoRAConfig())
-        return lora_param_groups(model, weight_decay=0.0)
-    model.requires_grad_(mode == "all")
-    if mode == "last-blocks":
-        layers = model.layers
-        if not 1 <= last_blocks <= len(layers):
-            raise ConfigError(f"--train last-blocks {last_blocks}: the model has {len(layers)} blocks",
-                              f"pass a number from 1 to {len(layers)}")
-        for layer in layers[-last_blocks:]:
-            layer.requires_grad_(True)
-        model.norm.requires_grad_(True)
-    return param_groups([p for p in model.parameters() if p.requires_grad], weight_decay)
 
 
 @dataclass
