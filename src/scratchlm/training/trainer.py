@@ -60,7 +60,10 @@ class Trainer:
     """Train ``model`` on ``train_data`` with ``loss_fn``; write the run dir when ``run_dir`` is given.
 
     ``train_data`` / ``val_data``: map-style datasets (``len`` and ``[i]``); ``collate`` turns a
-    list of items into a batch for ``loss_fn(model, batch) -> LossOutput``.
+    list of items into a batch for ``loss_fn(model, batch) -> LossOutput``.  Each epoch visits
+    ``train_data`` in a random order seeded by the run's seed and the epoch, or in the order its
+    ``epoch_order(generator, global_batch) -> LongTensor`` (a permutation of its indices) draws
+    from that generator (``finetune.instruct.LengthGrouped``), so resuming replays it exactly.
     ``parameters``: the trainable set (default: every parameter with ``requires_grad``), or AdamW
     parameter groups (dicts with ``"params"`` and optionally ``"weight_decay"``).
     ``evaluator``: names the evaluation figures (default ``LossEvaluator``: losses and metric means).
