@@ -13,7 +13,7 @@ from scratchlm.errors import ConfigError, DataError
 from scratchlm.models import build_model, from_preset
 from scratchlm.runtime import resolve_precision
 from scratchlm.tokenizers import CharTokenizer
-from scratchlm.training import Budget, TrainConfig, Trainer, WarmupCosine, param_groups
+from scratchlm.training import Budget, TrainConfig, Trainer, WarmupDecay, param_groups
 from scratchlm.training.evaluators import LanguageModelEvaluator
 from scratchlm.training.logging import read_metrics
 
@@ -44,7 +44,7 @@ def tiny_model(vocab: int, context: int = 16, seed: int = 0, **overrides):
 
 
 def test_warmup_then_cosine_values():
-    s = WarmupCosine(lr=1e-3, min_lr=1e-4, warmup_steps=10)
+    s = WarmupDecay(lr=1e-3, min_lr=1e-4, warmup_steps=10)
     assert s(0, 0.0) == pytest.approx(1e-4)  # (0+1)/10 of the peak
     assert s(4, 0.0) == pytest.approx(5e-4)
     assert s(9, 0.0) == pytest.approx(1e-3)  # warmup ends at the peak
@@ -55,7 +55,12 @@ def test_warmup_then_cosine_values():
     values = [s(step, step / 100) for step in range(10, 101)]
     assert all(a >= b for a, b in zip(values, values[1:], strict=False))  # monotone after warmup
     with pytest.raises(ConfigError):
-        WarmupCosine(lr=1e-3, min_lr=2e-3)
+        WarmupDecay(lr=1e-3, min_lr=2e-3)
+    line = WarmupDecay(lr=1e-3, min_lr=1e-4, shape="linear")  # word2vec.c's straight-line decay
+    assert line(0, 0.0) == pytest.approx(1e-3) and line(25, 0.25) == pytest.approx(1e-3 - 0.25 * 9e-4)
+    assert line(100, 1.0) == pytest.approx(1e-4)
+    linear = TrainConfig(max_steps=4, lr_schedule="linear", min_lr=0.0, warmup_steps=0).schedule()
+    assert linear(2, 0.5) == pytest.approx(TrainConfig(max_steps=4).lr / 2)
 
 
 def test_budget_progress_is_the_first_limit_reached():

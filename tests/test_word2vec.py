@@ -90,3 +90,17 @@ def test_shakespeare_neighbours():
                                  "sister", "child"}) >= 2, near["father"]
     assert near["romeo"] & {"juliet", "nurse", "mercutio", "tybalt", "capulet", "benvolio", "montague",
                             "laurence", "paris"}, near["romeo"]
+
+
+def test_pairs_of_each_epoch_are_shuffled_among_themselves_in_epoch_order():
+    """The loop makes one pass over every epoch's pairs: each epoch's own pairs, then the next's."""
+    import numpy as np
+
+    from scratchlm.models.word2vec import SkipGramPairs
+
+    epochs = [np.full((5, 2), 0), np.full((3, 2), 1), np.full((4, 2), 2)]
+    data = SkipGramPairs(epochs)
+    order = data.epoch_order(torch.Generator().manual_seed(0), 2).tolist()
+    assert len(data) == 12 and sorted(order) == list(range(12))
+    assert [int(data[i][0]) for i in order] == [0] * 5 + [1] * 3 + [2] * 4
+    assert order[:5] != list(range(5))  # shuffled within the epoch

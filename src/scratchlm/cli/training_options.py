@@ -17,7 +17,7 @@ from typing import Any
 
 from scratchlm.errors import ConfigError
 from scratchlm.runtime import PRECISIONS
-from scratchlm.training.config import TrainConfig
+from scratchlm.training.config import SCHEDULES, TrainConfig
 
 # option name (as argparse stores it) -> TrainConfig field, where they differ
 FIELD = {"epochs": "max_epochs"}
@@ -68,9 +68,9 @@ def add_training_options(parser: argparse.ArgumentParser, defaults: TrainConfig,
     opt(g, "--batch-size", f"{items} per step and process", type=int, metavar="N")
     opt(g, "--grad-accum", "micro-batches accumulated per step", type=int, metavar="N")
     opt(g, "--lr", "peak learning rate (AdamW)", type=float)
-    opt(g, "--lr-schedule", "cosine: warmup, then decay to --min-lr over the budget; constant: --lr "
-        "after the warmup", choices=["cosine", "constant"])
-    opt(g, "--min-lr", "final learning rate of the cosine decay", shown="lr/10" if defaults.min_lr is None
+    opt(g, "--lr-schedule", "cosine: warmup, then a half-cosine decay to --min-lr over the budget; linear: "
+        "a straight-line decay instead; constant: --lr after the warmup", choices=list(SCHEDULES))
+    opt(g, "--min-lr", "final learning rate of the decay", shown="lr/10" if defaults.min_lr is None
         else None, type=float)
     opt(g, "--warmup-steps", "linear warmup steps", type=int, metavar="N")
     opt(g, "--weight-decay", "AdamW weight decay on matrices", type=float)

@@ -17,9 +17,9 @@ negatives more often than their frequency.  Two more tricks from the original:
   weights near neighbours more.
 
 ``window`` counts words on *each* side (word2vec's convention): Burkov's "window of 5" around
-"turing's" is ``window=2``.  Training is SGD on sparse embedding gradients, the learning rate
-decaying linearly to zero as in word2vec.c.  Everything random is drawn from generators seeded
-by ``seed``, so a run is reproducible.
+"turing's" is ``window=2``.  Training is the one loop of ``training/`` (``SkipGramPairs`` +
+``skipgram_loss`` + both tables): plain SGD, the learning rate decaying linearly to almost zero
+as in word2vec.c.  Everything random is seeded by ``seed``, so a run is reproducible.
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from scratchlm.errors import ConfigError, DataError
+from scratchlm.training import LossEvaluator, Trainer
+from scratchlm.training.config import TrainConfig
+from scratchlm.training.losses import LossOutput
 
 
 def skipgram_pairs(ids: Sequence[int] | np.ndarray, window: int) -> np.ndarray:
@@ -57,8 +60,8 @@ class SkipGramNS(nn.Module):
 
     def __init__(self, vocab_size: int, dim: int):
         super().__init__()
-        self.center = nn.Embedding(vocab_size, dim, sparse=True)
-        self.context = nn.Embedding(vocab_size, dim, sparse=True)
+        self.center = nn.Embedding(vocab_size, dim)
+        self.context = nn.Embedding(vocab_size, dim)
         nn.init.uniform_(self.center.weight, -0.5 / dim, 0.5 / dim)  # word2vec.c's start
         nn.init.zeros_(self.context.weight)
 
@@ -162,16 +165,13 @@ def train_word2vec(sentences: Sequence[Sequence[str]], config: Word2VecConfig | 
     streams = [s for s in streams if len(s) > 1]
 
     rng = np.random.default_rng(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = SkipGramNS(len(vocab), cfg.dim)
-    noise = torch.tensor(counts, dtype=torch.float64) ** 0.75
     freqs = counts / counts.sum()
     keep = None  # per-word probability of surviving subsampling
     if cfg.subsample:
         keep = np.minimum(1.0, (np.sqrt(freqs / cfg.subsample) + 1) * cfg.subsample / freqs)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
 
     def epoch_pairs() -> np.ndarray:
         chunks = []
@@ -189,28 +189,68 @@ def train_word2vec(sentences: Sequence[Sequence[str]], config: Word2VecConfig | 
                 chunks.append(np.stack([s[lo:hi][ok], s[lo + off:hi + off][ok]], axis=1))
         return np.concatenate(chunks) if chunks else np.zeros((0, 2), dtype=np.int64)
 
-    # the linear decay needs the total step count; pair counts vary a little per epoch, so estimate
-    first = epoch_pairs()
-    if len(first) == 0:
+    data = SkipGramPairs([epoch_pairs() for _ in range(cfg.epochs)])
+    if not len(data):
         raise DataError("no training pairs: every sentence has fewer than 2 known words",
                         "train on longer sentences or lower min_count")
-    per_epoch = math.ceil(len(first) / cfg.batch_size)
-    total = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
-    losses, step = [], 0
-    for epoch in range(cfg.epochs):
-        pairs = torch.from_numpy(first if epoch == 0 else epoch_pairs())
-        order = torch.randperm(len(pairs), generator=gen)
-        for start in range(0, len(pairs), cfg.batch_size):
-            if step >= total:
-                break
-            batch = pairs[order[start:start + cfg.batch_size]]
-            negs = torch.multinomial(noise, len(batch) * cfg.negatives, replacement=True, generator=gen)
-            for group in opt.param_groups:
-                group["lr"] = cfg.lr * max(1.0 - step / total, 1e-4)
-            opt.zero_grad()
-            loss = model(batch[:, 0], batch[:, 1], negs.view(len(batch), cfg.negatives))
-            loss.backward()
-            opt.step()
-            losses.append(loss.item() / len(batch))
-            step += 1
-    return Word2Vec(vocab, counts, model, cfg, losses)
+    losses: list[float] = []
+    noise = torch.tensor(counts, dtype=torch.float64) ** 0.75
+    trainer = Trainer(model, _train_config(cfg), data, loss_fn=skipgram_loss,
+                      collate=SkipGramCollate(noise, cfg.negatives), evaluator=LossEvaluator(unit="pairs"),
+                      callbacks=[lambda t: losses.append(t.last_loss)])
+    trainer.fit()
+    return Word2Vec(vocab, counts, model.eval(), cfg, losses)
+
+
+def _train_config(cfg: Word2VecConfig) -> TrainConfig:
+    """The loop's settings for word2vec.c's recipe: SGD whose rate decays linearly to 1e-4 of its
+    start over the run.  word2vec.c's rate is per pair and the loop averages the gradient over the
+    batch, so the loop's rate is ``lr × batch_size``: a full batch takes the same step."""
+    lr = cfg.lr * cfg.batch_size
+    return TrainConfig(batch_size=cfg.batch_size, lr=lr, min_lr=lr * 1e-4, lr_schedule="linear",
+                       warmup_steps=0, optimizer="sgd", weight_decay=0.0, grad_clip=None, max_epochs=1,
+                       max_steps=cfg.max_steps, eval_every=None, eval_batches=1, log_every=10**9,
+                       seed=cfg.seed, precision="fp32", device="cpu", progress=False)
+
+
+class SkipGramPairs:
+    """The (center, context) pairs of every epoch, drawn before training, as one dataset for the loop.
+
+    Each word2vec epoch subsamples and draws its dynamic windows anew, so epochs differ in their
+    pairs and their number; the loop makes one pass over all of them, and ``epoch_order`` shuffles
+    each epoch's pairs among themselves, keeping the epochs in order.
+    """
+
+    def __init__(self, epochs: Sequence[np.ndarray]):
+        self.pairs = torch.from_numpy(np.concatenate(epochs))
+        self.sizes = [len(e) for e in epochs]
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.pairs[i]
+
+    def epoch_order(self, generator: torch.Generator, batch: int) -> torch.Tensor:
+        starts = np.cumsum([0, *self.sizes[:-1]]).tolist()
+        return torch.cat([start + torch.randperm(size, generator=generator)
+                          for start, size in zip(starts, self.sizes, strict=True)])
+
+
+@dataclass
+class SkipGramCollate:
+    """A batch of pairs, with ``negatives`` noise words per pair drawn from ``noise`` (unigram counts
+    to the 3/4) by the loop's seeded random state, so a resumed run draws what it would have."""
+
+    noise: torch.Tensor
+    negatives: int
+
+    def __call__(self, items: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        pairs = torch.stack(list(items))
+        drawn = torch.multinomial(self.noise, len(pairs) * self.negatives, replacement=True)
+        return {"center": pairs[:, 0], "context": pairs[:, 1], "negatives": drawn.view(len(pairs), -1)}
+
+
+def skipgram_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
+    """The negative-sampling loss summed over the batch's pairs, and how many pairs."""
+    return LossOutput(model(batch["center"], batch["context"], batch["negatives"]), len(batch["center"]))

@@ -11,11 +11,11 @@ from scratchlm.training.evaluators import LanguageModelEvaluator, LossEvaluator,
 from scratchlm.training.logprobs import IGNORE_INDEX, SequenceLogProbs, sequence_logprobs, token_logprobs
 from scratchlm.training.losses import LossOutput, next_token_loss
 from scratchlm.training.optim import param_groups
-from scratchlm.training.schedule import Budget, WarmupCosine
+from scratchlm.training.schedule import Budget, WarmupDecay
 from scratchlm.training.trainer import Trainer
 
 __all__ = [
-    "Trainer", "TrainConfig", "TrainResult", "Budget", "WarmupCosine", "LossOutput", "next_token_loss",
+    "Trainer", "TrainConfig", "TrainResult", "Budget", "WarmupDecay", "LossOutput", "next_token_loss",
     "IGNORE_INDEX", "LossEvaluator", "LanguageModelEvaluator", "Totals", "SequenceLogProbs",
     "sequence_logprobs", "token_logprobs", "param_groups", "stack_collate",
 ]

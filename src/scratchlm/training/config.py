@@ -14,10 +14,10 @@ from typing import Any
 
 from scratchlm.errors import ConfigError
 from scratchlm.runtime import PRECISIONS
-from scratchlm.training.schedule import Budget, WarmupCosine
+from scratchlm.training.schedule import Budget, WarmupDecay
 
 OPTIMIZERS = ("adamw", "sgd")
-SCHEDULES = ("cosine", "constant")
+SCHEDULES = ("cosine", "linear", "constant")
 
 
 @dataclass
@@ -32,7 +32,7 @@ class TrainConfig:
     grad_accum: int = 1
     optimizer: str = "adamw"  # "adamw", or "sgd": plain SGD (Burkov's classifiers), decay as L2
     lr: float = 1e-3
-    lr_schedule: str = "cosine"  # "cosine": decay to min_lr over the budget; "constant": lr throughout
+    lr_schedule: str = "cosine"  # "cosine" / "linear": decay to min_lr over the budget; "constant": lr
     min_lr: float | None = None  # None: lr / 10 (cosine)
     warmup_steps: int = 100
     weight_decay: float = 0.1
@@ -100,11 +100,11 @@ class TrainConfig:
     def budget(self) -> Budget:
         return Budget(self.max_steps, self.max_epochs, self.max_tokens, self.max_time)
 
-    def schedule(self) -> WarmupCosine:
+    def schedule(self) -> WarmupDecay:
         if self.lr_schedule == "constant":
-            return WarmupCosine(self.lr, self.lr, self.warmup_steps)
+            return WarmupDecay(self.lr, self.lr, self.warmup_steps)
         min_lr = self.lr / 10 if self.min_lr is None else self.min_lr
-        return WarmupCosine(self.lr, min_lr, self.warmup_steps)
+        return WarmupDecay(self.lr, min_lr, self.warmup_steps, self.lr_schedule)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -69,12 +69,14 @@ class Budget:
 
 
 @dataclass(frozen=True)
-class WarmupCosine:
-    """Linear warmup over ``warmup_steps`` steps, times a cosine from ``lr`` to ``min_lr`` (progress 0→1)."""
+class WarmupDecay:
+    """Linear warmup over ``warmup_steps`` steps, times a decay from ``lr`` to ``min_lr`` as progress
+    goes 0→1: a half cosine (``shape`` "cosine"), or a straight line ("linear", word2vec.c's)."""
 
     lr: float
     min_lr: float
     warmup_steps: int = 0
+    shape: str = "cosine"
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -83,11 +85,16 @@ class WarmupCosine:
             raise ConfigError(f"min_lr {self.min_lr} must be between 0 and lr {self.lr}", "lower min_lr")
         if self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}", "pass 0 for no warmup")
+        if self.shape not in ("cosine", "linear"):
+            raise ConfigError(f"unknown decay {self.shape!r}", "use cosine or linear")
 
     def __call__(self, step: int, progress: float) -> float:
         """The learning rate for the update that takes the model from ``step`` to ``step + 1``."""
         progress = min(max(progress, 0.0), 1.0)
-        cosine = self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + math.cos(math.pi * progress))
+        if self.shape == "cosine":  # (written as it always was: the same float rounding, run for run)
+            rate = self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + math.cos(math.pi * progress))
+        else:
+            rate = self.min_lr + (self.lr - self.min_lr) * (1.0 - progress)
         if self.warmup_steps and step < self.warmup_steps:
-            return cosine * (step + 1) / self.warmup_steps
-        return cosine
+            return rate * (step + 1) / self.warmup_steps
+        return rate
