@@ -59,6 +59,25 @@ def build_items(n: int, choice_chars: int, seed: int, shots: int):
     return with_few_shot(items[shots:], items[:shots])
 
 
+def work_bound(model, encoded) -> dict[str, float]:
+    """FLOPs of the matrix products each side must do (attention's own products, a few percent at
+    these lengths, left out).  lm-eval runs context + choice (less its last token) once per choice
+    and projects every position onto the vocabulary; we run the context once per item, each
+    choice's tokens (less its last) after it, and project only the positions that predict a
+    choice token."""
+    body = sum(m.weight.numel() for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and name.startswith("layers."))
+    head = model.lm_head.weight.numel()
+    harness = ours = 0.0
+    for e in encoded:
+        for cont in e.continuations:
+            read = len(e.context) + len(cont) - 1
+            harness += 2 * read * (body + head)
+            ours += 2 * (len(cont) - 1) * body + 2 * len(cont) * head
+        ours += 2 * len(e.context) * body
+    return {"lm-eval": harness, "scratchlm": ours}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -117,6 +136,7 @@ def main() -> int:
             outputs[name] = fn()
             times[name].append(time.perf_counter() - start)
     diff = max(abs(a - b) for a, b in zip(outputs["lm-eval"], outputs["scratchlm"], strict=True))
+    bound = work_bound(lm.model, encoded)
     tokens = sum(len(e.context) + sum(map(len, e.continuations)) for e in encoded)
     print(f"SmolLM2-135M-Instruct fp32, {len(items)} items = {len(requests)} requests, {args.few_shot}-shot "
           f"({tokens} tokens with each context counted once per item), {args.threads} thread(s), "
@@ -127,6 +147,11 @@ def main() -> int:
     print(f"ratio lm-eval / scratchlm: {med['lm-eval'] / med['scratchlm']:.2f}x")
     if "per-request" in med:
         print(f"ratio per-request / lm-eval: {med['per-request'] / med['lm-eval']:.2f}x")
+    work = bound["lm-eval"] / bound["scratchlm"]
+    print(f"matrix-product work (2 x weights x tokens read, plus the vocabulary projection where computed): "
+          f"lm-eval {bound['lm-eval'] / 1e9:.0f} GFLOP, scratchlm {bound['scratchlm'] / 1e9:.0f} GFLOP: "
+          f"at equal speed per FLOP the ratio is {work:.2f}x, and the measured ratio is "
+          f"{med['lm-eval'] / med['scratchlm'] / work:.0%} of that")
     print(f"largest per-choice log-likelihood difference, scratchlm vs lm-eval: {diff:.2e}")
     if "per-request" in outputs:
         # The definition through our model, one sequence per request: what the model (not the

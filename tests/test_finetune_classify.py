@@ -12,10 +12,10 @@ import torch
 from conftest import ctrl_c_at
 from scratchlm.finetune.classify import Collate, cache_prefix, encode, trainable_set
 from scratchlm.finetune.data import LabelledText, balance, label_set, read_labelled, split
-from scratchlm.finetune.heads import SequenceClassifier, last_positions
+from scratchlm.finetune.heads import LabelText, SequenceClassifier, last_positions
 from scratchlm.models import build_model, from_preset
 from scratchlm.tokenizers import CharTokenizer
-from scratchlm.training.losses import classification_loss
+from scratchlm.training.losses import GroupedLoss, classification_loss
 
 HAM = ["see you at lunch", "ok i will call you later", "are we meeting today", "thanks for dinner",
        "running late sorry", "happy birthday to you"]
@@ -73,7 +73,7 @@ def test_the_cached_frozen_prefix_gives_the_plain_loss_and_gradients(tokenizer):
             items = encode(examples(12), tokenizer, ["ham", "spam"], 32)
             cache_prefix(model.base, items, chosen.frozen_blocks, pad=0, batch_size=5)
         collate = Collate(0, chosen.frozen_blocks if frozen else 0)
-        out = classification_loss(model, collate([items[i] for i in range(len(items))]))
+        out = GroupedLoss(classification_loss)(model, collate([items[i] for i in range(len(items))]))
         out.loss_sum.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         results.append((out.loss_sum.detach(), out.metrics["accuracy"], grads))
@@ -247,7 +247,6 @@ def test_classification_as_text_scores_are_the_answers_log_probabilities(tokeniz
     """LabelText's score of each label equals the summed log-probability of ' LABEL' + EOS after the
     prompt, computed on the whole model's logits; the cached prefix changes nothing."""
     from scratchlm.finetune.classify import encode_as_text
-    from scratchlm.finetune.heads import LabelText
     from scratchlm.training.logprobs import sequence_logprobs
     from scratchlm.training.losses import answer_loss
 
@@ -259,7 +258,7 @@ def test_classification_as_text_scores_are_the_answers_log_probabilities(tokeniz
     assert head.answer_ids[0][-1] == tok.eos_id
     data = encode_as_text(examples(4), tok, head, 64)
     assert len(data) == 4 and len(data.rows) == 8
-    batch = Collate(0)([data[i] for i in range(4)])
+    [batch] = Collate(0, split=False)([data[i] for i in range(4)])
     scores = head(batch["input_ids"], targets=batch["targets"])
     for i in range(4):
         for c in range(2):
@@ -271,7 +270,7 @@ def test_classification_as_text_scores_are_the_answers_log_probabilities(tokeniz
             torch.testing.assert_close(scores[i, c], direct.sum[0], rtol=1e-5, atol=1e-5)
     cached = encode_as_text(examples(4), tok, head, 64)
     cache_prefix(base, cached, 1, pad=0)
-    out = answer_loss(head, {**Collate(0, 1)([cached[i] for i in range(4)])})
+    out = GroupedLoss(answer_loss)(head, Collate(0, 1)([cached[i] for i in range(4)]))
     torch.testing.assert_close(out.loss_sum, -scores.gather(1, batch["labels"][:, None]).sum(), rtol=1e-5,
                                atol=1e-5)
 
@@ -294,3 +293,37 @@ def test_finetune_classify_as_text(run_cli, tmp_path, base_run):
     code, _, err = run_cli("finetune", "classify", "--model", base_run, "--data", data,
                            "--out", tmp_path / "y", *TRAIN, "--as-text", "--prompt-template", "no text")
     one_line(code, err, "{text}")
+
+
+@pytest.mark.parametrize("as_text", [False, True])
+def test_a_batch_cut_in_two_length_groups_gives_the_whole_batchs_loss_and_gradients(as_text):
+    """Classification batches cut by length (``Collate``'s default) sum to the one padded batch:
+    loss, accuracy and gradients, for a head and for classification as text."""
+    from scratchlm.finetune.classify import encode_as_text
+    from scratchlm.training.losses import answer_loss
+
+    tokenizer = CharTokenizer.from_text("win now ham spam Predict label: Label:\n",
+                                        special_tokens=("<|endoftext|>",))
+    texts = [LabelledText("win " * n + "now", "spam" if n % 2 else "ham") for n in (30, 2, 28, 1, 3, 2)]
+    results = []
+    for split_batch in (True, False):
+        torch.manual_seed(0)
+        base = build_model(from_preset("tiny-llama", vocab_size=tokenizer.vocab_size, context_length=64))
+        if as_text:
+            model = LabelText.build(base, ["ham", "spam"], "Predict label: {text}\nLabel:", tokenizer)
+            data, loss_fn = encode_as_text(texts, tokenizer, model, 64), answer_loss
+        else:
+            model, loss_fn = SequenceClassifier(base, ["ham", "spam"]), classification_loss
+            data = encode(texts, tokenizer, ["ham", "spam"], 64)
+        trainable_set(model, "all", 0.0)
+        groups = Collate(0, split=split_batch)([data[i] for i in range(len(data))])
+        assert len(groups) == (2 if split_batch else 1)
+        out = GroupedLoss(loss_fn)(model, groups)
+        out.loss_sum.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out.loss_sum.detach(), out.metrics["accuracy"], out.count, grads))
+    (loss_a, acc_a, n_a, grads_a), (loss_b, acc_b, n_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-5, atol=1e-6)
+    assert acc_a == acc_b and n_a == n_b == len(texts) and grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-6)

@@ -465,3 +465,32 @@ def test_convert_merge_adapter(dirs, tmp_path, run_cli):
                            "--merge-adapter")
     assert code == 0, err
     assert _max_diff(_logits(_hf(tmp_path / "out")), _logits(lm.model)) <= TOL
+
+
+def test_autocast_keeps_one_cast_of_the_frozen_weight_and_renews_it_when_the_weight_changes():
+    """Under bf16 autocast the frozen base weight is cast once and kept (autocast itself recasts frozen
+    weights at every call); the output is bit-equal to the plain autocast path, follows in-place
+    changes of the weight (merge), and the copy is dropped outside autocast."""
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(16, 8), rank=4, alpha=8)
+    torch.nn.init.normal_(layer.lora_B)
+    x = torch.randn(3, 16)
+
+    def plain() -> torch.Tensor:
+        y = layer.base(x)
+        return y + layer.scale * (x.to(y.dtype) @ layer.lora_A.t().to(y.dtype)) @ layer.lora_B.t().to(y.dtype)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        first = layer(x)
+        kept = layer._cast[2]
+        torch.testing.assert_close(layer(x), first, rtol=0, atol=0)
+        assert layer._cast[2] is kept and kept.dtype == torch.bfloat16  # cast once
+        torch.testing.assert_close(first, plain(), rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(layer.base(x), torch.nn.functional.linear(x, kept, layer.base.bias),
+                                   rtol=0, atol=0)  # the kept copy is autocast's own rounding
+        layer.merge()
+        merged = layer(x)
+        assert layer._cast[2] is not kept  # the weight changed in place: cast anew
+        torch.testing.assert_close(merged, layer.base(x), rtol=0, atol=0)
+    layer(x)
+    assert layer._cast is None

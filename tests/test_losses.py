@@ -7,8 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
 
-from scratchlm.training.losses import IGNORE_INDEX, cross_entropy_sum, split_lm_batch
+from scratchlm.training.losses import IGNORE_INDEX, LossOutput, cross_entropy_sum, split_lm_batch
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -36,3 +38,28 @@ def test_a_batch_is_a_pair_or_a_dict():
     for batch in ((inputs, labels), [inputs, labels], {"input_ids": inputs, "labels": labels}):
         x, y = split_lm_batch(batch)
         assert x is inputs and y is labels
+
+
+@given(st.lists(st.integers(1, 200), min_size=1, max_size=16))
+def test_length_groups_partition_the_batch_and_never_pad_more(lengths):
+    from scratchlm.data.collate import length_groups
+
+    groups = length_groups(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths))) and 1 <= len(groups) <= 2
+    padded = sum(len(g) * max(lengths[i] for i in g) for g in groups)
+    whole = len(lengths) * max(lengths)
+    if len(groups) == 2:
+        assert padded <= 0.9 * whole  # a cut must save a tenth of the padded tokens
+        assert min(lengths[i] for i in groups[0]) >= max(lengths[i] for i in groups[1])
+    else:
+        assert groups[0] == list(range(len(lengths)))  # one group keeps the items' order
+
+
+def test_grouped_loss_sums_every_field():
+    from scratchlm.training.losses import GroupedLoss
+
+    def fake(model, batch):
+        return LossOutput(torch.tensor(batch * 1.0), batch, {"accuracy": torch.tensor(batch // 2)})
+
+    out = GroupedLoss(fake)(None, [3, 4])
+    assert out.loss_sum.item() == 7.0 and out.count == 7 and out.metrics["accuracy"].item() == 3

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from scratchlm.errors import ConfigError
 from scratchlm.models import ModelConfig, build_model, from_preset, list_presets
-from scratchlm.models.attention import Attention, naive_attention
+from scratchlm.models.attention import Attention, grouped_attention, naive_attention
 from scratchlm.models.transformer import Transformer
 
 # A config for each code path the model tests need: GPT-2 (learned positions, LayerNorm, GELU,
@@ -90,6 +90,60 @@ def test_naive_attention_function_matches_sdpa_with_gqa_shapes_and_random_mask()
     mask[..., 0] = True  # every query sees at least one key
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     torch.testing.assert_close(naive_attention(q, k, v, mask), expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["causal", "mask"])
+@pytest.mark.parametrize("heads", [(4, 2), (4, 4)], ids=["gqa", "mha"])
+def test_grouped_attention_equals_naive_values_and_gradients(masked, heads):
+    """grouped_attention (bf16 CPU training's path) == naive_attention with repeated kv heads, fp32."""
+    torch.manual_seed(0)
+    h, hkv = heads
+    q = torch.randn(2, h, 5, 8, requires_grad=True)
+    k, v = torch.randn(2, hkv, 7, 8, requires_grad=True), torch.randn(2, hkv, 7, 8, requires_grad=True)
+    mask = None
+    if masked:
+        mask = torch.rand(2, 1, 5, 7) > 0.4
+        mask[..., 0] = True
+    results = []
+    for fn in (grouped_attention, lambda q, k, v, m: naive_attention(
+            q, k.repeat_interleave(h // hkv, dim=1), v.repeat_interleave(h // hkv, dim=1), m)):
+        out = fn(q, k, v, mask)
+        grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(), (q, k, v))
+        results.append((out, *grads))
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_bf16_cpu_training_takes_the_grouped_path_and_matches_the_reference():
+    """Under bf16 autocast with gradients, the fast path is grouped_attention (not torch's bf16 flash
+    kernel); the model's loss and gradients stay within bf16 rounding of the naive fp32 reference."""
+    import scratchlm.models.attention as attention
+
+    model = make_model(VARIANTS["llama-gqa"]).train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    calls = []
+    original = attention.grouped_attention
+    attention.grouped_attention = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast = model(ids).float().square().mean()
+    finally:
+        attention.grouped_attention = original
+    assert len(calls) == model.config.n_layer
+    fast_grads = torch.autograd.grad(fast, list(model.parameters()))
+    set_naive(model, True)
+    slow = model(ids).float().square().mean()
+    slow_grads = torch.autograd.grad(slow, list(model.parameters()))
+    torch.testing.assert_close(fast, slow, atol=2e-2, rtol=2e-2)
+    for a, b in zip(fast_grads, slow_grads, strict=True):
+        assert (a - b).norm() <= 0.05 * b.norm() + 1e-6
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        attention.grouped_attention = lambda *a, **k: calls.append(1) or original(*a, **k)
+        try:
+            model(ids)  # inference keeps torch's kernel
+        finally:
+            attention.grouped_attention = original
+    assert len(calls) == model.config.n_layer
 
 
 # -------------------------------------------------------------------------------------------

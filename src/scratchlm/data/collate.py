@@ -2,7 +2,8 @@
 
 A batch is whatever a loss function takes: a tensor, a tuple/list of tensors, or a dict of
 them (nested freely).  Objectives whose items have different lengths bring their own collate
-(padding, masks); these two helpers cover the fixed-shape case and the move to the device.
+(padding, masks); these helpers cover the fixed-shape case, the move to the device, and how a
+batch of rows of different lengths is cut into groups that pad less (``length_groups``).
 """
 
 from __future__ import annotations
@@ -34,3 +35,25 @@ def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, (tuple, list)):
         return type(batch)(to_device(v, device) for v in batch)
     return batch
+
+
+def length_groups(lengths: Sequence[int], min_saving: float = 0.1) -> list[list[int]]:
+    """A batch's item indices as one group or two, each to be padded to its own longest item.
+
+    Two groups (the items sorted longest first, cut where the padded size is smallest) where that
+    saves at least ``min_saving`` of the padded tokens; else one group in the items' order.  A
+    loss summed over the groups (``training.losses.GroupedLoss``) is the whole batch's, so the
+    cut changes the work, not the result.  Two, not more: each group costs a pass through the
+    model whatever its size, and a third saves less than that in random batches of the books'
+    data (docs/benchmarks.md, "LoRA classification").
+    """
+    n = len(lengths)
+    order = sorted(range(n), key=lambda i: -lengths[i])
+    longest = [lengths[i] for i in order]
+    whole = n * longest[0]
+    if n < 2:
+        return [list(range(n))]
+    cost, cut = min((k * longest[0] + (n - k) * longest[k], k) for k in range(1, n))
+    if cost > whole * (1 - min_saving):
+        return [list(range(n))]
+    return [order[:cut], order[cut:]]

@@ -3,7 +3,8 @@
 A recipe is a dataset, a loss, a trainable set and an evaluator over ``training.Trainer``:
 
 * **data**: each text tokenized and truncated from the left to the context (the end of a text is
-  what the last-token head reads), batched with right padding to the longest text of the batch;
+  what the last-token head reads), batched with right padding to the longest text of the batch
+  (or of each of its two length groups, where that saves padding: ``Collate``);
 * **loss**: ``training.losses.classification_loss`` (cross-entropy sum, correct predictions as the
   ``accuracy`` metric);
 * **trainable set** (``--train``): ``last-block`` (the book: the last transformer block, the final
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from scratchlm.data.collate import length_groups
 from scratchlm.errors import ConfigError
 from scratchlm.finetune.data import LabelledText
 from scratchlm.finetune.heads import DEFAULT_TEMPLATE, LabelText, SequenceClassifier
@@ -119,12 +121,24 @@ def pad_id(tokenizer: Tokenizer) -> int:
 @dataclass
 class Collate:
     """Right-pad a batch's rows to the longest: input_ids, attention_mask, labels (and, where the
-    examples have them, answer targets and prefix states)."""
+    examples have them, answer targets and prefix states).
+
+    The result is a list of padded groups: with ``split``, the examples may be cut into two groups
+    by length (``data.collate.length_groups``: random batches of SMS texts are half padding), which
+    ``GroupedLoss`` sums into the whole batch's loss; without, one group in the items' order.
+    """
 
     pad: int
     start_layer: int = 0
+    split: bool = True
 
-    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    def __call__(self, items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        if not self.split:
+            return [self._pad(items)]
+        groups = length_groups([max(map(len, item["rows"])) for item in items])
+        return [self._pad([items[i] for i in group]) for group in groups]
+
+    def _pad(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         rows = [row for item in items for row in item["rows"]]
         width = max(map(len, rows))
         ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
@@ -160,13 +174,13 @@ def cache_prefix(base: nn.Module, data: EncodedTexts, start_layer: int, pad: int
 
     hidden: list[torch.Tensor | None] = [None] * len(data.rows)
     order = sorted(range(len(data.rows)), key=lambda i: len(data.rows[i]))
-    collate = Collate(pad)
+    collate = Collate(pad, split=False)
     device = next(base.parameters()).device
     with evaluating(base):
         for start in tqdm(range(0, len(order), batch_size), desc=progress, disable=progress is None,
                           unit="batch", leave=False):
             rows = order[start:start + batch_size]
-            batch = collate([{"rows": [data.rows[i]], "label": 0} for i in rows])
+            [batch] = collate([{"rows": [data.rows[i]], "label": 0} for i in rows])
             states = base.hidden_states(batch["input_ids"].to(device), stop_layer=start_layer)
             for row, i in enumerate(rows):
                 hidden[i] = states[row, :len(data.rows[i])].clone()
@@ -225,12 +239,12 @@ def predict(model: SequenceClassifier | LabelText, tokenizer: Tokenizer, texts: 
     (for classification as text: over the labels' answer log-probabilities)."""
     examples = [LabelledText(t, model.labels[0]) for t in texts]
     data = encode_split(model, examples, tokenizer, model.config.context_length)
-    collate = Collate(pad_id(tokenizer))
+    collate = Collate(pad_id(tokenizer), split=False)
     device = next(model.parameters()).device
     model.eval()
     out: list[tuple[str, float]] = []
     for start in range(0, len(data), batch_size):
-        batch = collate([data[i] for i in range(start, min(start + batch_size, len(data)))])
+        [batch] = collate([data[i] for i in range(start, min(start + batch_size, len(data)))])
         inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
         probs = torch.softmax(model(**inputs).float(), dim=-1)
         best = probs.argmax(dim=-1)
@@ -287,7 +301,7 @@ def finetune_classifier(base: nn.Module, tokenizer: Tokenizer, recipe: ClassifyR
 
     from scratchlm.checkpoint.io import RunManifest, write_json_atomic
     from scratchlm.training import LossEvaluator
-    from scratchlm.training.losses import answer_loss, classification_loss
+    from scratchlm.training.losses import GroupedLoss, answer_loss, classification_loss
 
     started = time.perf_counter()
     torch.manual_seed(config.seed)  # the head's initial weights (and LoRA's) follow the run's seed
@@ -316,7 +330,7 @@ def finetune_classifier(base: nn.Module, tokenizer: Tokenizer, recipe: ClassifyR
                            adapter={"format": "peft", "path": "adapter"} if recipe.mode == "lora" else None)
     val = splits["val"] if len(splits["val"]) else None
     trainer = Trainer(classifier, config, splits["train"], val_data=val,
-                      loss_fn=answer_loss if recipe.as_text else classification_loss,
+                      loss_fn=GroupedLoss(answer_loss if recipe.as_text else classification_loss),
                       collate=Collate(pad, chosen.frozen_blocks),
                       parameters=chosen.groups, evaluator=evaluator, run_dir=run_dir,
                       model_config=base.config, tokenizer=tokenizer,

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from scratchlm.data.collate import length_groups
 from scratchlm.data.instruction import Example, encode_example, prompt_ids
 from scratchlm.errors import ConfigError, DataError
 from scratchlm.finetune.lora_config import LoRAConfig
@@ -38,7 +39,7 @@ from scratchlm.prompts import PromptStyle
 from scratchlm.tokenizers import Tokenizer
 from scratchlm.training.config import TrainConfig
 from scratchlm.training.logprobs import IGNORE_INDEX
-from scratchlm.training.losses import LossOutput, next_token_loss
+from scratchlm.training.losses import GroupedLoss, next_token_loss
 from scratchlm.training.trainer import Trainer
 
 RESPONSES_FILE = "test_responses.jsonl"
@@ -108,26 +109,17 @@ class PadCollate:
     ``IGNORE_INDEX``.  Right padding needs no attention mask: causal attention never lets a real
     token see the padding after it.
 
-    ``split``: the rows, sorted by length, may be cut into two groups, each padded to its own
-    longest, where that saves at least ``min_saving`` of the padded tokens (in random batches of
-    Raschka's data a fifth of the tokens are padding).  The result is a list of padded groups;
-    ``instruct_loss`` sums over them, so the loss and gradients are those of the whole batch.
+    ``split``: the rows may be cut into two groups by length (``data.collate.length_groups``; in
+    random batches of Raschka's data a fifth of the tokens are padding).  The result is a list of
+    padded groups; ``instruct_loss`` sums over them, so the loss and gradients are the whole batch's.
     """
 
     pad: int
     split: bool = True
-    min_saving: float = 0.1
 
     def __call__(self, items: Sequence[tuple[list[int], list[int]]]) -> list[dict[str, torch.Tensor]]:
-        items = sorted(items, key=lambda item: -len(item[0]))
-        lengths = [len(ids) for ids, _ in items]
-        whole = len(items) * lengths[0]
-        cost, cut = whole, len(items)
-        if self.split and len(items) > 1:
-            cost, cut = min((k * lengths[0] + (len(items) - k) * lengths[k], k) for k in range(1, len(items)))
-        if cost > whole * (1 - self.min_saving):
-            cut = len(items)
-        return [self._pad(group) for group in (items[:cut], items[cut:]) if group]
+        groups = length_groups([len(ids) for ids, _ in items]) if self.split else [list(range(len(items)))]
+        return [self._pad([items[i] for i in group]) for group in groups]
 
     def _pad(self, items: Sequence[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
         width = max(len(ids) for ids, _ in items)
@@ -138,10 +130,8 @@ class PadCollate:
         return {"input_ids": ids, "labels": labels}
 
 
-def instruct_loss(model: nn.Module, groups: Sequence[dict[str, torch.Tensor]]) -> LossOutput:
-    """``next_token_loss`` summed over a batch's padded groups (``PadCollate``)."""
-    outputs = [next_token_loss(model, group) for group in groups]
-    return LossOutput(sum(out.loss_sum for out in outputs), sum(out.count for out in outputs))
+#: ``next_token_loss`` summed over a batch's padded groups (``PadCollate``).
+instruct_loss = GroupedLoss(next_token_loss)
 
 
 @dataclass

@@ -198,6 +198,7 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.disabled = False
+        self._cast: tuple[torch.Tensor, int, torch.Tensor] | None = None  # see _base_forward
 
     @property
     def in_features(self) -> int:
@@ -208,7 +209,7 @@ class LoRALinear(nn.Module):
         return self.base.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        y = self._base_forward(x)
         if self.merged or self.disabled:
             return y
         # y + scale · (A x) Bᵀ as one addmm: the product accumulates into y's copy, with no separate
@@ -217,6 +218,22 @@ class LoRALinear(nn.Module):
         out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B.t(),
                           alpha=self.scale)
         return out.view(y.shape)
+
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``base(x)``; under autocast, with the frozen weight cast to autocast's dtype once and kept
+        rather than at every call (autocast keeps casts of tensors that require gradients only, so
+        it would cast every frozen base weight in every forward pass).  The kept copy is renewed
+        when the weight changes (merging, loading: its version counter) and dropped outside
+        autocast."""
+        base, device = self.base, x.device.type
+        if not (isinstance(base, nn.Linear) and torch.is_autocast_enabled(device)):
+            self._cast = None
+            return self.base(x)
+        weight, dtype = base.weight, torch.get_autocast_dtype(device)
+        kept = self._cast
+        if kept is None or kept[0] is not weight or kept[1] != weight._version or kept[2].dtype != dtype:
+            kept = self._cast = (weight, weight._version, weight.detach().to(dtype))
+        return F.linear(x, kept[2], base.bias)
 
     def delta_weight(self) -> torch.Tensor:
         """scale · B A, [out, in], computed in fp32 and returned in the base weight's dtype."""

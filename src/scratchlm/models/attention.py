@@ -137,9 +137,51 @@ class Attention(nn.Module):
             gqa = False
         if self.use_naive:
             y = naive_attention(q, k, v, mask, dropout, self.training)
-        elif mask is None:
-            # Plain causal attention; a single new query (cached decoding) may see every key.
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=t > 1, enable_gqa=gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)
+            y = attend(q, k, v, mask, dropout, gqa)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, h * hd))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+           dropout: float = 0.0, gqa: bool = False) -> torch.Tensor:
+    """The fast path: ``F.scaled_dot_product_attention`` (causal when ``mask`` is None; a single
+    new query, as in cached decoding, sees every key), except for bfloat16 training on the CPU,
+    which runs ``grouped_attention``: torch's CPU flash-attention backward in bfloat16 is slower
+    than plain matrix products on CPUs without AMX (docs/benchmarks.md, "LoRA training step").
+    Beyond ``GROUPED_MAX_SCORES`` query-key pairs flash attention's memory saving wins.
+    """
+    device = q.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else q.dtype
+    if (dtype == torch.bfloat16 and device == "cpu" and q.requires_grad
+            and q.shape[-2] * k.shape[-2] <= GROUPED_MAX_SCORES):
+        return grouped_attention(q, k, v, mask, dropout, training=dropout > 0)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=q.shape[-2] > 1,
+                                              enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)
+
+
+GROUPED_MAX_SCORES = 1024 * 1024
+
+
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                      dropout: float = 0.0, training: bool = False) -> torch.Tensor:
+    """``naive_attention`` for grouped-query heads without repeating k and v: the query heads
+    that share a kv head are one [group · T, d] matrix, so one product per kv head reads its keys
+    (and values) once.  Scores, mask and softmax in float32; products in the inputs' dtype.
+
+    q [B, H, T, d]; k, v [B, Hkv, S, d] with H a multiple of Hkv, query head j reading kv head
+    j // (H / Hkv) (``repeat_interleave``'s order); mask as for ``naive_attention``.
+    """
+    b, h, t, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    group = h // hkv
+    scores = (q.reshape(b, hkv, group * t, d) @ k.transpose(-2, -1)).view(b, hkv, group, t, s)
+    scores = scores.float() / math.sqrt(d)
+    if mask is None:
+        mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
+    else:
+        mask = mask[:, :, None]  # [B|1, 1, 1, T, S]: the same for every head
+    weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).to(q.dtype)
+    weights = F.dropout(weights, p=dropout, training=training)
+    return (weights.view(b, hkv, group * t, s) @ v).view(b, h, t, d)

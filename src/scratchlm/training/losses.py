@@ -13,6 +13,7 @@ pass still gets a float32 loss (``cross_entropy_sum``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -39,6 +40,23 @@ class LossOutput:
 
 class LossFn(Protocol):
     def __call__(self, model: torch.nn.Module, batch: Any) -> LossOutput: ...
+
+
+@dataclass(frozen=True)
+class GroupedLoss:
+    """``loss_fn`` over a batch that comes as a list of padded groups (``data.collate.length_groups``):
+    each group's ``LossOutput`` summed (loss, count and every metric), which is the whole batch's,
+    as every loss here is a sum over items."""
+
+    loss_fn: LossFn
+
+    def __call__(self, model: torch.nn.Module, groups: Sequence[Any]) -> LossOutput:
+        outputs = [self.loss_fn(model, group) for group in groups]
+        metrics: dict[str, torch.Tensor | float] = {}
+        for out in outputs:
+            for key, value in out.metrics.items():
+                metrics[key] = metrics[key] + value if key in metrics else value
+        return LossOutput(sum(out.loss_sum for out in outputs), sum(out.count for out in outputs), metrics)
 
 
 class _CrossEntropySum(torch.autograd.Function):
