@@ -4,6 +4,8 @@ loader (logits equal to ours) and by our own loader (round trip), for each weigh
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -197,6 +199,41 @@ def test_gpt2_export_loads_in_transformers_with_our_logits(tmp_path, variant):
     assert theirs.config.tie_word_embeddings == plain
     with torch.no_grad():
         assert (theirs(IDS).logits - ours.model(IDS)).abs().max() <= 1e-3
+
+
+@pytest.mark.parametrize(("arch", "pattern"), [("gpt2", "gpt2"), ("gpt2", "gpt4"), ("llama", "gpt2")])
+def test_export_runs_in_llama_cpp(tmp_path, arch, pattern):
+    """llama.cpp itself (llama-cpp-python, the bench extra, where built) loads the f16 file, its
+    vocabulary included (GPT-2's split as "gpt-2", cl100k as its nearest, "llama-bpe"), tokenizes as we
+    do and computes our logits from the same file: within 2e-2 on realistic weights (measured up to
+    7e-3: llama.cpp's GELU and attention round through fp16), where a swapped q/k moves them by 0.3."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python (a bench extra) is not built here")
+    import test_gguf
+    from conftest import realistic_weights
+    from scratchlm.checkpoint.gguf import save_gguf
+    from scratchlm.models.config import ModelConfig
+    from scratchlm.models.transformer import Transformer
+    from scratchlm.tokenizers.train_bpe import train_bpe
+
+    corpus = ["def f(x):\n    return x + 1\n", "a tiny corpus, tiny and fine.\n"] * 20
+    tok = train_bpe(corpus, 280, pattern=pattern)  # (the model's 300 rows: padded past the vocabulary)
+    model = realistic_weights(gpt2_model(tie_embeddings=False) if arch == "gpt2" else
+                              Transformer(ModelConfig(**dict(test_gguf.TINY, vocab_size=300))))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # cl100k's nearest name
+        path = save_gguf(model, model.config, tmp_path / "m.gguf", tok, quant="f16")
+    ours = scratchlm.load(path, device="cpu")
+    llm = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
+    try:
+        text = "def f(x):\n    return x + 12, tiny and fine"
+        ids = ours.tokenizer.encode(text)
+        assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids
+        llm.eval(ids)
+        theirs = torch.from_numpy(np.array(llm.scores[:len(ids)]))
+    finally:
+        llm.close()
+    with torch.no_grad():
+        assert (ours.model(torch.tensor([ids]))[0] - theirs).abs().max() <= 2e-2
 
 
 def test_export_refusals(run_dir, tmp_path, run_cli):

@@ -83,9 +83,11 @@ _FAST_FORMS = {
     SMOLLM2_PATTERN: r""" ?\p{L}+|\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+""",
 }
 
-#: llama.cpp's ``tokenizer.ggml.pre`` names -> the pattern the vocabulary was trained with.
+#: llama.cpp's ``tokenizer.ggml.pre`` names -> the pattern the vocabulary was trained with.  The
+#: first name of each pattern is the one our GGUF export writes: llama.cpp knows all of them but
+#: "gpt2" (GPT-2's is "gpt-2"; "gpt2" is read for files that use it anyway).
 GGUF_PRE_PATTERNS = {
-    "gpt2": GPT2_PATTERN, "gpt-2": GPT2_PATTERN,
+    "gpt-2": GPT2_PATTERN, "gpt2": GPT2_PATTERN,
     **dict.fromkeys(["llama3", "llama-v3", "llama-bpe", "smaug-bpe", "falcon3", "dbrx"], LLAMA3_PATTERN),
     **dict.fromkeys(["qwen2", "deepseek-r1-qwen", "megrez"], QWEN2_PATTERN),
     **dict.fromkeys(["gpt-4o", "llama4"], GPT4O_PATTERN),
