@@ -222,6 +222,61 @@ def test_tiny_model_round_trip(tmp_path, variant):
         torch.testing.assert_close(loaded(ids), model(ids), rtol=0, atol=1e-6)
 
 
+def gpt2_as_llama_cpp_converts_it(path: Path, model, matrix_type: str) -> Path:
+    """A transformers GPT-2 written as llama.cpp's convert_hf_to_gguf.py writes it, independently of our
+    exporter: names from gguf's own table for MODEL_ARCH.GPT2, Conv1D weights transposed to [out, in]
+    (q, k, v staying fused in attn_qkv), position table and 1-D tensors in F32, its metadata keys."""
+    config = model.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GPT2, config.n_layer)
+    conv1d = ("c_attn.weight", "c_proj.weight", "c_fc.weight")
+    tensors = {}
+    for hf_name, p in model.state_dict().items():
+        if hf_name == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # the tied head is the embedding
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        values = p.detach().numpy()
+        values = values.T if hf_name.endswith(conv1d) else values
+        kind = matrix_type if values.ndim == 2 and name != "position_embd.weight" else "F32"
+        tensors[name] = (np.ascontiguousarray(values), kind)
+
+    def metadata(writer):
+        writer.add_block_count(config.n_layer)
+        writer.add_context_length(config.n_positions)
+        writer.add_embedding_length(config.n_embd)
+        writer.add_feed_forward_length(4 * config.n_embd)
+        writer.add_head_count(config.n_head)
+        writer.add_layer_norm_eps(config.layer_norm_epsilon)
+
+    return write_gguf(path, "gpt2", tensors, metadata=metadata)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_gpt2_file_as_llama_cpp_writes_it_matches_transformers(tmp_path, tied):
+    """A gpt2-architecture file (llama.cpp's layout, not our exporter's) loads with the logits of the
+    transformers GPT-2 it was made from: fused q/k/v split in order, matrices not transposed twice."""
+    import transformers
+
+    from conftest import PARITY_ATOL, realistic_weights
+
+    config = transformers.GPT2Config(vocab_size=96, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                                     tie_word_embeddings=tied, bos_token_id=None, eos_token_id=None)
+    theirs = realistic_weights(transformers.GPT2LMHeadModel(config))
+    path = gpt2_as_llama_cpp_converts_it(tmp_path / "gpt2.gguf", theirs, "F32")
+    ours, _, ours_config = load_gguf(path)
+    assert (ours_config.positions, ours_config.norm, ours_config.mlp) == ("learned", "layernorm", "gelu")
+    assert ours_config.tie_embeddings == tied and ours_config.context_length == 64
+    ids = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = theirs(ids).logits
+        assert (ours(ids) - expected).abs().max().item() <= PARITY_ATOL
+        quantized = gpt2_as_llama_cpp_converts_it(tmp_path / "q8.gguf", theirs, "Q8_0")
+        packed, _, _ = load_gguf(quantized, packed=True)
+        dequantized, _, _ = load_gguf(quantized)
+        assert packed.layers[0].self_attn.qkv_proj.type_name == "Q8_0"  # the fused blocks kept whole
+        assert isinstance(packed.embed_positions, torch.nn.Embedding)  # a table the model slices
+        assert (packed(ids) - dequantized(ids)).abs().max().item() < 1e-4
+
+
 def test_unpermute_inverts_llama_cpp_permute():
     w = np.arange(24 * 5, dtype=np.float32).reshape(24, 5)
     for heads in (1, 2, 3):
@@ -358,8 +413,8 @@ def test_unsupported_type_names_it(tmp_path):
 
 
 def test_unsupported_architecture_lists_supported(tmp_path):
-    path = write_gguf(tmp_path / "g.gguf", "gpt2", {"token_embd.weight": (random_values(4, 32), "F32")})
-    with pytest.raises(CheckpointError, match=r"'gpt2' is not supported.*llama, qwen2, qwen3"):
+    path = write_gguf(tmp_path / "g.gguf", "falcon", {"token_embd.weight": (random_values(4, 32), "F32")})
+    with pytest.raises(CheckpointError, match=r"'falcon' is not supported.*llama, qwen2, qwen3, gpt2"):
         load_gguf(path)
 
 

@@ -310,10 +310,10 @@ def test_bad_gguf_files_are_one_line_with_dtype_gguf(tmp_path, run_cli):
     tensors = model_tensors(model, "llama")
     tensors["blk.0.ffn_up.weight"] = (tensors["blk.0.ffn_up.weight"][0], "MXFP4")
     write_gguf(tmp_path / "mx.gguf", "llama", tensors, model.config)
-    write_gguf(tmp_path / "g.gguf", "gpt2", {"token_embd.weight": (random_values(4, 32), "F32")})
+    write_gguf(tmp_path / "g.gguf", "falcon", {"token_embd.weight": (random_values(4, 32), "F32")})
     for name, message in (("cut", "past the end of the file"),
                           ("mx", "blk.0.ffn_up.weight is stored as MXFP4"),
-                          ("g", "GGUF architecture 'gpt2' is not supported")):
+                          ("g", "GGUF architecture 'falcon' is not supported")):
         code, out, err = run_cli("generate", "--model", str(tmp_path / f"{name}.gguf"), "--prompt", "hi",
                                  "--dtype", "gguf")
         assert code == 2 and out == "" and err.count("\n") == 1 and message in err, err

@@ -13,7 +13,13 @@ from conftest import shared_path
 from scratchlm.data.corpora import read_corpus
 from scratchlm.errors import CheckpointError, DataError
 from scratchlm.tokenizers import ByteLevelBPE, load
-from scratchlm.tokenizers.bpe import SMOLLM2_PATTERN, bytes_to_token
+from scratchlm.tokenizers.bpe import (
+    GGUF_PATTERN_KEY,
+    GPT4_PATTERN,
+    LLAMA3_PATTERN,
+    SMOLLM2_PATTERN,
+    bytes_to_token,
+)
 from test_tokenizers_bpe import FRAGMENTS, TEXT
 
 CHATML = "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nWhat is 12 + 30?<|im_end|>\n" \
@@ -155,3 +161,72 @@ def test_damaged_gguf(tmp_path):
     (tmp_path / "cut.gguf").write_bytes(good.read_bytes()[:60])
     with pytest.raises(CheckpointError, match="cannot read the GGUF header"):
         load(tmp_path / "cut.gguf")
+
+
+# ----- cl100k vocabularies (train_bpe's default split) exported by save_gguf -----------------------
+
+# Documents that end in whitespace with line breaks, so that the vocabulary merges such runs: the one
+# place where cl100k and llama.cpp's nearest pre-tokenizer, llama-bpe, split differently.
+CODE = [f"def f{i}(x):\n    return x + {i}\n  \n" for i in range(40)] + ["tiny corpus, fine.\n\n  "] * 20
+WHITESPACE_END = st.lists(st.sampled_from(["\n", "\n\n", " ", "  ", "\t", "\r\n", "\r"]), max_size=4)
+
+
+@pytest.fixture(scope="module")
+def cl100k_gguf(tmp_path_factory):
+    """(tokenizer, the GGUF file save_gguf writes it into, with a tiny GPT-2 model)."""
+    from scratchlm.checkpoint.gguf import save_gguf
+    from scratchlm.models import build_model, from_preset
+    from scratchlm.tokenizers.train_bpe import train_bpe
+
+    tok = train_bpe(CODE, 320, special_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>"))
+    assert tok.pattern == GPT4_PATTERN
+    config = from_preset("tiny-gpt2", vocab_size=tok.vocab_size)
+    path = tmp_path_factory.mktemp("cl100k") / "m.gguf"
+    with pytest.warns(UserWarning, match=r"the nearest, 'llama-bpe'.*scratchlm\.tokenizer\.pattern"):
+        save_gguf(build_model(config), config, path, tok, quant="f32")
+    return tok, path
+
+
+def test_cl100k_export_names_llama_bpe_and_holds_the_exact_pattern(cl100k_gguf):
+    tok, path = cl100k_gguf
+    fields = gguf.GGUFReader(str(path)).fields
+    assert fields["tokenizer.ggml.pre"].contents() == "llama-bpe"
+    assert fields[GGUF_PATTERN_KEY].contents() == GPT4_PATTERN
+    # The difference the key carries: this vocabulary merges a final "\n  " that llama-bpe would cut.
+    text = "return x\n  "
+    llama_bpe = ByteLevelBPE(tok.encoder, tok.merges, tok.special_tokens, LLAMA3_PATTERN)
+    assert tok.encode(text) != llama_bpe.encode(text)
+    assert load(path).pattern == GPT4_PATTERN
+
+
+@pytest.fixture(scope="module")
+def cl100k_read_back(cl100k_gguf):
+    return load(cl100k_gguf[1])
+
+
+@FEW
+@given(text=st.tuples(TEXT, WHITESPACE_END.map("".join)).map("".join))
+@example(text="return x\n  ")
+@example(text="x \n\t")
+def test_cl100k_gguf_encodes_as_the_trained_tokenizer(cl100k_gguf, cl100k_read_back, text):
+    tok, back = cl100k_gguf[0], cl100k_read_back
+    ids = back.encode(text, allowed_special="all")
+    assert ids == tok.encode(text, allowed_special="all")
+    assert back.decode(ids) == text
+
+
+def test_cl100k_gguf_reads_in_transformers_as_llama_bpe(cl100k_gguf):
+    """transformers reads the file's vocabulary with the llama-bpe split it names: the same ids as ours
+    for text that does not end in whitespace with a line break."""
+    import transformers
+
+    tok, path = cl100k_gguf
+    theirs = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    for text in [*CODE[:3], "x = f3(2)\n\n    y", "tiny 'll and  fine\r\n!"]:
+        assert theirs.encode(text, add_special_tokens=False) == tok.encode(text)
+
+
+def test_gguf_without_the_pattern_key_reads_its_pre_name(tmp_path):
+    """Files from llama.cpp (no scratchlm key) split as their tokenizer.ggml.pre says, as before."""
+    path = _write_gguf(tmp_path / "l3.gguf", ["a", "b", "ab"], pre="llama-bpe", merges=["a b"])
+    assert ByteLevelBPE.from_gguf(path).pattern == LLAMA3_PATTERN

@@ -1,17 +1,24 @@
 """GGUF files (llama.cpp's format) as our decoder: config, tokenizer and weights, read and written.
 
 ``gguf_file`` reads the header and the tensor table and dequantizes; this module maps the
-metadata to a ``ModelConfig``, the tensor names to ours, and fills a ``Transformer``.  One
-convention differs from Hugging Face checkpoints beyond what ``gguf_file`` undoes:
+metadata to a ``ModelConfig``, the tensor names to ours, and fills a ``Transformer``.  Each
+llama.cpp architecture we read is a table (``_NAMES``) from its tensor names to our parameters;
+two conventions differ from Hugging Face checkpoints beyond what ``gguf_file`` undoes:
 
 * **Q/K rows** (``llama`` architecture only): llama.cpp's converter reorders the rows of
   ``W_q`` and ``W_k`` within each head from the rotate-half RoPE pairing of HF checkpoints,
   (i, i + d/2), to adjacent pairs, (2i, 2i + 1), which its ``llama`` kernels rotate.  Our
   attention rotates halves, so we put the rows back.  qwen2/qwen3 files keep the HF order.
+* **GPT-2's matrices** (``gpt2``): llama.cpp stores every matrix as ``nn.Linear`` does, ``[out, in]``
+  in torch order — its converter transposes the ``[in, out]`` Conv1D weights of Hugging Face's
+  GPT-2 (transformers' GGUF loader transposes them back) — with q, k and v fused in one
+  ``attn_qkv`` (rows q, then k, then v, as in ``c_attn``), which we split on import and join on
+  export.  llama.cpp requires every bias of a ``gpt2`` file and always keeps the position table in
+  F32.
 
-``save_gguf`` writes the same names, metadata and row order back (the tables below, inverted).
-Import is strict, as for Hugging Face directories: every tensor is used, every parameter filled,
-every shape checked, and an unsupported architecture or tensor type is a ``CheckpointError``
+``save_gguf`` writes the same names, metadata and row order back (the tables below, walked the other
+way).  Import is strict, as for Hugging Face directories: every tensor is used, every parameter
+filled, every shape checked, and an unsupported architecture or tensor type is a ``CheckpointError``
 that names it.
 """
 
@@ -19,6 +26,9 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +36,7 @@ import numpy as np
 import torch
 
 from scratchlm.checkpoint.gguf_file import GGUFFile, read_gguf
-from scratchlm.errors import CheckpointError
+from scratchlm.errors import CheckpointError, ConfigError
 from scratchlm.models.config import ModelConfig
 from scratchlm.models.rope import inverse_frequencies
 from scratchlm.models.transformer import Transformer
@@ -36,43 +46,103 @@ if TYPE_CHECKING:
 
 __all__ = ["load_gguf", "save_gguf", "config_from_gguf", "SUPPORTED_ARCHITECTURES", "EXPORT_TYPES"]
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
-
 
 # --------------------------------------------------------------------------------------------
 # Names and config
 # --------------------------------------------------------------------------------------------
 
-_GLOBAL_NAMES = {
-    "token_embd.weight": "embed_tokens.weight",
-    "output_norm.weight": "norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_LAYER_NAMES = {  # blk.N.<key>.{weight,bias} → layers.N.<value>.{weight,bias}
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
+
+@dataclass(frozen=True)
+class _Names:
+    """One llama.cpp architecture's tensor names, each with the parameter(s) of ours it holds.
+
+    Several parameters for one tensor: llama.cpp stores them fused, stacked along rows in that
+    order (GPT-2's ``attn_qkv`` is q, k, v).  ``layers`` keys are the ``<key>`` of
+    ``blk.N.<key>.{weight,bias}``, values the module under ``layers.N.``.
+    """
+
+    globals: dict[str, tuple[str, ...]]
+    layers: dict[str, tuple[str, ...]]
+    float_only: frozenset[str] = frozenset()  # matrices llama.cpp keeps in F32 whatever the file type
+    zero_missing_biases: bool = False  # llama.cpp requires every bias: export zeros where we have none
+
+    def ours(self, gguf_name: str) -> tuple[str, ...] | None:
+        """Our parameter name(s) for a GGUF tensor name, or None for a name we do not know."""
+        if gguf_name in self.globals:
+            return self.globals[gguf_name]
+        match = _LAYER_TENSOR.fullmatch(gguf_name)
+        if match and match[2] in self.layers:
+            return tuple(f"layers.{match[1]}.{module}.{match[3]}" for module in self.layers[match[2]])
+        return None
+
+    def expand(self, n_layer: int) -> Iterator[tuple[str, tuple[str, ...]]]:
+        """Every (GGUF name, our names) a model of ``n_layer`` layers may have, in llama.cpp's order."""
+        outputs = [name for name in self.globals if name.startswith("output")]
+        for name in self.globals:
+            if name not in outputs:
+                yield name, self.globals[name]
+        for i in range(n_layer):
+            for key, modules in self.layers.items():
+                for kind in ("weight", "bias"):
+                    yield f"blk.{i}.{key}.{kind}", tuple(f"layers.{i}.{m}.{kind}" for m in modules)
+        for name in outputs:
+            yield name, self.globals[name]
+
+
 _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+_LLAMA = _Names(
+    globals={"token_embd.weight": ("embed_tokens.weight",), "output_norm.weight": ("norm.weight",),
+             "output.weight": ("lm_head.weight",)},
+    layers={
+        "attn_norm": ("input_layernorm",),
+        "attn_q": ("self_attn.q_proj",),
+        "attn_k": ("self_attn.k_proj",),
+        "attn_v": ("self_attn.v_proj",),
+        "attn_output": ("self_attn.o_proj",),
+        "attn_q_norm": ("self_attn.q_norm",),
+        "attn_k_norm": ("self_attn.k_norm",),
+        "ffn_norm": ("post_attention_layernorm",),
+        "ffn_gate": ("mlp.gate_proj",),
+        "ffn_up": ("mlp.up_proj",),
+        "ffn_down": ("mlp.down_proj",),
+    },
+)
+_GPT2 = _Names(
+    globals={"token_embd.weight": ("embed_tokens.weight",),
+             "position_embd.weight": ("embed_positions.weight",),
+             "output_norm.weight": ("norm.weight",), "output_norm.bias": ("norm.bias",),
+             "output.weight": ("lm_head.weight",)},
+    layers={
+        "attn_norm": ("input_layernorm",),
+        "attn_qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        "attn_output": ("self_attn.o_proj",),
+        "ffn_norm": ("post_attention_layernorm",),
+        "ffn_up": ("mlp.up_proj",),
+        "ffn_down": ("mlp.down_proj",),
+    },
+    float_only=frozenset({"position_embd.weight"}),
+    zero_missing_biases=True,
+)
+_NAMES = {"llama": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA, "gpt2": _GPT2}
+SUPPORTED_ARCHITECTURES = tuple(_NAMES)
 _ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's per-frequency divisors for Llama 3.1-style rope scaling
+_REQUIRED = object()
 
 
-def our_name(gguf_name: str) -> str | None:
-    """Our parameter name for a GGUF tensor name, or None for a name we do not know."""
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
-    match = _LAYER_TENSOR.fullmatch(gguf_name)
-    if match and match[2] in _LAYER_NAMES:
-        return f"layers.{match[1]}.{_LAYER_NAMES[match[2]]}.{match[3]}"
-    return None
+def _names(file: GGUFFile) -> _Names:
+    return _NAMES[file.architecture]  # type: ignore[index]  (config_from_gguf checked it)
+
+
+def _metadata(file: GGUFFile, key: str, default: Any = _REQUIRED) -> Any:
+    """``{arch}.{key}`` from the header: one value for the whole model, ``default`` when absent."""
+    value = file.metadata.get(f"{file.architecture}.{key}", default)
+    if value is _REQUIRED:
+        raise CheckpointError(f"{file.path} lacks the metadata key {file.architecture}.{key}",
+                              "the file is incomplete; re-convert it with a recent llama.cpp")
+    if isinstance(value, list):
+        raise CheckpointError(f"{file.path}: {file.architecture}.{key} differs between layers ({value[:4]}…)",
+                              "scratchlm needs the same attention shape in every layer")
+    return value
 
 
 def config_from_gguf(file: GGUFFile) -> ModelConfig:
@@ -81,43 +151,57 @@ def config_from_gguf(file: GGUFFile) -> ModelConfig:
     if arch not in SUPPORTED_ARCHITECTURES:
         raise CheckpointError(f"{file.path}: GGUF architecture {arch!r} is not supported",
                               f"scratchlm runs GGUF architectures {', '.join(SUPPORTED_ARCHITECTURES)}")
-    meta, tensors = file.metadata, file.tensors
-
-    def get(key: str, default: Any = None) -> Any:
-        value = meta.get(f"{arch}.{key}", default)
-        if value is None:
-            raise CheckpointError(f"{file.path} lacks the metadata key {arch}.{key}",
-                                  "the file is incomplete; re-convert it with a recent llama.cpp")
-        if isinstance(value, list):
-            raise CheckpointError(f"{file.path}: {arch}.{key} differs between layers ({value[:4]}…)",
-                                  "scratchlm needs the same attention shape in every layer")
-        return value
-
-    if "token_embd.weight" not in tensors:
+    if "token_embd.weight" not in file.tensors:
         raise CheckpointError(f"{file.path} has no token_embd.weight tensor", "the file is incomplete")
-    n_embd, n_head = int(get("embedding_length")), int(get("attention.head_count"))
-    head_dim = int(get("attention.key_length", n_embd // n_head))
-    if int(get("attention.value_length", head_dim)) != head_dim:
+    layer0 = {name.removeprefix("blk.0.") for name in file.tensors if name.startswith("blk.0.")}
+    common = dict(vocab_size=file.tensors["token_embd.weight"].shape[0],
+                  context_length=int(_metadata(file, "context_length")),
+                  n_layer=int(_metadata(file, "block_count")),
+                  n_head=int(_metadata(file, "attention.head_count")),
+                  n_embd=int(_metadata(file, "embedding_length")),
+                  tie_embeddings="output.weight" not in file.tensors,
+                  name=str(file.metadata.get("general.name") or file.path.stem))
+    if arch == "gpt2":
+        return _gpt2_config(file, layer0, **common)
+    return _llama_config(file, layer0, **common)
+
+
+def _gpt2_config(file: GGUFFile, layer0: set[str], **common: Any) -> ModelConfig:
+    """GPT-2: LayerNorm, learned positions, GELU MLP; the biases are whichever tensors exist (all of
+    them, in files llama.cpp can load).  Derived sizes stay derived, as Hugging Face's GPT-2 import
+    leaves them, so a round trip gives back an equal config."""
+    n_embd, n_head = common["n_embd"], common["n_head"]
+    width = int(_metadata(file, "feed_forward_length", 4 * n_embd))
+    kv_heads = int(_metadata(file, "attention.head_count_kv", n_head))
+    return ModelConfig(
+        **common, n_kv_head_override=None if kv_heads == n_head else kv_heads,
+        intermediate_size_override=None if width == 4 * n_embd else width,
+        norm="layernorm", norm_eps=_float32(_metadata(file, "attention.layer_norm_epsilon")),
+        norm_bias="output_norm.bias" in file.tensors, mlp="gelu", mlp_bias="ffn_up.bias" in layer0,
+        positions="learned", qkv_bias="attn_qkv.bias" in layer0, o_bias="attn_output.bias" in layer0,
+    )
+
+
+def _llama_config(file: GGUFFile, layer0: set[str], **common: Any) -> ModelConfig:
+    """llama / qwen2 / qwen3: RMSNorm, RoPE (with its scaling), SwiGLU; biases and q/k norms as the
+    tensors show."""
+    arch, n_embd, n_head = file.architecture, common["n_embd"], common["n_head"]
+    head_dim = int(_metadata(file, "attention.key_length", n_embd // n_head))
+    if int(_metadata(file, "attention.value_length", head_dim)) != head_dim:
         raise CheckpointError(f"{file.path}: keys and values have different head sizes",
                               "scratchlm's attention needs key_length == value_length")
-    if int(get("rope.dimension_count", head_dim)) != head_dim:
-        rotated = get("rope.dimension_count")
+    if int(_metadata(file, "rope.dimension_count", head_dim)) != head_dim:
+        rotated = _metadata(file, "rope.dimension_count")
         raise CheckpointError(f"{file.path}: RoPE rotates {rotated} of {head_dim} dims per head",
                               "scratchlm rotates whole heads; partial rotary embeddings are not supported")
-    vocab_size = file.tensors["token_embd.weight"].shape[0]
-    layer0 = {name.removeprefix("blk.0.") for name in tensors if name.startswith("blk.0.")}
-    theta = _float32(get("rope.freq_base", 10000.0))
+    theta = _float32(_metadata(file, "rope.freq_base", 10000.0))
     return ModelConfig(
-        vocab_size=vocab_size,
-        context_length=int(get("context_length")),
-        n_layer=int(get("block_count")),
-        n_head=n_head,
-        n_embd=n_embd,
-        n_kv_head_override=int(get("attention.head_count_kv", n_head)),
+        **common,
+        n_kv_head_override=int(_metadata(file, "attention.head_count_kv", n_head)),
         head_dim_override=head_dim if head_dim != n_embd // n_head else None,
-        intermediate_size_override=int(get("feed_forward_length")),
+        intermediate_size_override=int(_metadata(file, "feed_forward_length")),
         norm="rmsnorm",
-        norm_eps=_float32(get("attention.layer_norm_rms_epsilon")),
+        norm_eps=_float32(_metadata(file, "attention.layer_norm_rms_epsilon")),
         norm_bias=False,
         mlp="swiglu",
         mlp_bias="ffn_up.bias" in layer0,
@@ -127,8 +211,6 @@ def config_from_gguf(file: GGUFFile) -> ModelConfig:
         qkv_bias="attn_q.bias" in layer0,
         o_bias="attn_output.bias" in layer0,
         qk_norm="attn_q_norm.weight" in layer0,
-        tie_embeddings="output.weight" not in tensors,
-        name=str(meta.get("general.name") or file.path.stem),
     )
 
 
@@ -192,50 +274,61 @@ def _unpermute_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, half, 2, *rest).swapaxes(1, 2).reshape(rows, *rest)
 
 
-def _permuted_heads(file: GGUFFile, name: str, config: ModelConfig) -> int | None:
-    """How many heads the rows of ``name`` were permuted over (llama's q and k), else None."""
-    if file.architecture != "llama" or not name.startswith("blk."):
+def _permuted_heads(arch: str | None, name: str, config: ModelConfig) -> int | None:
+    """How many heads the rows of GGUF tensor ``name`` are permuted over (llama's q and k), else None."""
+    if arch != "llama" or not name.startswith("blk."):
         return None
     kind = name.split(".")[2]
     return config.n_head if kind == "attn_q" else config.n_kv_head if kind == "attn_k" else None
 
 
+def _split_rows(values: np.ndarray, params: list[torch.Tensor]) -> list[np.ndarray]:
+    """A fused tensor's rows cut into the parameters it stacks (one piece when it fuses nothing)."""
+    return np.split(values, np.cumsum([p.shape[0] for p in params])[:-1])
+
+
 def load_weights(model: Transformer, file: GGUFFile, packed: frozenset[str] = frozenset()) -> None:
-    """Fill every parameter of ``model`` from ``file``: strict, shape-checked, Q/K rows restored.
+    """Fill every parameter of ``model`` from ``file``: strict, shape-checked, Q/K rows restored,
+    fused tensors split.
 
     A float32 CPU parameter is dequantized straight into its own memory; other devices and
-    dtypes go through one float32 copy.  ``packed`` names tensors already in packed layers.
+    dtypes, and fused tensors, go through one float32 copy.  ``packed`` names tensors already in
+    packed layers.
     """
     params = dict(model.named_parameters())  # a tied lm_head appears once, as embed_tokens.weight
+    names = _names(file)
     filled: set[str] = set()
     for name, tensor in file.tensors.items():
         if name == _ROPE_FREQS or name in packed:
             continue  # read into config.rope_scaling, or into a packed layer
-        ours = our_name(name)
-        if ours is None or ours not in params:
+        ours = names.ours(name)
+        absent = None if ours is None else next((n for n in ours if n not in params), None)
+        if ours is None or absent is not None:
             hint = ("a tensor scratchlm's decoder has no place for" if ours is None
-                    else f"maps to {ours}, which this config has no parameter for")
+                    else f"maps to {absent}, which this config has no parameter for")
             raise CheckpointError(f"{file.path}: tensor {name} is {hint}",
                                   "this GGUF variant is not supported; use the Hugging Face checkpoint")
-        param = params[ours]
-        if tuple(param.shape) != tensor.shape:
-            raise CheckpointError(f"{file.path}: tensor {name} has shape {list(tensor.shape)} but {ours} "
-                                  f"needs {list(param.shape)}", "the file's metadata and tensors disagree")
-        heads = _permuted_heads(file, name, model.config)
+        parts = [params[n] for n in ours]
+        expected = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
+        if tensor.shape != expected:
+            raise CheckpointError(f"{file.path}: tensor {name} has shape {list(tensor.shape)} but "
+                                  f"{' + '.join(ours)} need {list(expected)}",
+                                  "the file's metadata and tensors disagree")
+        heads = _permuted_heads(file.architecture, name, model.config)
         with torch.no_grad():
-            on_host = param.device.type == "cpu" and param.dtype == torch.float32
-            host = param.detach().numpy() if on_host else None
-            if host is not None and heads is None:
-                file.load(name, out=host.reshape(-1))
+            on_host = [p.device.type == "cpu" and p.dtype == torch.float32 for p in parts]
+            if len(parts) == 1 and on_host[0] and heads is None:
+                file.load(name, out=parts[0].detach().numpy().reshape(-1))
             else:
                 values = file.load(name)
                 if heads is not None:
                     values = _unpermute_rows(values, heads)
-                if host is not None:
-                    np.copyto(host, values)
-                else:
-                    param.copy_(torch.from_numpy(np.ascontiguousarray(values)))
-        filled.add(ours)
+                for param, host, piece in zip(parts, on_host, _split_rows(values, parts), strict=True):
+                    if host:
+                        np.copyto(param.detach().numpy(), piece)
+                    else:
+                        param.copy_(torch.from_numpy(np.ascontiguousarray(piece)))
+        filled.update(ours)
     missing = sorted(set(params) - filled)
     if missing:
         raise CheckpointError(f"{file.path} lacks weights for {', '.join(missing[:5])}"
@@ -248,8 +341,10 @@ def packed_model(file: GGUFFile, config: ModelConfig) -> Transformer:
 
     Q8_0/Q4_0/Q4_1/Q4_K/Q6_K matrices (and the token embedding) become ``quant.linear`` layers over
     a copy of the file's blocks (K-quants re-blocked without loss; llama's Q/K rows restored by
-    moving whole rows of blocks), F16 ones ``generation.packed.PackedLinear``; everything else
-    (other K-quants included) is float32 as ``load_weights`` fills it, dequantized exactly.
+    moving whole rows of blocks; GPT-2's fused ``attn_qkv`` kept whole, as its attention's
+    ``qkv_proj``), F16 ones ``generation.packed.PackedLinear``; everything else (other K-quants,
+    the learned position table, which the model slices) is float32 as ``load_weights`` fills it,
+    dequantized exactly.
     """
     from torch import nn
 
@@ -260,36 +355,38 @@ def packed_model(file: GGUFFile, config: ModelConfig) -> Transformer:
     with torch.device("meta"):
         model = Transformer(config)
     modules = dict(model.named_modules())
+    names = _names(file)
     packed: set[str] = set()
     fp16: list[str] = []
     for name, tensor in file.tensors.items():
-        ours = our_name(name)
-        module_name = ours.removesuffix(".weight") if ours and ours.endswith(".weight") else None
-        module = modules.get(module_name) if module_name else None
-        if not isinstance(module, nn.Linear | nn.Embedding) or tuple(module.weight.shape) != tensor.shape:
-            continue  # not a matrix (or a mismatch load_weights reports)
-        if tensor.type_name == "F16" and isinstance(module, nn.Linear) and fp16_packing_available():
-            fp16.append(module_name)
+        ours = names.ours(name) if name.endswith(".weight") else None
+        module_names = [n.removesuffix(".weight") for n in ours or ()]
+        targets = [modules.get(n) for n in module_names]
+        linear = bool(targets) and all(isinstance(m, nn.Linear) for m in targets)
+        if not (linear or targets == [model.embed_tokens]) or \
+                (sum(m.weight.shape[0] for m in targets), targets[0].weight.shape[1]) != tensor.shape:
+            continue  # a norm, the position table, or a mismatch load_weights reports
+        if tensor.type_name == "F16" and linear and fp16_packing_available():
+            fp16.extend(module_names)  # (a fused F16 tensor: each of its parts packed apart)
         if tensor.type_name not in QUANT_TYPES:
             continue
         rows, cols = tensor.shape
         blocks = reblock(tensor.type_name, np.array(file.raw(tensor)).reshape(rows, -1))
-        heads = _permuted_heads(file, name, config)
+        heads = _permuted_heads(file.architecture, name, config)
         if heads is not None:
             blocks = np.ascontiguousarray(_unpermute_rows(blocks, heads))
         blocks_t = torch.from_numpy(blocks.reshape(-1))
-        if isinstance(module, nn.Embedding):
+        if not linear:
             layer: nn.Module = QuantEmbedding(blocks_t, tensor.type_name, rows, cols)
         else:
             bias_name = name.removesuffix(".weight") + ".bias"
             bias = None
-            if module.bias is not None and bias_name in file.tensors:
+            if targets[0].bias is not None and bias_name in file.tensors:
                 values = file.load(bias_name)
                 bias = torch.from_numpy(_unpermute_rows(values, heads) if heads is not None else values)
                 packed.add(bias_name)
             layer = QuantLinear(blocks_t, tensor.type_name, cols, rows, bias)
-        parent_name, _, attr = module_name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, layer)
+        _put_layer(model, module_names, layer)
         packed.add(name)
     if config.tie_embeddings and isinstance(model.embed_tokens, QuantEmbedding):
         model.lm_head = model.embed_tokens.as_linear()
@@ -307,9 +404,22 @@ def packed_model(file: GGUFFile, config: ModelConfig) -> Transformer:
     return model
 
 
+def _put_layer(model: Transformer, module_names: list[str], layer: torch.nn.Module) -> None:
+    """Put ``layer`` in place of the modules it holds: one module, or q, k and v fused (the only fused
+    tensor in the tables), which the attention then runs as its ``qkv_proj``."""
+    parent_name, _, attr = module_names[0].rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if len(module_names) == 1:
+        setattr(parent, attr, layer)
+        return
+    parent.qkv_proj = layer
+    for module_name in module_names:
+        setattr(parent, module_name.rpartition(".")[2], None)
+
+
 def load_gguf(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
               packed: bool = False) -> tuple[Transformer, Tokenizer | None, ModelConfig]:
-    """Model, tokenizer and config from a llama.cpp ``.gguf`` file (llama, qwen2, qwen3).
+    """Model, tokenizer and config from a llama.cpp ``.gguf`` file (gpt2, llama, qwen2, qwen3).
 
     Weights are dequantized to float32 and then cast to ``dtype``; with ``packed`` (CPU only) the
     matrices keep the file's types instead (``packed_model``).  The tokenizer (with the chat
@@ -346,17 +456,6 @@ def load_gguf(path: str | Path, device: torch.device | str = "cpu", dtype: torch
 
 EXPORT_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1")
 _FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7}  # llama.cpp's general.file_type
-_GGUF_NAMES = {ours: theirs for theirs, ours in _GLOBAL_NAMES.items()}
-_GGUF_LAYER_NAMES = {ours: theirs for theirs, ours in _LAYER_NAMES.items()}
-
-
-def gguf_name(ours: str) -> str:
-    """llama.cpp's tensor name for one of our parameter names (the inverse of ``our_name``)."""
-    if ours in _GGUF_NAMES:
-        return _GGUF_NAMES[ours]
-    _, index, rest = ours.split(".", 2)
-    module, kind = rest.rsplit(".", 1)
-    return f"blk.{index}.{_GGUF_LAYER_NAMES[module]}.{kind}"
 
 
 def _permute_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
@@ -378,17 +477,97 @@ def _export_arch(config: ModelConfig) -> str:
     return family.model_type
 
 
+def _export_tensors(model: Transformer, arch: str) -> Iterator[tuple[str, np.ndarray]]:
+    """(GGUF name, float32 values) of every tensor the file holds: the architecture's table walked
+    from our side, fused parts stacked, llama's Q/K rows permuted, zero biases where llama.cpp
+    requires one that the config lacks (the same function)."""
+    names, config = _NAMES[arch], model.config
+    params = dict(model.named_parameters())  # a tied head appears once, as the embedding
+    used: set[str] = set()
+    for name, ours in names.expand(config.n_layer):
+        if all(n in params for n in ours):
+            values = np.concatenate([params[n].detach().float().cpu().numpy() for n in ours])
+            used.update(ours)
+        elif names.zero_missing_biases and name.endswith(".bias"):
+            values = np.zeros(sum(model.get_submodule(n.removesuffix(".bias")).weight.shape[0] for n in ours),
+                              dtype=np.float32)
+        else:
+            continue  # a tied head, or a bias, norm or projection this config does not have
+        heads = _permuted_heads(arch, name, config)
+        yield name, np.ascontiguousarray(_permute_rows(values, heads) if heads is not None else values)
+    unused = sorted(set(params) - used)
+    if unused:
+        raise ConfigError(f"the GGUF {arch} architecture has no place for {', '.join(unused[:5])}",
+                          "this model cannot be exported as GGUF")
+
+
+def _add_metadata(writer: Any, config: ModelConfig, arch: str) -> None:
+    """``{arch}.*``: the sizes every architecture has, then GPT-2's LayerNorm or llama's RMSNorm and
+    RoPE (a llama3 scaling as llama.cpp's ``rope_freqs`` tensor)."""
+    import gguf
+
+    writer.add_context_length(config.context_length)
+    writer.add_embedding_length(config.n_embd)
+    writer.add_block_count(config.n_layer)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.n_head)
+    writer.add_vocab_size(config.vocab_size)
+    if arch == "gpt2":
+        writer.add_layer_norm_eps(config.norm_eps)
+        return
+    writer.add_head_count_kv(config.n_kv_head)
+    writer.add_layer_norm_rms_eps(config.norm_eps)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_rope_dimension_count(config.head_dim)
+    if config.head_dim != config.n_embd // config.n_head:
+        writer.add_key_length(config.head_dim)
+        writer.add_value_length(config.head_dim)
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(scaling["factor"]))
+    elif kind == "llama3":
+        plain = inverse_frequencies(config.head_dim, config.rope_theta).double()
+        scaled = inverse_frequencies(config.head_dim, config.rope_theta, scaling).double()
+        writer.add_tensor(_ROPE_FREQS, (plain / scaled).float().numpy())
+        writer.add_rope_scaling_orig_ctx_len(int(scaling["original_max_position_embeddings"]))
+    elif kind not in (None, "default"):
+        raise CheckpointError(f"rope scaling {kind!r} has no GGUF form here",
+                              "scratchlm writes linear and llama3 rope scaling")
+
+
 def _add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int) -> None:
     """``tokenizer.ggml.*`` for a byte-level BPE (what ``ByteLevelBPE.from_gguf`` reads back); ids the
-    tokenizer does not use, up to the embedding's ``vocab_size``, are unused ``[PADn]`` tokens."""
+    tokenizer does not use, up to the embedding's ``vocab_size``, are unused ``[PADn]`` tokens.
+
+    The split pattern goes in as llama.cpp's ``tokenizer.ggml.pre`` name.  A pattern llama.cpp has
+    no name for but a near one (cl100k, ``GPT4_PATTERN``, what ``train_bpe`` uses by default, is
+    ``llama-bpe`` but for a whitespace run that ends the text and holds a line break: cl100k keeps
+    it whole, llama-bpe cuts it after the line break) is written under that name, so llama.cpp and
+    transformers read the file, with the exact regex beside it in ``GGUF_PATTERN_KEY``, which
+    ``from_gguf`` prefers: our own round trip encodes exactly.  Any other pattern is refused.
+    """
     from gguf import TokenType
 
-    from scratchlm.tokenizers.bpe import GGUF_PRE_PATTERNS, ByteLevelBPE, bytes_to_token
+    from scratchlm.tokenizers.bpe import (
+        GGUF_NEAREST_PRE,
+        GGUF_PATTERN_KEY,
+        GGUF_PRE_PATTERNS,
+        ByteLevelBPE,
+        bytes_to_token,
+    )
 
     if not isinstance(tokenizer, ByteLevelBPE):
         raise CheckpointError(f"a {type(tokenizer).__name__} cannot be written into a GGUF file",
                               "GGUF holds byte-level BPE vocabularies; export with --to hf instead")
     pre = next((name for name, pattern in GGUF_PRE_PATTERNS.items() if pattern == tokenizer.pattern), None)
+    if pre is None and tokenizer.pattern in GGUF_NEAREST_PRE:
+        pre = GGUF_NEAREST_PRE[tokenizer.pattern]
+        warnings.warn(f"llama.cpp has no name for the tokenizer's split pattern: the file names the nearest, "
+                      f"{pre!r} (llama.cpp and transformers may split whitespace ending a text differently); "
+                      f"scratchlm reads the exact pattern from {GGUF_PATTERN_KEY}", stacklevel=3)
+        writer.add_string(GGUF_PATTERN_KEY, tokenizer.pattern)
     if pre is None:
         raise CheckpointError("the tokenizer's split pattern has no llama.cpp pre-tokenizer name",
                               "export with --to hf instead")
@@ -415,9 +594,10 @@ def _add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int) -> None:
 
 def save_gguf(model: Transformer, config: ModelConfig, path: str | Path, tokenizer: Any = None,
               quant: str = "F16") -> Path:
-    """Write ``model`` as a llama.cpp GGUF file: llama.cpp's tensor names and metadata, Q/K rows in
-    its order (``llama``), weight matrices in ``quant`` (F32, F16, Q8_0, Q4_0, Q4_1; rounded as
-    llama.cpp rounds), norms and biases in F32, and the tokenizer and chat template when given.
+    """Write ``model`` as a llama.cpp GGUF file (architecture gpt2, llama, qwen2 or qwen3): llama.cpp's
+    tensor names and metadata, Q/K rows in its order (``llama``), GPT-2's q, k, v fused, weight
+    matrices in ``quant`` (F32, F16, Q8_0, Q4_0, Q4_1; rounded as llama.cpp rounds), norms, biases
+    and GPT-2's position table in F32, and the tokenizer and chat template when given.
 
     A matrix whose rows do not fill ``quant``'s blocks is written in F16, as llama.cpp does.
     Written beside ``path`` and renamed into place.
@@ -437,50 +617,17 @@ def save_gguf(model: Transformer, config: ModelConfig, path: str | Path, tokeniz
     try:
         writer.add_name(config.name or path.stem)
         writer.add_file_type(_FILE_TYPES[quant])
-        writer.add_context_length(config.context_length)
-        writer.add_embedding_length(config.n_embd)
-        writer.add_block_count(config.n_layer)
-        writer.add_feed_forward_length(config.intermediate_size)
-        writer.add_head_count(config.n_head)
-        writer.add_head_count_kv(config.n_kv_head)
-        writer.add_layer_norm_rms_eps(config.norm_eps)
-        writer.add_rope_freq_base(config.rope_theta)
-        writer.add_rope_dimension_count(config.head_dim)
-        if config.head_dim != config.n_embd // config.n_head:
-            writer.add_key_length(config.head_dim)
-            writer.add_value_length(config.head_dim)
-        writer.add_vocab_size(config.vocab_size)
-        scaling = config.rope_scaling or {}
-        kind = scaling.get("rope_type", scaling.get("type"))
-        if kind == "linear":
-            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-            writer.add_rope_scaling_factor(float(scaling["factor"]))
-        elif kind == "llama3":
-            plain = inverse_frequencies(config.head_dim, config.rope_theta).double()
-            scaled = inverse_frequencies(config.head_dim, config.rope_theta, scaling).double()
-            writer.add_tensor(_ROPE_FREQS, (plain / scaled).float().numpy())
-            writer.add_rope_scaling_orig_ctx_len(int(scaling["original_max_position_embeddings"]))
-        elif kind not in (None, "default"):
-            raise CheckpointError(f"rope scaling {kind!r} has no GGUF form here",
-                                  "scratchlm writes linear and llama3 rope scaling")
+        _add_metadata(writer, config, arch)
         if tokenizer is not None:
             _add_tokenizer(writer, tokenizer, config.vocab_size)
-        for name, param in model.named_parameters():  # a tied head appears once, as the embedding
-            values = param.detach().float().cpu().numpy()
-            heads = {"q_proj": config.n_head, "k_proj": config.n_kv_head}.get(name.split(".")[-2]) \
-                if arch == "llama" else None
-            if heads is not None:
-                values = _permute_rows(values, heads)
-            values = np.ascontiguousarray(values)
-            kind_of = quant if values.ndim == 2 else "F32"
-            if kind_of not in ("F32", "F16") and values.shape[1] % FORMATS[kind_of].per_block:
-                kind_of = "F16"
-            if kind_of in ("F32", "F16"):
-                writer.add_tensor(gguf_name(name), values.astype(np.float32 if kind_of == "F32"
-                                                                 else np.float16))
+        for name, values in _export_tensors(model, arch):
+            kind = quant if values.ndim == 2 and name not in _NAMES[arch].float_only else "F32"
+            if kind not in ("F32", "F16") and values.shape[1] % FORMATS[kind].per_block:
+                kind = "F16"
+            if kind in ("F32", "F16"):
+                writer.add_tensor(name, values.astype(np.float32 if kind == "F32" else np.float16))
             else:
-                writer.add_tensor(gguf_name(name), quantize(values, kind_of),
-                                  raw_dtype=gguf.GGMLQuantizationType[kind_of])
+                writer.add_tensor(name, quantize(values, kind), raw_dtype=gguf.GGMLQuantizationType[kind])
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()

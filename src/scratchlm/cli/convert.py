@@ -6,9 +6,9 @@ command opens, pretraining and finetuning included.  --to hf writes config.json,
 model.safetensors, generation_config.json and the tokenizer files (chat template included) that
 transformers' AutoModelForCausalLM.from_pretrained loads with the same logits.  A GGUF file is
 dequantized on the way, so the output holds full-precision weights.  --to gguf writes OUT as a
-llama.cpp .gguf file (Llama, Qwen2 and Qwen3 configs; tokenizer and chat template in its
-metadata) with the weight matrices in --quant's type, which llama.cpp, transformers and scratchlm
-load.
+llama.cpp .gguf file (GPT-2, Llama, Qwen2 and Qwen3 configs, as llama.cpp's gpt2, llama, qwen2 and
+qwen3 architectures; tokenizer and chat template in its metadata) with the weight matrices in
+--quant's type, which llama.cpp, transformers and scratchlm load.
 
 OUT is written beside its final place and renamed into it at the end, so an interrupted
 conversion never leaves half a model; an OUT that is not empty is replaced only with --force.
@@ -33,8 +33,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", metavar="OUT", help="the directory to write (with --to gguf: the .gguf file)")
     parser.add_argument("--to", choices=FORMATS, default=None,
                         help="output format: run (scratchlm run dir), hf (Hugging Face directory) or gguf "
-                        "(llama.cpp file); None = gguf for an OUT ending in .gguf, else hf for a run dir, "
-                        "run for anything else")
+                        "(llama.cpp file, architecture gpt2, llama, qwen2 or qwen3); None = gguf for an OUT "
+                        "ending in .gguf, else hf for a run dir, run for anything else")
     parser.add_argument("--quant", choices=GGUF_QUANTS, default="f16",
                         help="--to gguf: the type of the weight matrices (norms and biases stay f32)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],

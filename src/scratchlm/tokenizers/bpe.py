@@ -83,14 +83,25 @@ _FAST_FORMS = {
     SMOLLM2_PATTERN: r""" ?\p{L}+|\p{N}|'s|'t|'re|'ve|'m|'ll|'d| ?[^\s\p{L}\p{N}]+|\s+(?![^\s\p{N}])|\s+""",
 }
 
-#: llama.cpp's ``tokenizer.ggml.pre`` names -> the pattern the vocabulary was trained with.
+#: llama.cpp's ``tokenizer.ggml.pre`` names -> the pattern the vocabulary was trained with.  The
+#: first name of each pattern is the one our GGUF export writes: llama.cpp knows all of them but
+#: "gpt2" (GPT-2's is "gpt-2"; "gpt2" is read for files that use it anyway).
 GGUF_PRE_PATTERNS = {
-    "gpt2": GPT2_PATTERN, "gpt-2": GPT2_PATTERN,
+    "gpt-2": GPT2_PATTERN, "gpt2": GPT2_PATTERN,
     **dict.fromkeys(["llama3", "llama-v3", "llama-bpe", "smaug-bpe", "falcon3", "dbrx"], LLAMA3_PATTERN),
     **dict.fromkeys(["qwen2", "deepseek-r1-qwen", "megrez"], QWEN2_PATTERN),
     **dict.fromkeys(["gpt-4o", "llama4"], GPT4O_PATTERN),
     **dict.fromkeys(["smollm", "starcoder", "refact", "codeshell"], SMOLLM2_PATTERN),
 }
+
+#: Patterns llama.cpp has no ``pre`` name for -> the name of the nearest one, which our GGUF export
+#: writes so that llama.cpp and transformers read the file.  cl100k (GPT4_PATTERN, ``train_bpe``'s
+#: default) and llama-bpe (LLAMA3_PATTERN) split every text alike except a run of whitespace that
+#: ends the text and holds a "\n" or "\r": cl100k keeps it whole ("\n  "), llama-bpe cuts it after
+#: the line break ("\n", "  ").
+GGUF_NEAREST_PRE = {GPT4_PATTERN: "llama-bpe"}
+#: The exact split regex, written beside a nearest ``pre`` name; ``from_gguf`` prefers it.
+GGUF_PATTERN_KEY = "scratchlm.tokenizer.pattern"
 
 
 def resolve_pattern(pattern: str, *, strict: bool) -> str:
@@ -461,7 +472,12 @@ class ByteLevelBPE(Tokenizer):
 
     @classmethod
     def from_gguf(cls, path: str | Path) -> ByteLevelBPE:
-        """The vocabulary inside a llama.cpp ``.gguf`` file (``tokenizer.ggml.*`` keys)."""
+        """The vocabulary inside a llama.cpp ``.gguf`` file (``tokenizer.ggml.*`` keys).
+
+        The split pattern is the one ``tokenizer.ggml.pre`` names, unless the file holds the exact
+        regex under ``GGUF_PATTERN_KEY`` (our export writes it where the name is only the nearest
+        one, see ``GGUF_NEAREST_PRE``): that one is used, whatever the name.
+        """
         from gguf import TokenType
 
         from scratchlm.checkpoint.gguf_file import read_gguf
@@ -475,7 +491,11 @@ class ByteLevelBPE(Tokenizer):
                 "scratchlm reads only byte-level BPE GGUF vocabularies (model 'gpt2': GPT-2, Llama 3, Qwen2, "
                 "SmolLM2); use the model's tokenizer.json instead")
         pre = meta.get("tokenizer.ggml.pre", "gpt2")
-        if pre not in GGUF_PRE_PATTERNS:
+        pattern = meta.get(GGUF_PATTERN_KEY)
+        if pattern is not None and not isinstance(pattern, str):
+            raise DataError(f"{path}: {GGUF_PATTERN_KEY} is not a string",
+                            "the file is damaged; re-export it or use the tokenizer.json")
+        if pattern is None and pre not in GGUF_PRE_PATTERNS:
             raise DataError(f"{path}: unknown pre-tokenizer tokenizer.ggml.pre={pre!r}",
                             f"supported: {', '.join(sorted(GGUF_PRE_PATTERNS))}; or use the tokenizer.json")
         tokens = meta.get("tokenizer.ggml.tokens")
@@ -506,7 +526,7 @@ class ByteLevelBPE(Tokenizer):
                 names[role] = tokens[i]
                 specials.setdefault(tokens[i], i)
         eos, bos = names.get("eos"), names.get("bos")
-        return _build(cls, encoder, merges, specials, GGUF_PRE_PATTERNS[pre], path.stem, path,
+        return _build(cls, encoder, merges, specials, pattern or GGUF_PRE_PATTERNS[pre], path.stem, path,
                       added_tokens=added, eos_token=eos, bos_token=bos,
                       chat_template=meta.get("tokenizer.chat_template"))
 
