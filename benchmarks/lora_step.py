@@ -12,8 +12,14 @@ multiply by zero), and the first step's losses are printed side by side.  The si
 step each per round, so a noisy neighbour on shared cores slows both alike; printed: the median
 step of each and the median of the per-round ratios (paired).
 
+With ``--bf16 --ablate``, two more sides undo one of our bf16 choices each, in the same rounds:
+torch's bf16 flash attention instead of ``grouped_attention`` (``models.attention.attend``), and
+autocast's cast of every frozen weight at every call instead of the one kept copy
+(``LoRALinear._base_forward``); each prints its slowdown against ours.
+
     python benchmarks/lora_step.py                 # 8 rounds
     python benchmarks/lora_step.py --rounds 4 --threads 2
+    python benchmarks/lora_step.py --rounds 6 --threads 1 --bf16 --ablate --batch 8 --length 40
 """
 
 from __future__ import annotations
@@ -44,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bf16", action="store_true",
                         help="also time ours under bf16 autocast (fp32 master weights), what "
                         "'finetune classify --precision auto' picks on CPUs with fast bf16 matmuls")
+    parser.add_argument("--ablate", action="store_true",
+                        help="with --bf16: also time ours without grouped attention, and without the kept "
+                        "bf16 copies of the frozen weights")
     args = parser.parse_args(argv)
     if not Path(args.model).exists():
         print(f"skipped: {args.model} not present (the shared models folder is optional)")
@@ -83,22 +92,50 @@ def main(argv: list[str] | None = None) -> int:
     def hidden_theirs() -> torch.Tensor:
         return theirs.base_model.model.model(input_ids=ids, use_cache=False).last_hidden_state[:, -1]
 
+    import contextlib
+
+    import scratchlm.models.attention as attention
+    from scratchlm.finetune.lora import LoRALinear
+
+    @contextlib.contextmanager
+    def flash_attention():  # torch's kernel whatever the dtype
+        grouped = attention.GROUPED_MAX_SCORES
+        attention.GROUPED_MAX_SCORES = 0
+        try:
+            yield
+        finally:
+            attention.GROUPED_MAX_SCORES = grouped
+
+    @contextlib.contextmanager
+    def cast_every_call():  # autocast's own handling of the frozen base weights
+        kept = LoRALinear._base_forward
+        LoRALinear._base_forward = lambda self, x: self.base(x)
+        try:
+            yield
+        finally:
+            LoRALinear._base_forward = kept
+
     sides = {}
-    runs = [("transformers+peft", theirs, hidden_theirs, head_theirs, False),
-            ("ours", ours, hidden_ours, head_ours, False)]
+    runs = [("transformers+peft", theirs, hidden_theirs, head_theirs, False, contextlib.nullcontext),
+            ("ours", ours, hidden_ours, head_ours, False, contextlib.nullcontext)]
     if args.bf16:
-        runs.append(("ours, bf16 autocast", ours, hidden_ours, head_ours, True))
-    for name, model, hidden, head, bf16 in runs:
+        runs.append(("ours, bf16 autocast", ours, hidden_ours, head_ours, True, contextlib.nullcontext))
+        if args.ablate:
+            runs += [("bf16, flash attention", ours, hidden_ours, head_ours, True, flash_attention),
+                     ("bf16, cast every call", ours, hidden_ours, head_ours, True, cast_every_call)]
+    for name, model, hidden, head, bf16, variant in runs:
         model.train()
         params = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
         optimizer = torch.optim.AdamW(params, lr=5e-5, weight_decay=0.0)
 
-        def step(hidden=hidden, head=head, optimizer=optimizer, bf16=bf16) -> tuple[float, float]:
+        def step(hidden=hidden, head=head, optimizer=optimizer, bf16=bf16, variant=variant
+                 ) -> tuple[float, float]:
             start = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss = F.cross_entropy(head(hidden()).float(), labels)
-            loss.backward()
+            with variant():
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    loss = F.cross_entropy(head(hidden()).float(), labels)
+                loss.backward()
             optimizer.step()
             return time.perf_counter() - start, loss.item()
 
@@ -114,8 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     base = times["transformers+peft"]
     for name, t in times.items():
         paired = statistics.median(b / s for b, s in zip(base, t, strict=True))
-        print(f"{name:>18}: median step {statistics.median(t):.3f} s, best {min(t):.3f} s, "
+        print(f"{name:>22}: median step {statistics.median(t):.3f} s, best {min(t):.3f} s, "
               f"speed-up over transformers+peft (paired median) {paired:.2f}x")
+    for name in ("bf16, flash attention", "bf16, cast every call"):
+        if name in times:
+            slower = statistics.median(a / b for a, b in zip(times[name], times["ours, bf16 autocast"],
+                                                             strict=True))
+            print(f"{name}: {slower:.2f}x the time of ours in bf16 (paired median)")
     return 0
 
 

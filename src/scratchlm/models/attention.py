@@ -168,7 +168,8 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
                       dropout: float = 0.0, training: bool = False) -> torch.Tensor:
     """``naive_attention`` for grouped-query heads without repeating k and v: the query heads
     that share a kv head are one [group · T, d] matrix, so one product per kv head reads its keys
-    (and values) once.  Scores, mask and softmax in float32; products in the inputs' dtype.
+    (and values) once.  Scores, mask and softmax in float32; the products in the inputs' dtype
+    (or autocast's).
 
     q [B, H, T, d]; k, v [B, Hkv, S, d] with H a multiple of Hkv, query head j reading kv head
     j // (H / Hkv) (``repeat_interleave``'s order); mask as for ``naive_attention``.
