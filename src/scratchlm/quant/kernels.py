@@ -30,7 +30,8 @@ import torch
 
 from scratchlm.quant.formats import FORMATS, dequantize, k_quant_parts
 
-__all__ = ["KERNEL_TYPES", "KERNEL_BLOCK_BYTES", "reblock", "qmatmul", "dequantize_rows", "kernels_available"]
+__all__ = ["KERNEL_TYPES", "KERNEL_BLOCK_BYTES", "reblock", "qmatmul", "round_activations", "dequantize_rows",
+           "kernels_available"]
 
 # GGML type → the C enum of the layout the kernels read.  Q8_0/Q4_0/Q4_1 are read as the file
 # stores them; Q4_K and Q6_K are re-blocked first (``reblock``), without loss, into blocks of 32.
@@ -90,6 +91,8 @@ def _build() -> ctypes.CDLL | None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.slm_qmatmul.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, i64, ptr, i64, ctypes.c_int]
     lib.slm_qmatmul.restype = None
+    lib.slm_qmatmul_int8.argtypes = lib.slm_qmatmul.argtypes
+    lib.slm_qmatmul_int8.restype = ctypes.c_int
     lib.slm_dequantize_rows.argtypes = [ctypes.c_int, ptr, i64, ptr, i64, ptr, ctypes.c_int]
     lib.slm_dequantize_rows.restype = None
     return lib
@@ -152,19 +155,41 @@ def _dequantize_layout(table: np.ndarray, type_name: str, cols: int) -> np.ndarr
     return values.reshape(rows, cols)
 
 
-def qmatmul(blocks: torch.Tensor, type_name: str, rows: int, cols: int, x: torch.Tensor) -> torch.Tensor:
-    """``x @ Wᵀ`` for x [n, cols] (fp32, contiguous) and W [rows, cols] packed in ``blocks`` (uint8).
+def round_activations(x: torch.Tensor) -> torch.Tensor:
+    """x (fp32, last dimension a multiple of 32) as the int8 kernels round it: per block of 32,
+    ``dx · q`` with ``dx = amax / 127`` and ``q = round-half-even(x · 127/amax)`` (llama.cpp's
+    ``quantize_row_q8_1``, fp32 scale).  The reference path multiplies this by the dequantized W,
+    which is the int8 kernels' product up to fp32 rounding; a block holding a NaN or an infinity
+    gives NaN (the kernels give NaN where it is used)."""
+    blocks = x.reshape(-1, 32)
+    amax = blocks.abs().amax(dim=1, keepdim=True)
+    inverse = torch.where(amax == 0, torch.zeros_like(amax), 127 / amax)
+    return (torch.round(blocks * inverse) * (amax / 127)).reshape(x.shape)
 
-    The compiled kernel reads W in place; the reference path dequantizes it.  Equal up to fp32
-    rounding of the sums (the tests bound it).
+
+def qmatmul(blocks: torch.Tensor, type_name: str, rows: int, cols: int, x: torch.Tensor,
+            exact: bool = False) -> torch.Tensor:
+    """``x @ Wᵀ`` for x [..., cols] (fp32, contiguous) and W [rows, cols] packed in ``blocks`` (uint8).
+
+    ``exact``: fp32 activations, the dequantized weights' product up to fp32 rounding of the sums.
+    Otherwise each token's x is first rounded to int8 per block of 32 (``round_activations``) and
+    each weight block's integer dot product is scaled in fp32, as llama.cpp decodes; per output the
+    difference from the exact product is at most ``√32/254 · ‖w_row‖ · ‖x‖`` (x rounded by at most
+    half its block's step), and a token's outputs do not depend on the tokens beside it.  The
+    compiled kernels read W in place; the reference path dequantizes it.
     """
     lib = _library()
-    n = x.shape[0]
     if lib is None:
-        return x @ dequantize_rows(blocks, type_name, rows, cols).T
-    y = torch.empty(n, rows, dtype=torch.float32)
-    lib.slm_qmatmul(KERNEL_TYPES[type_name], blocks.data_ptr(), rows, cols, x.data_ptr(), n, cols,
-                    y.data_ptr(), rows, torch.get_num_threads())
+        w = dequantize_rows(blocks, type_name, rows, cols)
+        return (x if exact else round_activations(x)) @ w.T
+    y = torch.empty(*x.shape[:-1], rows, dtype=torch.float32)  # (int arguments: a tuple costs 2 µs more)
+    n = x.numel() // cols
+    if exact:
+        lib.slm_qmatmul(KERNEL_TYPES[type_name], blocks.data_ptr(), rows, cols, x.data_ptr(), n, cols,
+                        y.data_ptr(), rows, torch.get_num_threads())
+    elif lib.slm_qmatmul_int8(KERNEL_TYPES[type_name], blocks.data_ptr(), rows, cols, x.data_ptr(), n, cols,
+                              y.data_ptr(), rows, torch.get_num_threads()):
+        raise MemoryError(f"no memory for the int8 activations of {n} x {cols} values")
     return y
 
 

@@ -10,8 +10,13 @@ Q4_K and Q6_K (the types of ``Q4_K_M`` files) are re-blocked at load into blocks
 scales (``kernels.reblock``: 6 and 10 bits per weight instead of 4.5 and 6.6, the same values).
 
 * up to ``DECODE_TOKENS`` rows of x (decoding, batched decoding): the compiled kernel
-  (``quant.kernels``), fp32 activations, each block's integer dot product scaled by its d (+ m·Σx
-  for Q4_1) — the dequantized weights' product up to fp32 rounding of the sums;
+  (``quant.kernels``) with llama.cpp's arithmetic: each token's x rounded to int8 per block of 32
+  (an fp32 scale per block), each weight block's integer dot product with it scaled in fp32.  Per
+  output this differs from the dequantized weights' product by at most ``√32/254 · ‖w_row‖ · ‖x‖``
+  (typically far less: ~1e-3 of SmolLM2's logits' scale, the same greedy answers; the tests bound
+  both), and a token's outputs do not depend on the other tokens of its batch.  ``EXACT_DECODE``
+  (or ``SCRATCHLM_EXACT_DECODE=1`` in the environment) keeps fp32 activations instead: the
+  dequantized weights' product up to fp32 rounding of the sums, ~1.8x slower kernels;
 * more rows (prefill): ``PREFILL_ROWS`` rows of W at a time dequantized exactly to fp32 and
   multiplied by torch's matmul — the dequantized weights' product up to the matmul's own order.
 
@@ -26,6 +31,7 @@ straight from a file's blocks (``load(path, dtype="gguf")``).
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -36,10 +42,13 @@ from scratchlm.quant.formats import FORMATS, QUANTIZABLE, quantize
 from scratchlm.quant.kernels import KERNEL_BLOCK_BYTES, KERNEL_TYPES, dequantize_rows, qmatmul
 
 __all__ = ["QuantLinear", "QuantEmbedding", "quantize_model", "weight_bytes", "is_quantized",
-           "QUANT_TYPES", "DECODE_TOKENS", "PREFILL_ROWS"]
+           "QUANT_TYPES", "DECODE_TOKENS", "PREFILL_ROWS", "EXACT_DECODE"]
 
 QUANT_TYPES = tuple(KERNEL_TYPES)  # the block types kept packed
 DECODE_TOKENS = 8  # up to this many rows of x go through the in-place kernel
+# Decode with fp32 activations (exact: the dequantized weights' product) instead of int8 ones.
+# Read at each call: set it (or SCRATCHLM_EXACT_DECODE=1 before the import) to pick exact.
+EXACT_DECODE = os.environ.get("SCRATCHLM_EXACT_DECODE", "") not in ("", "0")
 PREFILL_ROWS = 2048  # rows of W dequantized at a time for a prefill matmul (2048 × 576 fp32: 4.7 MB)
 
 
@@ -83,21 +92,28 @@ class QuantLinear(nn.Module):
         return dequantize_rows(self.blocks, self.type_name, self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # A token makes ~120 of these calls, so the decode path skips what costs a microsecond:
+        # Module.__getattr__ for the buffers, reshape and view (qmatmul takes x's own shape).
+        blocks, bias = self._buffers["blocks"], self._buffers["bias"]
+        if x.dtype == torch.float32 and x.is_contiguous() and x.shape[-1] == self.in_features \
+                and x.numel() <= DECODE_TOKENS * self.in_features:
+            y = qmatmul(blocks, self.type_name, self.out_features, self.in_features, x, EXACT_DECODE)
+            if bias is not None:
+                y += bias
+            return y
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features)
-        if x2.dtype != torch.float32 or not x2.is_contiguous():  # (each no-op call costs ~1 µs per token)
-            x2 = x2.float().contiguous()
+        x2 = x.reshape(-1, self.in_features).float().contiguous()
         if x2.shape[0] <= DECODE_TOKENS:
-            y = qmatmul(self.blocks, self.type_name, self.out_features, self.in_features, x2)
+            y = qmatmul(blocks, self.type_name, self.out_features, self.in_features, x2, EXACT_DECODE)
         else:
             y = torch.empty(x2.shape[0], self.out_features)
             for start in range(0, self.out_features, PREFILL_ROWS):
                 rows = min(PREFILL_ROWS, self.out_features - start)
-                w = dequantize_rows(self.blocks, self.type_name, self.out_features, self.in_features,
+                w = dequantize_rows(blocks, self.type_name, self.out_features, self.in_features,
                                     torch.arange(start, start + rows))
                 y[:, start:start + rows] = x2 @ w.T
-        if self.bias is not None:
-            y += self.bias
+        if bias is not None:
+            y += bias
         y = y.view(*shape[:-1], self.out_features)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
