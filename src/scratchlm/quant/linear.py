@@ -10,13 +10,15 @@ Q4_K and Q6_K (the types of ``Q4_K_M`` files) are re-blocked at load into blocks
 scales (``kernels.reblock``: 6 and 10 bits per weight instead of 4.5 and 6.6, the same values).
 
 * up to ``DECODE_TOKENS`` rows of x (decoding, batched decoding): the compiled kernel
-  (``quant.kernels``) with llama.cpp's arithmetic: each token's x rounded to int8 per block of 32
-  (an fp32 scale per block), each weight block's integer dot product with it scaled in fp32.  Per
-  output this differs from the dequantized weights' product by at most ``√32/254 · ‖w_row‖ · ‖x‖``
-  (typically far less: ~1e-3 of SmolLM2's logits' scale, the same greedy answers; the tests bound
-  both), and a token's outputs do not depend on the other tokens of its batch.  ``EXACT_DECODE``
-  (or ``SCRATCHLM_EXACT_DECODE=1`` in the environment) keeps fp32 activations instead: the
-  dequantized weights' product up to fp32 rounding of the sums, ~1.8x slower kernels;
+  (``quant.kernels``) with integer activations, as llama.cpp decodes: each token's x rounded per
+  block of 32 (an fp32 scale per block), each weight block's exact integer dot products with it
+  scaled in fp32.  ``DECODE_ACTIVATIONS`` picks the rounding: ``"int15"`` (the default: |q| ≤
+  16256, two byte products per weight), ``"int8"`` (llama.cpp's own, ~15% faster, but SmolLM2's
+  greedy answers change, as llama.cpp's do) or ``"fp32"`` (no rounding: the dequantized weights'
+  product up to fp32 rounding of the sums, ~1.8x slower kernels).  Per output the integer paths
+  differ from the fp32 product by at most ``√32/(2L) · ‖w_row‖ · ‖x‖`` (L = 16256 or 127), and a
+  token's outputs do not depend on the other tokens of its batch; the tests bound both, and check
+  SmolLM2's greedy answers against the dequantized fp32 model;
 * more rows (prefill): ``PREFILL_ROWS`` rows of W at a time dequantized exactly to fp32 and
   multiplied by torch's matmul — the dequantized weights' product up to the matmul's own order.
 
@@ -42,13 +44,13 @@ from scratchlm.quant.formats import FORMATS, QUANTIZABLE, quantize
 from scratchlm.quant.kernels import KERNEL_BLOCK_BYTES, KERNEL_TYPES, dequantize_rows, qmatmul
 
 __all__ = ["QuantLinear", "QuantEmbedding", "quantize_model", "weight_bytes", "is_quantized",
-           "QUANT_TYPES", "DECODE_TOKENS", "PREFILL_ROWS", "EXACT_DECODE"]
+           "QUANT_TYPES", "DECODE_TOKENS", "PREFILL_ROWS", "DECODE_ACTIVATIONS"]
 
 QUANT_TYPES = tuple(KERNEL_TYPES)  # the block types kept packed
 DECODE_TOKENS = 8  # up to this many rows of x go through the in-place kernel
-# Decode with fp32 activations (exact: the dequantized weights' product) instead of int8 ones.
-# Read at each call: set it (or SCRATCHLM_EXACT_DECODE=1 before the import) to pick exact.
-EXACT_DECODE = os.environ.get("SCRATCHLM_EXACT_DECODE", "") not in ("", "0")
+# How decoding rounds the activations (kernels.ACTIVATIONS: "int15", "int8" or exact "fp32"), read
+# at each call: set it, or SCRATCHLM_DECODE_ACTIVATIONS before the import.
+DECODE_ACTIVATIONS = os.environ.get("SCRATCHLM_DECODE_ACTIVATIONS") or "int15"
 PREFILL_ROWS = 2048  # rows of W dequantized at a time for a prefill matmul (2048 × 576 fp32: 4.7 MB)
 
 
@@ -97,14 +99,14 @@ class QuantLinear(nn.Module):
         blocks, bias = self._buffers["blocks"], self._buffers["bias"]
         if x.dtype == torch.float32 and x.is_contiguous() and x.shape[-1] == self.in_features \
                 and x.numel() <= DECODE_TOKENS * self.in_features:
-            y = qmatmul(blocks, self.type_name, self.out_features, self.in_features, x, EXACT_DECODE)
+            y = qmatmul(blocks, self.type_name, self.out_features, self.in_features, x, DECODE_ACTIVATIONS)
             if bias is not None:
                 y += bias
             return y
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).float().contiguous()
         if x2.shape[0] <= DECODE_TOKENS:
-            y = qmatmul(blocks, self.type_name, self.out_features, self.in_features, x2, EXACT_DECODE)
+            y = qmatmul(blocks, self.type_name, self.out_features, self.in_features, x2, DECODE_ACTIVATIONS)
         else:
             y = torch.empty(x2.shape[0], self.out_features)
             for start in range(0, self.out_features, PREFILL_ROWS):
