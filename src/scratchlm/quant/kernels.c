@@ -281,7 +281,9 @@ typedef struct {
 
 static inline int nibble_type(int type) { return type == Q4_0 || type == Q4_1 || type == Q4_KR; }
 static inline int blocks_per_group(int type) { return nibble_type(type) ? 4 : 2; }
-static inline int unsigned_offset(int type) { return type == Q4_0 ? 8 : type == Q8_0 ? 128 : type == Q6_KR ? 32 : 0; }
+static inline int unsigned_offset(int type) {
+    return type == Q4_0 ? 8 : type == Q8_0 ? 128 : type == Q6_KR ? 32 : 0;
+}
 static inline int group_bytes(int type) { return blocks_per_group(type) * BLOCK_BYTES[type]; }
 static inline int has_min(int type) { return type == Q4_1 || type == Q4_KR; }
 
@@ -289,9 +291,10 @@ static inline int has_min(int type) { return type == Q4_1 || type == Q4_KR; }
 #ifdef __AVX512VNNI__
 #define DPBUSD(acc, u, s) _mm512_dpbusd_epi32((acc), (u), (s))
 #else
-/* vpmaddubsw saturates each pair's sum to int16: exact while |u_a s_a + u_b s_b| <= 32767, which
- * holds for every product here (u <= 127 or |s| <= 15, or |u|, |s| <= 128, 127) except Q8_0's
- * u = q_w + 128 times q[]: that one is taken as |q_w| times q[] with q_w's sign (Q8_SIGNED). */
+/* vpmaddubsw saturates each pair's sum to int16: exact while |u_a s_a + u_b s_b| <= 32767.  That
+ * holds for nibbles (u <= 15) and Q6_KR's q_w + 32 (u <= 63) times q[] (|s| <= 127), and for l
+ * (u <= 127) times q_w (|s| <= 128), but not for Q8_0's q_w + 128 (u <= 255): without VNNI, Q8_0
+ * multiplies |q_w| (<= 128) by q[] carrying q_w's sign instead (Q8_SIGNED; |q[]| <= 127). */
 #define DPBUSD(acc, u, s) \
     _mm512_add_epi32((acc), _mm512_madd_epi16(_mm512_maddubs_epi16((u), (s)), _mm512_set1_epi16(1)))
 #define Q8_SIGNED 1
@@ -387,8 +390,8 @@ static inline __attribute__((always_inline)) void group_sums(const int type, con
 }
 
 /* x (cols values, cols % 32 == 0) into its groups g[0 .. ceil(nb / blocks_per_group)). */
-static inline __attribute__((always_inline)) void quantize_activations(const int type, const int wide,
-                                                                        const float *x, int64_t cols, xgroup *g) {
+static inline __attribute__((always_inline)) void quantize_activations(
+        const int type, const int wide, const float *x, int64_t cols, xgroup *g) {
     const int64_t nb = cols / 32;
     const int per = blocks_per_group(type), nib = nibble_type(type), lanes = nib ? 4 : 8;
     const int64_t groups = (nb + per - 1) / per;
@@ -475,7 +478,8 @@ static gathers make_gathers(const int type, int64_t nb) {
     return g;
 }
 
-static inline __attribute__((always_inline)) __m512i load_window(const uint8_t *p, const int masked, __mmask64 k) {
+static inline __attribute__((always_inline)) __m512i load_window(const uint8_t *p, const int masked,
+                                                                  __mmask64 k) {
     return masked ? _mm512_maskz_loadu_epi8(k, p) : _mm512_loadu_si512(p);
 }
 
@@ -512,7 +516,8 @@ static inline __attribute__((always_inline)) weights weight_group(
     }
     /* int8 types: the two blocks' 32 q each (a short group: the second block's bytes masked) */
     const int at = type == Q8_0 ? 2 : 8, bb = BLOCK_BYTES[type];
-    const __m512i q = masked ? _mm512_permutex2var_epi8(a, g->payload, load_window(p + span - 64, 1, k.second))
+    const __m512i q = masked
+        ? _mm512_permutex2var_epi8(a, g->payload, load_window(p + span - 64, 1, k.second))
         : _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(p + at))),
                              _mm256_loadu_si256((const __m256i *)(p + bb + at)), 1);
     w.s[0] = w.s[1] = q;
@@ -543,7 +548,8 @@ static inline __attribute__((always_inline)) void accumulate_group(
 #ifdef Q8_SIGNED
         if (type == Q8_0) {  /* |q_w| times q[] with q_w's sign: no offset */
             const __m512i q = _mm512_loadu_si512(xg->q), zero = _mm512_setzero_si512();
-            sum = DPBUSD(zero, _mm512_abs_epi8(w.u[0]), _mm512_mask_sub_epi8(q, _mm512_movepi8_mask(w.u[0]), zero, q));
+            const __m512i signed_q = _mm512_mask_sub_epi8(q, _mm512_movepi8_mask(w.u[0]), zero, q);
+            sum = DPBUSD(zero, _mm512_abs_epi8(w.u[0]), signed_q);
         } else
 #endif
         for (int h = 0; h < halves; h++) sum = DPBUSD(sum, w.u[h], _mm512_loadu_si512(xg->q + 64 * h));
@@ -572,11 +578,15 @@ static inline __attribute__((always_inline)) void row_dot_int(
     for (int t = 0; t < T; t++) even[t] = odd[t] = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k + 2 <= full; k += 2) {
-        for (int l = 0; l < 2 * span; l += 64) _mm_prefetch((const char *)(row + k * span + PREFETCH + l), _MM_HINT_T0);
+        for (int l = 0; l < 2 * span; l += 64)
+            _mm_prefetch((const char *)(row + k * span + PREFETCH + l), _MM_HINT_T0);
         accumulate_group(type, wide, T, row + k * span, 0, all, g, x + k, xs, even);
         accumulate_group(type, wide, T, row + (k + 1) * span, 0, all, g, x + k + 1, xs, odd);
     }
-    if (k < full) accumulate_group(type, wide, T, row + k++ * span, 0, all, g, x + full - 1, xs, even);
+    if (k < full) {  /* an odd whole group */
+        accumulate_group(type, wide, T, row + k * span, 0, all, g, x + k, xs, even);
+        k++;
+    }
     if (nb % per)  /* the short last group */
         accumulate_group(type, wide, T, row + full * span, 1, g->tail, g, x + full, xs, k % 2 ? odd : even);
     for (int t = 0; t < T; t++) out[t] = _mm512_reduce_add_ps(_mm512_add_ps(even[t], odd[t]));
@@ -686,6 +696,7 @@ static const matmul_int_fn MATMUL_INT[2][5] = {
 int slm_qmatmul_int(int type, int bits, const uint8_t *w, int64_t rows, int64_t cols, const float *x,
                     int64_t n_tok, int64_t xs, float *y, int64_t ys, int nthreads) {
     if (bits != 8 && bits != 15) return -2;
+    if (n_tok <= 0) return 0;
     const int wide = bits == 15, per = blocks_per_group(type);
     const int64_t groups = (cols / 32 + per - 1) / per;
     xgroup *q = aligned_alloc(64, (size_t)(n_tok * groups) * sizeof(xgroup));

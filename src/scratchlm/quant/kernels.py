@@ -41,8 +41,9 @@ KERNEL_TYPES = {"Q8_0": 0, "Q4_0": 1, "Q4_1": 2, "Q4_K": 3, "Q6_K": 4}
 KERNEL_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q4_K": 24, "Q6_K": 40}  # per 32 values
 _SOURCE = Path(__file__).with_name("kernels.c")
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
-# SCRATCHLM_KERNELS_PORTABLE=1: the portable C path (no AVX-512 code), as a machine without it builds;
-# SCRATCHLM_KERNELS_NO_VNNI=1: AVX-512 without VNNI's vpdpbusd (vpmaddubsw instead), as Skylake-X builds
+# SCRATCHLM_KERNELS_PORTABLE=1: the portable C path (no -march: no AVX-512 code, no F16C);
+# SCRATCHLM_KERNELS_CFLAGS: flags added, e.g. "-mno-avx512vnni" (vpmaddubsw for vpdpbusd, as on Skylake-X)
+# or "-mno-avx512f" (portable C with AVX2 and F16C, as on Haswell to Zen 3): the tests build these paths
 _PORTABLE_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 _lib: ctypes.CDLL | None | bool = None  # None: not tried yet; False: unavailable
 
@@ -73,8 +74,7 @@ def _build() -> ctypes.CDLL | None:
                       "(install gcc or clang, or set CC)", stacklevel=3)
         return None
     flags = _PORTABLE_FLAGS if os.environ.get("SCRATCHLM_KERNELS_PORTABLE") else _FLAGS
-    if os.environ.get("SCRATCHLM_KERNELS_NO_VNNI"):
-        flags = [*flags, "-mno-avx512vnni"]
+    flags = [*flags, *os.environ.get("SCRATCHLM_KERNELS_CFLAGS", "").split()]
     source = _SOURCE.read_bytes()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(),
