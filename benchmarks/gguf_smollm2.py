@@ -59,6 +59,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT = REPO.parent / "shared" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 QUESTION = "Tell me a long story about a lighthouse keeper and a storm."
+FIXED_TEXT = "The quick brown fox jumps over the lazy dog. Paris is the capital of"  # for max |Δlogit|
 MODES = {"gguf": "scratchlm-gguf", "gguf-int8": "scratchlm-gguf-int8", "gguf-fp32": "scratchlm-gguf-fp32",
          "fp16": "scratchlm-fp16", "fp32": "scratchlm"}  # --modes → side
 SIDES = (*MODES.values(), "transformers", "llama.cpp")
@@ -92,7 +93,7 @@ def load(side: str, path: Path) -> tuple[float, Run, Any]:
         from scratchlm.quant import linear
 
         dtype = "gguf" if side.startswith("scratchlm-gguf") else {"scratchlm-fp16": "float16"}.get(side)
-        activations = side.removeprefix("scratchlm-gguf-") if side.startswith("scratchlm-gguf-") else None
+        activations = side_activations(side)
         seconds, lm = timed(lambda: scratchlm.load(path, device="cpu", dtype=dtype))
 
         def run(prompt: list[int], n: int) -> tuple[list[int], list[tuple[float, float]]]:
@@ -138,6 +139,43 @@ def load(side: str, path: Path) -> tuple[float, Run, Any]:
         return out[0, len(prompt):].tolist(), stamps.calls[1:]
 
     return seconds, run_hf, None
+
+
+def side_activations(side: str) -> str | None:
+    """The decode activations a packed side sets ("int8", "fp32"); None: the default (or not packed)."""
+    return side.removeprefix("scratchlm-gguf-") if side.startswith("scratchlm-gguf-") else None
+
+
+def logit_drift(lms: dict[str, Any], path: Path) -> None:
+    """Max |Δlogit| of each packed side against the dequantized fp32 model on FIXED_TEXT, token by
+    token through the cache (each step a decode step, so it goes through the decode kernels)."""
+    import scratchlm
+    from scratchlm.quant import linear
+
+    plain = scratchlm.load(path, device="cpu")
+    ids = torch.tensor([plain.tokenizer.encode(FIXED_TEXT)])
+    cells, scale = [], 0.0
+    for name, lm in lms.items():
+        if not name.startswith("scratchlm-gguf"):
+            continue
+        default = linear.DECODE_ACTIVATIONS
+        activations = side_activations(name) or default
+        linear.DECODE_ACTIVATIONS = activations
+        try:
+            with torch.no_grad():
+                n = ids.shape[1]
+                cache, ref_cache, drift = lm.model.new_cache(1, n), plain.model.new_cache(1, n), 0.0
+                for i in range(n):
+                    reference = plain.model(ids[:, i:i + 1], cache=ref_cache)
+                    step = lm.model(ids[:, i:i + 1], cache=cache)
+                    drift = max(drift, (step - reference).abs().max().item())
+                    scale = max(scale, reference.abs().max().item())
+        finally:
+            linear.DECODE_ACTIVATIONS = default
+        cells.append(f"{name} ({activations}) {drift:.3g}")
+    if cells:
+        print(f"max |Δlogit| against the dequantized fp32 model, {ids.shape[1]}-token fixed text token by "
+              f"token: {', '.join(cells)} (max |logit| {scale:.3g})")
 
 
 def load_llama_cpp(path: Path) -> tuple[float, Run, Any]:
@@ -252,10 +290,12 @@ def main(argv: list[str] | None = None) -> int:
     from scratchlm.data.corpora import read_corpus
 
     runs: dict[str, Run] = {}
+    lms: dict[str, Any] = {}
     lm = None
     for name in names:
         _, runs[name], loaded = load(name, args.path)
         lm = lm or loaded
+        lms[name] = loaded
         runs[name]([1, 2, 3], 4)  # warm-up: allocator, thread pool, lazy imports
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     chat = env.from_string(lm.chat_template).render(messages=[{"role": "user", "content": QUESTION}],
@@ -300,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names[1:]:
         same = sum(a == b for a, b in zip(tokens[first], tokens[name], strict=True))
         print(f"greedy tokens identical, {first} vs {name}: {same}/{n}")
+    logit_drift(lms, args.path)
     print(f"load average at the end: {load_average()}")
     print()
     for name in names:

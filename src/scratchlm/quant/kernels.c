@@ -10,7 +10,7 @@
  *
  * slm_qmatmul_int (decoding): x rounded per block of 32 to 8-bit integers (llama.cpp's arithmetic)
  * or to 15-bit ones, and exact integer dot products with each weight block (vpdpbusd), scaled in
- * fp32: the dequantized weights times the rounded x.  ~1.8x faster when decoding (see the section).
+ * fp32: the dequantized weights times the rounded x.  Faster when decoding (see the section).
  *
  * Built by scratchlm.quant.kernels with the machine's own flags (-march=native); an AVX-512 path
  * (integer products with AVX512-VNNI, else AVX512BW's vpmaddubsw) where the compiler targets it,
@@ -407,8 +407,8 @@ static inline __attribute__((always_inline)) void quantize_activations(
 
 #ifdef SLM_AVX512
 /* Bytes ahead of the current group that each pass asks the cache for: rows lie end to end, so this
- * runs into the next rows (a prefetch past the matrix faults nothing).  4 KiB ahead took the
- * SmolLM2 decode's matrices from 7.5 to 6.6 ms a token (8 bits, 1 thread); 0.25-1 KiB did nothing. */
+ * runs into the next rows (a prefetch past the matrix faults nothing).  4 KiB ahead sped up the
+ * SmolLM2 decode's matrices, which come from memory; 0.25-1 KiB did not. */
 #define PREFETCH 4096
 
 /* A group's bytes that may be read: all of a whole group; the first `bytes` of a short last one
@@ -565,9 +565,10 @@ static inline __attribute__((always_inline)) void accumulate_group(
 }
 
 /* out[t] = row . token t for T tokens (groups x, x + xs, ...).  One row at a time: a single stream
- * of weight bytes, which the hardware prefetcher follows (four rows side by side ran 1.3-2.8x
- * slower once the weights came from memory); two sums per token (even and odd groups) keep two
- * chains of dependent adds in flight.  The lane sums are below 2^24, so their conversion is exact. */
+ * of weight bytes, which the hardware prefetcher follows (four rows side by side, as the fp32 path
+ * reads them, ran slower once the weights came from memory); two sums per token (even and odd
+ * groups) keep two chains of dependent adds in flight.  The lane sums are below 2^24, so their
+ * conversion is exact. */
 static inline __attribute__((always_inline)) void row_dot_int(
         const int type, const int wide, const int T, const uint8_t *row, int64_t nb, const gathers *g,
         const xgroup *x, int64_t xs, float *out) {

@@ -197,7 +197,7 @@ def qmatmul(blocks: torch.Tensor, type_name: str, rows: int, cols: int, x: torch
     if lib is None:
         w = dequantize_rows(blocks, type_name, rows, cols)
         return (x if activations == "fp32" else round_activations(x, activations)) @ w.T
-    y = torch.empty(*x.shape[:-1], rows, dtype=torch.float32)  # (int arguments: a tuple costs 2 µs more)
+    y = torch.empty(*x.shape[:-1], rows, dtype=torch.float32)  # (int arguments: a tuple parses slowly)
     n = x.numel() // cols
     if activations == "fp32":
         lib.slm_qmatmul(KERNEL_TYPES[type_name], blocks.data_ptr(), rows, cols, x.data_ptr(), n, cols,

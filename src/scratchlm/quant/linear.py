@@ -13,12 +13,12 @@ scales (``kernels.reblock``: 6 and 10 bits per weight instead of 4.5 and 6.6, th
   (``quant.kernels``) with integer activations, as llama.cpp decodes: each token's x rounded per
   block of 32 (an fp32 scale per block), each weight block's exact integer dot products with it
   scaled in fp32.  ``DECODE_ACTIVATIONS`` picks the rounding: ``"int15"`` (the default: |q| ≤
-  16256, two byte products per weight), ``"int8"`` (llama.cpp's own, ~15% faster, but SmolLM2's
-  greedy answers change, as llama.cpp's do) or ``"fp32"`` (no rounding: the dequantized weights'
-  product up to fp32 rounding of the sums, ~1.8x slower kernels).  Per output the integer paths
-  differ from the fp32 product by at most ``√32/(2L) · ‖w_row‖ · ‖x‖`` (L = 16256 or 127), and a
-  token's outputs do not depend on the other tokens of its batch; the tests bound both, and check
-  SmolLM2's greedy answers against the dequantized fp32 model;
+  16256, two byte products per weight), ``"int8"`` (llama.cpp's own, a little faster, but
+  SmolLM2's greedy answers change, as llama.cpp's do) or ``"fp32"`` (no rounding: the dequantized
+  weights' product up to fp32 rounding of the sums, markedly slower; docs/benchmarks.md).  Per
+  output the integer paths differ from the fp32 product by at most ``√32/(2L) · ‖w_row‖ · ‖x‖``
+  (L = 16256 or 127), and a token's outputs do not depend on the other tokens of its batch; the
+  tests bound both, and check SmolLM2's greedy answers against the dequantized fp32 model;
 * more rows (prefill): ``PREFILL_ROWS`` rows of W at a time dequantized exactly to fp32 and
   multiplied by torch's matmul — the dequantized weights' product up to the matmul's own order.
 
@@ -94,7 +94,7 @@ class QuantLinear(nn.Module):
         return dequantize_rows(self.blocks, self.type_name, self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # A token makes ~120 of these calls, so the decode path skips what costs a microsecond:
+        # A token makes ~120 of these calls, so the decode path skips what costs most per call:
         # Module.__getattr__ for the buffers, reshape and view (qmatmul takes x's own shape).
         blocks, bias = self._buffers["blocks"], self._buffers["bias"]
         if x.dtype == torch.float32 and x.is_contiguous() and x.shape[-1] == self.in_features \
