@@ -2,7 +2,10 @@
 
 Every side opens the same ``.gguf`` file.  ``scratchlm-gguf`` is ``scratchlm.load(path,
 dtype="gguf")``: the file's Q4_1 (and Q8_0 embedding) blocks kept as they are and multiplied in
-place (``scratchlm.quant``); ``scratchlm-fp16`` is ``dtype="float16"`` (fp16 weights packed by
+place (``scratchlm.quant``), decoding with its default int15 activations; ``scratchlm-gguf-int8``
+and ``scratchlm-gguf-fp32`` (``--modes gguf-int8,gguf-fp32``) decode with llama.cpp's int8
+rounding and with exact fp32 activations (``quant.linear.DECODE_ACTIVATIONS``, set around each of
+their runs); ``scratchlm-fp16`` is ``dtype="float16"`` (fp16 weights packed by
 FBGEMM, fp32 arithmetic: ``scratchlm.generation.packed``); ``scratchlm`` the default fp32 load;
 ``transformers`` is ``AutoModelForCausalLM.from_pretrained(dir, gguf_file=name)`` + ``generate``
 in fp32; ``llama.cpp`` is llama-cpp-python when installed.  Batch 1, greedy.  Figures:
@@ -26,8 +29,16 @@ that alternate the sides, so a noisy neighbour on the shared cores slows them al
 benchmark extra, not a dependency (it builds from source: ``pip install llama-cpp-python``).
 Without it the output says that llama.cpp is absent and compares the packed path with fp16.
 
+``--kernels`` times the packed matrix products alone instead: each of the file's matrices (in a
+token's order, all of them once per pass, so the weights come from memory as they do when
+decoding) with one token of random activations, through the compiled kernels with int15, int8 and
+fp32 activations; per shape the median over passes of this thread's CPU time, in µs per token, ns
+and cycles per block of 32 weights (the clock measured by a chain of dependent adds).
+
     python benchmarks/gguf_smollm2.py --threads 2 --no-transformers      # packed vs fp16 vs llama.cpp
     python benchmarks/gguf_smollm2.py --threads 2 --modes gguf,fp16,fp32  # and transformers
+    python benchmarks/gguf_smollm2.py --threads 1 --no-transformers --modes gguf,gguf-fp32,fp16
+    python benchmarks/gguf_smollm2.py --threads 1 --kernels --rounds 21
 """
 
 from __future__ import annotations
@@ -48,7 +59,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT = REPO.parent / "shared" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 QUESTION = "Tell me a long story about a lighthouse keeper and a storm."
-MODES = {"gguf": "scratchlm-gguf", "fp16": "scratchlm-fp16", "fp32": "scratchlm"}  # --modes → side
+FIXED_TEXT = "The quick brown fox jumps over the lazy dog. Paris is the capital of"  # for max |Δlogit|
+MODES = {"gguf": "scratchlm-gguf", "gguf-int8": "scratchlm-gguf-int8", "gguf-fp32": "scratchlm-gguf-fp32",
+         "fp16": "scratchlm-fp16", "fp32": "scratchlm"}  # --modes → side
 SIDES = (*MODES.values(), "transformers", "llama.cpp")
 
 # (prompt ids, new tokens) -> (tokens, (wall, CPU) time of each new token)
@@ -77,16 +90,23 @@ def load(side: str, path: Path) -> tuple[float, Run, Any]:
     if side.startswith("scratchlm"):
         import scratchlm
         from scratchlm.generation import SamplingParams, TokenGenerator
+        from scratchlm.quant import linear
 
-        dtype = {"scratchlm-gguf": "gguf", "scratchlm-fp16": "float16"}.get(side)
+        dtype = "gguf" if side.startswith("scratchlm-gguf") else {"scratchlm-fp16": "float16"}.get(side)
+        activations = side_activations(side)
         seconds, lm = timed(lambda: scratchlm.load(path, device="cpu", dtype=dtype))
 
         def run(prompt: list[int], n: int) -> tuple[list[int], list[tuple[float, float]]]:
             params = SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True)
             tokens, stamps = [], []
-            for event in TokenGenerator(lm.model, [prompt], params, eos_id=lm.tokenizer.eos_id):
-                tokens.append(event.token_id)
-                stamps.append((time.perf_counter(), time.process_time()))
+            default = linear.DECODE_ACTIVATIONS
+            linear.DECODE_ACTIVATIONS = activations or default
+            try:
+                for event in TokenGenerator(lm.model, [prompt], params, eos_id=lm.tokenizer.eos_id):
+                    tokens.append(event.token_id)
+                    stamps.append((time.perf_counter(), time.process_time()))
+            finally:
+                linear.DECODE_ACTIVATIONS = default
             return tokens, stamps
 
         return seconds, run, lm
@@ -119,6 +139,43 @@ def load(side: str, path: Path) -> tuple[float, Run, Any]:
         return out[0, len(prompt):].tolist(), stamps.calls[1:]
 
     return seconds, run_hf, None
+
+
+def side_activations(side: str) -> str | None:
+    """The decode activations a packed side sets ("int8", "fp32"); None: the default (or not packed)."""
+    return side.removeprefix("scratchlm-gguf-") if side.startswith("scratchlm-gguf-") else None
+
+
+def logit_drift(lms: dict[str, Any], path: Path) -> None:
+    """Max |Δlogit| of each packed side against the dequantized fp32 model on FIXED_TEXT, token by
+    token through the cache (each step a decode step, so it goes through the decode kernels)."""
+    import scratchlm
+    from scratchlm.quant import linear
+
+    plain = scratchlm.load(path, device="cpu")
+    ids = torch.tensor([plain.tokenizer.encode(FIXED_TEXT)])
+    cells, scale = [], 0.0
+    for name, lm in lms.items():
+        if not name.startswith("scratchlm-gguf"):
+            continue
+        default = linear.DECODE_ACTIVATIONS
+        activations = side_activations(name) or default
+        linear.DECODE_ACTIVATIONS = activations
+        try:
+            with torch.no_grad():
+                n = ids.shape[1]
+                cache, ref_cache, drift = lm.model.new_cache(1, n), plain.model.new_cache(1, n), 0.0
+                for i in range(n):
+                    reference = plain.model(ids[:, i:i + 1], cache=ref_cache)
+                    step = lm.model(ids[:, i:i + 1], cache=cache)
+                    drift = max(drift, (step - reference).abs().max().item())
+                    scale = max(scale, reference.abs().max().item())
+        finally:
+            linear.DECODE_ACTIVATIONS = default
+        cells.append(f"{name} ({activations}) {drift:.3g}")
+    if cells:
+        print(f"max |Δlogit| against the dequantized fp32 model, {ids.shape[1]}-token fixed text token by "
+              f"token: {', '.join(cells)} (max |logit| {scale:.3g})")
 
 
 def load_llama_cpp(path: Path) -> tuple[float, Run, Any]:
@@ -182,7 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--modes", default="gguf,fp16",
                         help="scratchlm weight modes to run, comma-separated: gguf (dtype='gguf', the file's "
-                        "blocks packed), fp16 (dtype='float16'), fp32 (default load)")
+                        "blocks packed; int15 activations when decoding), gguf-int8 and gguf-fp32 (the same "
+                        "with int8 or exact fp32 activations), fp16 (dtype='float16'), fp32 (default load)")
+    parser.add_argument("--kernels", action="store_true",
+                        help="time the packed matrix products alone (int15, int8, fp32 activations), "
+                        "--rounds passes over the file's matrices")
     parser.add_argument("--no-transformers", action="store_true", help="skip transformers (each load 30+ s)")
     parser.add_argument("--no-llama-cpp", action="store_true",
                         help="skip llama-cpp-python (run when it is installed: the side-by-side ceiling)")
@@ -198,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.child:
         return child(args.child, args.path)
+    if args.kernels:
+        return kernel_figures(args.path, args.rounds)
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or any(m not in MODES for m in modes):
@@ -227,10 +290,12 @@ def main(argv: list[str] | None = None) -> int:
     from scratchlm.data.corpora import read_corpus
 
     runs: dict[str, Run] = {}
+    lms: dict[str, Any] = {}
     lm = None
     for name in names:
         _, runs[name], loaded = load(name, args.path)
         lm = lm or loaded
+        lms[name] = loaded
         runs[name]([1, 2, 3], 4)  # warm-up: allocator, thread pool, lazy imports
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     chat = env.from_string(lm.chat_template).render(messages=[{"role": "user", "content": QUESTION}],
@@ -275,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in names[1:]:
         same = sum(a == b for a, b in zip(tokens[first], tokens[name], strict=True))
         print(f"greedy tokens identical, {first} vs {name}: {same}/{n}")
+    logit_drift(lms, args.path)
     print(f"load average at the end: {load_average()}")
     print()
     for name in names:
@@ -309,6 +375,93 @@ def main(argv: list[str] | None = None) -> int:
                   f"target >= 1.0x for scratchlm-gguf), prefill {ours['prefill'] / theirs['prefill']:.2f}x")
         else:
             print(f"{name} vs llama.cpp: absent, not measured")
+    return 0
+
+
+def core_ghz() -> float | None:
+    """This core's clock, from a chain of dependent adds (one a cycle) compiled by the C compiler the
+    kernels use, timed in this thread's CPU time; None without a compiler."""
+    import ctypes
+    import shutil
+    import tempfile
+
+    cc = next((c for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c)), None)
+    if cc is None:
+        return None
+    source = """#include <stdint.h>
+#define ADD __asm__ volatile("add $1, %0" : "+r"(x));
+uint64_t chain(uint64_t n) {
+    uint64_t x = 0;
+    for (uint64_t i = 0; i < n; i++) { ADD ADD ADD ADD ADD ADD ADD ADD }
+    return x;
+}
+"""
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "chain.c").write_text(source)
+        built = subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", f"{tmp}/chain.so", f"{tmp}/chain.c"],
+                               capture_output=True)
+        if built.returncode:  # (x86 assembly)
+            return None
+        chain = ctypes.CDLL(f"{tmp}/chain.so").chain
+        chain.argtypes, chain.restype = [ctypes.c_uint64], ctypes.c_uint64
+        n, seconds = 25_000_000, []  # 8 adds each: 0.2 G cycles
+        for _ in range(7):
+            start = time.thread_time()
+            chain(n)
+            seconds.append(time.thread_time() - start)
+    return 8 * n / statistics.median(seconds) / 1e9
+
+
+def kernel_figures(path: Path, rounds: int) -> int:
+    """The ``--kernels`` figures: the file's matrix products alone, per shape and per token."""
+    from collections import defaultdict
+
+    import scratchlm
+    from scratchlm.quant import kernels
+    from scratchlm.quant.linear import QuantLinear
+
+    if not kernels.kernels_available():
+        print("error: the packed-weight kernels could not be built (no C compiler?)", file=sys.stderr)
+        return 2
+    ghz = core_ghz()
+    lm = scratchlm.load(path, device="cpu", dtype="gguf")
+    layers = [m for m in lm.model.modules() if isinstance(m, QuantLinear)]
+    inputs = [torch.randn(1, layer.in_features) for layer in layers]
+    shapes = [f"{layer.type_name} {layer.out_features}x{layer.in_features}" for layer in layers]
+    activations = kernels.ACTIVATIONS
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load_average()}; "
+          f"{path.name}: {len(layers)} matrix products a token; core clock "
+          f"{'unknown' if ghz is None else f'{ghz:.2f} GHz'} (dependent adds); {rounds} passes", flush=True)
+    blocks: dict[str, int] = defaultdict(int)
+    for layer, shape in zip(layers, shapes, strict=True):
+        blocks[shape] += layer.out_features * layer.in_features // 32
+    blocks["total"] = sum(blocks.values())
+    seconds: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for _ in range(rounds + 1):  # the first pass warms up, not counted
+        for mode in activations:
+            spent: dict[str, float] = defaultdict(float)
+            for layer, x, shape in zip(layers, inputs, shapes, strict=True):
+                start = time.thread_time()
+                kernels.qmatmul(layer.blocks, layer.type_name, layer.out_features, layer.in_features, x, mode)
+                spent[shape] += time.thread_time() - start
+            spent["total"] = sum(spent.values())
+            for shape, value in spent.items():
+                seconds[(shape, mode)].append(value)
+    header = " ".join(f"{mode + ' µs':>12} {'ns/blk':>7} {'cyc/blk':>7}" for mode in activations)
+    print(f"\n{'matrices (count)':>24} {header}")
+    for shape in blocks:
+        cells = []
+        for mode in activations:
+            median = statistics.median(seconds[(shape, mode)][1:])
+            per_block = median / blocks[shape] * 1e9
+            cycles = "-" if ghz is None else f"{per_block * ghz:.2f}"
+            cells.append(f"{median * 1e6:12.0f} {per_block:7.2f} {cycles:>7}")
+        label = shape if shape == "total" else f"{shape} ({shapes.count(shape)})"
+        print(f"{label:>24} " + " ".join(cells))
+    total = {mode: statistics.median(seconds[("total", mode)][1:]) for mode in activations}
+    print("\nper token: " + ", ".join(f"{mode} {total[mode] * 1e3:.2f} ms" for mode in activations) +
+          f"; int15 {total['fp32'] / total['int15']:.2f}x and int8 {total['fp32'] / total['int8']:.2f}x "
+          f"as fast as fp32; load average {load_average()}")
     return 0
 
 

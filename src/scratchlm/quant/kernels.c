@@ -2,20 +2,30 @@
  *
  * W is row-major, each row a run of blocks of 32 values exactly as GGUF stores them (Q8_0: fp16 d,
  * 32 int8; Q4_0: fp16 d, 16 bytes of nibbles, value (q - 8) d; Q4_1: fp16 d, fp16 m, nibbles,
- * value q d + m; low nibbles are elements 0-15, high nibbles 16-31).  Activations stay fp32 (no
- * activation rounding, unlike llama.cpp's int8 activations): Q4_0/Q4_1 blocks are expanded to
- * their dequantized values (a 16-entry table per block) and multiplied in fp32; a Q8_0 block's
- * sum_i x_i q_i is scaled by d.  So the result is that of the dequantized weights up to fp32
- * rounding of the sums.
+ * value q d + m; low nibbles are elements 0-15, high nibbles 16-31).  Two kinds of product:
+ *
+ * slm_qmatmul: fp32 activations.  Q4_0/Q4_1 blocks are expanded to their dequantized values (a
+ * 16-entry table per block) and multiplied in fp32; a Q8_0 block's sum_i x_i q_i is scaled by d.
+ * So the result is that of the dequantized weights up to fp32 rounding of the sums.
+ *
+ * slm_qmatmul_int (decoding): x rounded per block of 32 to 8-bit integers (llama.cpp's arithmetic)
+ * or to 15-bit ones, and exact integer dot products with each weight block (vpdpbusd), scaled in
+ * fp32: the dequantized weights times the rounded x.  Faster when decoding (see the section).
  *
  * Built by scratchlm.quant.kernels with the machine's own flags (-march=native); an AVX-512 path
- * where the compiler targets it, else portable C that the compiler vectorises as it can.
+ * (integer products with AVX512-VNNI, else AVX512BW's vpmaddubsw) where the compiler targets it,
+ * else portable C that the compiler vectorises as it can.
  * Threads: OpenMP, the runtime torch itself loads (libgomp), so one pool serves both.
  */
+#include <float.h>
+#include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+#if defined(__F16C__) || defined(__AVX512F__)
+#include <immintrin.h>  /* (F16C alone, on AVX2 machines: _cvtsh_ss) */
+#endif
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-#include <immintrin.h>
 #define SLM_AVX512 1
 #endif
 
@@ -221,6 +231,484 @@ void slm_qmatmul(int type, const uint8_t *w, int64_t rows, int64_t cols, const f
         case Q4_KR: matmul_q4_kr(w, rows, cols, x, n_tok, xs, y, ys, nthreads); break;
         case Q6_KR: matmul_q6_kr(w, rows, cols, x, n_tok, xs, y, ys, nthreads); break;
     }
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Decoding with integer activations: slm_qmatmul_int (llama.cpp's arithmetic, and a finer one).
+ *
+ * Each token's x is rounded per block of 32 to integers q with a fp32 scale dx, L = 127 (8 bits:
+ * llama.cpp's quantize_row_q8_1 on x86, whose dx is fp16) or L = 16256 = 127 * 128 (15 bits):
+ *     amax = max_i |x_i|,  dx = amax / L,  q_i = round-half-even(x_i * (L / amax))   (0 if amax = 0)
+ * so |q_i| <= L and |x_i - dx q_i| <= dx / 2 (plus the rounding of L / amax and x_i * (L / amax)).
+ * A block whose x holds a NaN or an infinity gets dx = NaN and q = 0, so the outputs it touches are
+ * NaN, where the fp32 path's would be NaN or infinite.  Each weight block then costs exact integer
+ * dot products of its 32 integers with the 32 q, scaled in fp32:
+ *     Q8_0: d dx sum q_w q    Q4_0: d dx sum (q_w - 8) q    Q4_1, Q4_KR: d dx sum q_w q + m dx sum q
+ *     Q6_KR: s0 dx sum_{i<16} q_w q + s1 dx sum_{i>=16} q_w q
+ * i.e. sum_i w_i x^_i with x^ = dx q: the dequantized weights times the rounded activations, up to
+ * fp32 rounding of the scaled sums.  vpdpbusd multiplies unsigned bytes by signed bytes, four
+ * products to each int32 lane, so 15-bit q is split into two bytes, q = 128 h + l with h = q >> 7
+ * in [-127, 127] and l = q & 127 in [0, 127]: sum q_w q = 128 sum q_w h + sum q_w l, twice the
+ * products of 8 bits for 256x finer activations.  (8 bits change SmolLM2-135M's greedy answers, as
+ * they change llama.cpp's; 15 bits keep them.)
+ *
+ * The rounded activations of one token are a run of groups (xgroup): 4 blocks per group for the
+ * nibble types (Q4_0, Q4_1, Q4_KR), 2 for the int8 ones (Q8_0, Q6_KR), so that one group meets one
+ * 512-bit vector of weight bytes.  The vector's 16 int32 lanes each sum 4 (int8 types) or 8 (nibble
+ * types) products, always of one block (and of one scale's half for Q6_KR):
+ *   nibble types: bytes [0, 64) = the 4 blocks' elements 0-15 (16 per block, in block order),
+ *                 [64, 128) = their elements 16-31; lane l is block l/4, elements 4(l%4)..+3 of both
+ *                 halves (the low and the high nibbles of 4 weight bytes);
+ *   int8 types:   bytes [0, 64) = the 2 blocks' 64 values in order; lane l is block l/8, elements
+ *                 4(l%8)..+3.
+ * q[] holds q (8 bits) or h (15 bits), low[] holds l (15 bits).  The weights meet q[] (and h) as
+ * unsigned bytes u = q_w + k: k = 0 for Q4_1/Q4_KR nibbles, 8 for Q4_0 (u is the nibble), 128 for
+ * Q8_0 (u = q_w ^ 0x80), 32 for Q6_KR (q_w + 32); the lane's sum starts at -k times its sum of q[]
+ * (aux.i), which leaves sum q_w q[] exactly.  They meet low[] as signed bytes q_w (Q4_0: nibble - 8).
+ * The last group of a row short of blocks has zero q, low and dx, and its weight bytes past the row
+ * are masked off (read as zeros).  Every (row, token) sum runs the same operations in the same
+ * order whatever the rows and tokens beside it, so a token's outputs do not depend on its batch.
+ */
+typedef struct {
+    int8_t q[128];     /* 8 bits: q; 15 bits: h = q >> 7 (the int8 types use [0, 64)) */
+    uint8_t low[128];  /* 15 bits: l = q & 127 */
+    float dx[16];      /* each lane's block's dx */
+    union {
+        float f[16];    /* Q4_1, Q4_KR: dx * (the lane's sum of q), so m * (its lanes) = m dx sum q */
+        int32_t i[16];  /* Q4_0, Q8_0, Q6_KR: -k * (the lane's sum of q[]) */
+    } aux;
+} xgroup;
+
+static inline int nibble_type(int type) { return type == Q4_0 || type == Q4_1 || type == Q4_KR; }
+static inline int blocks_per_group(int type) { return nibble_type(type) ? 4 : 2; }
+static inline int unsigned_offset(int type) {
+    return type == Q4_0 ? 8 : type == Q8_0 ? 128 : type == Q6_KR ? 32 : 0;
+}
+static inline int group_bytes(int type) { return blocks_per_group(type) * BLOCK_BYTES[type]; }
+static inline int has_min(int type) { return type == Q4_1 || type == Q4_KR; }
+
+#ifdef SLM_AVX512
+#ifdef __AVX512VNNI__
+#define DPBUSD(acc, u, s) _mm512_dpbusd_epi32((acc), (u), (s))
+#else
+/* vpmaddubsw saturates each pair's sum to int16: exact while |u_a s_a + u_b s_b| <= 32767.  That
+ * holds for nibbles (u <= 15) and Q6_KR's q_w + 32 (u <= 63) times q[] (|s| <= 127), and for l
+ * (u <= 127) times q_w (|s| <= 128), but not for Q8_0's q_w + 128 (u <= 255): without VNNI, Q8_0
+ * multiplies |q_w| (<= 128) by q[] carrying q_w's sign instead (Q8_SIGNED; |q[]| <= 127). */
+#define DPBUSD(acc, u, s) \
+    _mm512_add_epi32((acc), _mm512_madd_epi16(_mm512_maddubs_epi16((u), (s)), _mm512_set1_epi16(1)))
+#define Q8_SIGNED 1
+#endif
+#endif
+
+/* One block of x (32 values) rounded to L = 127 (wide = 0) or 16256 (wide = 1): q[] (q or h) into
+ * qa (elements 0-15) and qb (16-31), l into la, lb when wide; returns dx. */
+static inline __attribute__((always_inline)) float quantize_block(const int wide, const float *xb, int8_t *qa,
+                                                                  int8_t *qb, uint8_t *la, uint8_t *lb) {
+    const float levels = wide ? 16256.0f : 127.0f;
+#ifdef SLM_AVX512
+    const __m512 a = _mm512_loadu_ps(xb), b = _mm512_loadu_ps(xb + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+    const int bad = _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q) || _mm512_cmp_ps_mask(b, b, _CMP_UNORD_Q) ||
+                    !(amax <= FLT_MAX);
+#else
+    float amax = 0.0f;
+    int bad = 0;
+    for (int i = 0; i < 32; i++) {
+        const float v = fabsf(xb[i]);
+        bad |= !(v <= FLT_MAX);  /* NaN or infinite */
+        amax = v > amax ? v : amax;
+    }
+#endif
+    if (bad) {
+        memset(qa, 0, 16);
+        memset(qb, 0, 16);
+        if (wide) {
+            memset(la, 0, 16);
+            memset(lb, 0, 16);
+        }
+        return NAN;
+    }
+    const float id = amax == 0.0f ? 0.0f : levels / amax;
+#ifdef SLM_AVX512
+    /* vcvtps2dq rounds half to even (the default rounding mode), as rintf does */
+    const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(a, _mm512_set1_ps(id)));
+    const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(b, _mm512_set1_ps(id)));
+    if (wide) {
+        const __m512i seven = _mm512_set1_epi32(127);
+        _mm_storeu_si128((__m128i *)qa, _mm512_cvtsepi32_epi8(_mm512_srai_epi32(q0, 7)));
+        _mm_storeu_si128((__m128i *)qb, _mm512_cvtsepi32_epi8(_mm512_srai_epi32(q1, 7)));
+        _mm_storeu_si128((__m128i *)la, _mm512_cvtepi32_epi8(_mm512_and_si512(q0, seven)));
+        _mm_storeu_si128((__m128i *)lb, _mm512_cvtepi32_epi8(_mm512_and_si512(q1, seven)));
+    } else {
+        _mm_storeu_si128((__m128i *)qa, _mm512_cvtsepi32_epi8(q0));
+        _mm_storeu_si128((__m128i *)qb, _mm512_cvtsepi32_epi8(q1));
+    }
+#else
+    for (int i = 0; i < 32; i++) {
+        const int32_t q = (int32_t)rintf(xb[i] * id);
+        int8_t *to = i < 16 ? qa + i : qb + i - 16;
+        if (wide) {
+            *to = (int8_t)(q >= 0 ? q / 128 : -((-q + 127) / 128));  /* floor(q / 128), q >> 7 */
+            *(i < 16 ? la + i : lb + i - 16) = (uint8_t)(q - 128 * *to);
+        } else {
+            *to = (int8_t)q;
+        }
+    }
+#endif
+    return amax / levels;
+}
+
+/* A group's aux from its q[], low[] and dx (above). */
+static inline __attribute__((always_inline)) void group_sums(const int type, const int wide, xgroup *gr) {
+    const int k = unsigned_offset(type), halves = nibble_type(type) ? 2 : 1;
+#ifdef SLM_AVX512
+    const __m512i ones = _mm512_set1_epi8(1);
+    __m512i sum = _mm512_setzero_si512(), low = _mm512_setzero_si512();
+    for (int h = 0; h < halves; h++) {
+        sum = DPBUSD(sum, ones, _mm512_loadu_si512(gr->q + 64 * h));
+        if (wide) low = DPBUSD(low, _mm512_loadu_si512(gr->low + 64 * h), ones);
+    }
+    if (has_min(type)) {
+        const __m512i all = wide ? _mm512_add_epi32(_mm512_slli_epi32(sum, 7), low) : sum;
+        _mm512_storeu_ps(gr->aux.f, _mm512_mul_ps(_mm512_loadu_ps(gr->dx), _mm512_cvtepi32_ps(all)));
+    } else {
+        _mm512_storeu_si512(gr->aux.i, _mm512_mullo_epi32(sum, _mm512_set1_epi32(-k)));
+    }
+#else
+    for (int l = 0; l < 16; l++) {
+        int32_t sum = 0, low = 0;
+        for (int h = 0; h < halves; h++)
+            for (int i = 0; i < 4; i++) {
+                sum += gr->q[64 * h + 4 * l + i];
+                low += wide ? gr->low[64 * h + 4 * l + i] : 0;
+            }
+        if (has_min(type)) gr->aux.f[l] = gr->dx[l] * (float)(wide ? 128 * sum + low : sum);
+        else gr->aux.i[l] = -k * sum;
+    }
+#endif
+}
+
+/* x (cols values, cols % 32 == 0) into its groups g[0 .. ceil(nb / blocks_per_group)). */
+static inline __attribute__((always_inline)) void quantize_activations(
+        const int type, const int wide, const float *x, int64_t cols, xgroup *g) {
+    const int64_t nb = cols / 32;
+    const int per = blocks_per_group(type), nib = nibble_type(type), lanes = nib ? 4 : 8;
+    const int64_t groups = (nb + per - 1) / per;
+    memset(g + groups - 1, 0, sizeof(xgroup));  /* the last group's padding */
+    for (int64_t b = 0; b < nb; b++) {
+        xgroup *gr = g + b / per;
+        const int j = (int)(b % per), a = nib ? 16 * j : 32 * j, c = nib ? 64 + 16 * j : a + 16;
+        const float d = quantize_block(wide, x + b * 32, gr->q + a, gr->q + c, gr->low + a, gr->low + c);
+        for (int l = 0; l < lanes; l++) gr->dx[lanes * j + l] = d;
+    }
+    for (int64_t k = 0; k < groups; k++) group_sums(type, wide, g + k);
+}
+
+#ifdef SLM_AVX512
+/* Bytes ahead of the current group that each pass asks the cache for: rows lie end to end, so this
+ * runs into the next rows (a prefetch past the matrix faults nothing).  4 KiB ahead sped up the
+ * SmolLM2 decode's matrices, which come from memory; 0.25-1 KiB did not. */
+#define PREFETCH 4096
+
+/* A group's bytes that may be read: all of a whole group; the first `bytes` of a short last one
+ * (masked loads read nothing beyond them and give zeros: zero weights and scales). */
+typedef struct {
+    __mmask64 first, second;  /* the bytes of the windows [0, 64) and [span - 64, span) inside the group */
+} group_mask;
+
+static inline group_mask mask_for(int span, int bytes) {
+    group_mask k;
+    k.first = bytes >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << bytes) - 1);
+    const int in_second = bytes - (span - 64);
+    k.second = in_second >= 64 ? ~(__mmask64)0 : in_second <= 0 ? 0 : (((__mmask64)1 << in_second) - 1);
+    return k;
+}
+
+/* Byte gathers that are the same for every group of a type, built once per call. */
+typedef struct {
+    __m512i payload; /* the group's 64 payload bytes (nibbles or int8 q) out of its two windows */
+    __m512i scale;   /* fp16 types: 32 words, each lane's d then each lane's m; fp32 types: dwords */
+    __m512i scale2;  /* Q4_KR: each lane's m (dwords) */
+    group_mask tail; /* the bytes of a row's short last group */
+} gathers;
+
+/* A group's bytes are read as two 64-byte windows, [0, 64) and [span - 64, span): index i of the
+ * group's bytes in a two-source permute (vpermt2b/w/d: bit 6, 5 or 4 of the index picks the second
+ * window) for elements of 1, 2 or 4 bytes. */
+static inline int window_index(int span, int byte, int size) {
+    return byte + size <= 64 ? byte / size : (64 + byte - (span - 64)) / size;
+}
+
+static gathers make_gathers(const int type, int64_t nb) {
+    gathers g;
+    g.tail = mask_for(group_bytes(type), (int)(nb % blocks_per_group(type)) * BLOCK_BYTES[type]);
+    const int bb = BLOCK_BYTES[type], span = group_bytes(type), nib = nibble_type(type);
+    /* the payload: nibble types 4 x 16 bytes after a 2, 4 or 8-byte head; int8 types 2 x 32 after a
+     * 2 or 8-byte head */
+    const int head = type == Q4_0 || type == Q8_0 ? 2 : type == Q4_1 ? 4 : 8, run = nib ? 16 : 32;
+    uint8_t payload[64];
+    for (int n = 0; n < 64; n++) payload[n] = (uint8_t)window_index(span, (n / run) * bb + head + n % run, 1);
+    g.payload = _mm512_loadu_si512(payload);
+    g.scale2 = _mm512_setzero_si512();
+    if (type == Q4_KR) {  /* fp32 d, m at bytes 0, 4 of each block */
+        int32_t d[16], m[16];
+        for (int l = 0; l < 16; l++) {
+            d[l] = window_index(span, (l / 4) * bb, 4);
+            m[l] = window_index(span, (l / 4) * bb + 4, 4);
+        }
+        g.scale = _mm512_loadu_si512(d);
+        g.scale2 = _mm512_loadu_si512(m);
+    } else if (nib) {  /* fp16 d, m at bytes 0, 2 of each block: all in the first window (3 bb + 4 <= 64) */
+        uint16_t w[32];
+        for (int l = 0; l < 16; l++) {
+            w[l] = (uint16_t)((l / 4) * bb / 2);
+            w[16 + l] = (uint16_t)((l / 4) * bb / 2 + 1);
+        }
+        g.scale = _mm512_loadu_si512(w);
+    } else if (type == Q8_0) {  /* fp16 d at bytes 0 and 34: words 0 and 17 of the first window */
+        uint16_t w[32] = {0};
+        for (int l = 0; l < 16; l++) w[l] = (uint16_t)(l < 8 ? 0 : 17);
+        g.scale = _mm512_loadu_si512(w);
+    } else {  /* Q6_KR: fp32 s0, s1 at bytes 0, 4 and 40, 44: dwords 0, 1, 10, 11 of the first window */
+        int32_t d[16];
+        for (int l = 0; l < 16; l++) d[l] = (l / 8) * 10 + (l % 8) / 4;
+        g.scale = _mm512_loadu_si512(d);
+    }
+    return g;
+}
+
+static inline __attribute__((always_inline)) __m512i load_window(const uint8_t *p, const int masked,
+                                                                  __mmask64 k) {
+    return masked ? _mm512_maskz_loadu_epi8(k, p) : _mm512_loadu_si512(p);
+}
+
+/* One group of one row's weights, as its products need them. */
+typedef struct {
+    __m512i u[2];  /* unsigned bytes q_w + k that meet q[0..64) and q[64..128) (Q8_SIGNED: Q8_0's q_w) */
+    __m512i s[2];  /* signed bytes q_w that meet low[] (15 bits) */
+    __m512 d, m;   /* each lane's scale (Q6_KR: s0 or s1) and min */
+} weights;
+
+/* The group at p (masked: only the bytes of k are read). */
+static inline __attribute__((always_inline)) weights weight_group(
+        const int type, const int wide, const uint8_t *p, const int masked, group_mask k, const gathers *g) {
+    weights w;
+    const int span = group_bytes(type);
+    const __m512i a = load_window(p, masked, k.first);
+    w.m = _mm512_setzero_ps();
+    if (nibble_type(type)) {
+        const __m512i b = load_window(p + span - 64, masked, k.second);
+        const __m512i nibbles = _mm512_permutex2var_epi8(a, g->payload, b), low4 = _mm512_set1_epi8(0x0F);
+        w.u[0] = _mm512_and_si512(nibbles, low4);
+        w.u[1] = _mm512_and_si512(_mm512_srli_epi16(nibbles, 4), low4);
+        for (int h = 0; h < 2; h++)
+            w.s[h] = wide && type == Q4_0 ? _mm512_sub_epi8(w.u[h], _mm512_set1_epi8(8)) : w.u[h];
+        if (type == Q4_KR) {
+            w.d = _mm512_permutex2var_ps(_mm512_castsi512_ps(a), g->scale, _mm512_castsi512_ps(b));
+            w.m = _mm512_permutex2var_ps(_mm512_castsi512_ps(a), g->scale2, _mm512_castsi512_ps(b));
+        } else {
+            const __m512i dm = _mm512_permutexvar_epi16(g->scale, a);
+            w.d = _mm512_cvtph_ps(_mm512_castsi512_si256(dm));
+            if (type == Q4_1) w.m = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(dm, 1));
+        }
+        return w;
+    }
+    /* int8 types: the two blocks' 32 q each (a short group: the second block's bytes masked) */
+    const int at = type == Q8_0 ? 2 : 8, bb = BLOCK_BYTES[type];
+    const __m512i q = masked
+        ? _mm512_permutex2var_epi8(a, g->payload, load_window(p + span - 64, 1, k.second))
+        : _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(p + at))),
+                             _mm256_loadu_si256((const __m256i *)(p + bb + at)), 1);
+    w.s[0] = w.s[1] = q;
+    if (type == Q8_0) {
+#ifdef Q8_SIGNED
+        w.u[0] = q;  /* taken with its sign by the caller */
+#else
+        w.u[0] = _mm512_xor_si512(q, _mm512_set1_epi8((char)0x80));
+#endif
+        w.d = _mm512_cvtph_ps(_mm512_castsi512_si256(_mm512_permutexvar_epi16(g->scale, a)));
+    } else {
+        w.u[0] = _mm512_add_epi8(q, _mm512_set1_epi8(32));
+        w.d = _mm512_permutexvar_ps(g->scale, _mm512_castsi512_ps(a));
+    }
+    w.u[1] = w.u[0];
+    return w;
+}
+
+/* acc[t] += the row's group at p times token t's group (x + t xs), lane by lane. */
+static inline __attribute__((always_inline)) void accumulate_group(
+        const int type, const int wide, const int T, const uint8_t *p, const int masked, group_mask k,
+        const gathers *g, const xgroup *x, int64_t xs, __m512 *acc) {
+    const weights w = weight_group(type, wide, p, masked, k, g);
+    const int halves = nibble_type(type) ? 2 : 1;
+    for (int t = 0; t < T; t++) {
+        const xgroup *xg = x + t * xs;
+        __m512i sum = unsigned_offset(type) ? _mm512_loadu_si512(xg->aux.i) : _mm512_setzero_si512();
+#ifdef Q8_SIGNED
+        if (type == Q8_0) {  /* |q_w| times q[] with q_w's sign: no offset */
+            const __m512i q = _mm512_loadu_si512(xg->q), zero = _mm512_setzero_si512();
+            const __m512i signed_q = _mm512_mask_sub_epi8(q, _mm512_movepi8_mask(w.u[0]), zero, q);
+            sum = DPBUSD(zero, _mm512_abs_epi8(w.u[0]), signed_q);
+        } else
+#endif
+        for (int h = 0; h < halves; h++) sum = DPBUSD(sum, w.u[h], _mm512_loadu_si512(xg->q + 64 * h));
+        if (wide) {  /* 128 sum q_w h + sum q_w l */
+            __m512i low = _mm512_setzero_si512();
+            for (int h = 0; h < halves; h++) low = DPBUSD(low, _mm512_loadu_si512(xg->low + 64 * h), w.s[h]);
+            sum = _mm512_add_epi32(_mm512_slli_epi32(sum, 7), low);
+        }
+        const __m512 scale = _mm512_mul_ps(w.d, _mm512_loadu_ps(xg->dx));
+        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc[t]);
+        if (has_min(type)) acc[t] = _mm512_fmadd_ps(w.m, _mm512_loadu_ps(xg->aux.f), acc[t]);
+    }
+}
+
+/* out[t] = row . token t for T tokens (groups x, x + xs, ...).  One row at a time: a single stream
+ * of weight bytes, which the hardware prefetcher follows (four rows side by side, as the fp32 path
+ * reads them, ran slower once the weights came from memory); two sums per token (even and odd
+ * groups) keep two chains of dependent adds in flight.  The lane sums are below 2^24, so their
+ * conversion is exact. */
+static inline __attribute__((always_inline)) void row_dot_int(
+        const int type, const int wide, const int T, const uint8_t *row, int64_t nb, const gathers *g,
+        const xgroup *x, int64_t xs, float *out) {
+    const int per = blocks_per_group(type), span = group_bytes(type);
+    const int64_t full = nb / per;
+    const group_mask all = {~(__mmask64)0, ~(__mmask64)0};
+    __m512 even[4], odd[4];
+    for (int t = 0; t < T; t++) even[t] = odd[t] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 2 <= full; k += 2) {
+        for (int l = 0; l < 2 * span; l += 64)
+            _mm_prefetch((const char *)(row + k * span + PREFETCH + l), _MM_HINT_T0);
+        accumulate_group(type, wide, T, row + k * span, 0, all, g, x + k, xs, even);
+        accumulate_group(type, wide, T, row + (k + 1) * span, 0, all, g, x + k + 1, xs, odd);
+    }
+    if (k < full) {  /* an odd whole group */
+        accumulate_group(type, wide, T, row + k * span, 0, all, g, x + k, xs, even);
+        k++;
+    }
+    if (nb % per)  /* the short last group */
+        accumulate_group(type, wide, T, row + full * span, 1, g->tail, g, x + full, xs, k % 2 ? odd : even);
+    for (int t = 0; t < T; t++) out[t] = _mm512_reduce_add_ps(_mm512_add_ps(even[t], odd[t]));
+}
+#else
+/* Portable: per block, the integer dot products and their scaling (the same sums, fp32 rounding in
+ * another order; a 15-bit block's sum may pass 2^24 and round when converted). */
+static inline __attribute__((always_inline)) void row_dot_int(
+        const int type, const int wide, const int T, const uint8_t *row, int64_t nb, const xgroup *x,
+        int64_t xs, float *out) {
+    const int per = blocks_per_group(type), nib = nibble_type(type), bb = BLOCK_BYTES[type];
+    for (int t = 0; t < T; t++) {
+        float acc = 0.0f;
+        for (int64_t b = 0; b < nb; b++) {
+            const uint8_t *blk = row + b * bb;
+            const xgroup *xg = x + t * xs + b / per;
+            const int j = (int)(b % per), a = nib ? 16 * j : 32 * j, c = nib ? 64 + 16 * j : a + 16;
+            const float dx = xg->dx[nib ? 4 * j : 8 * j];
+            int32_t s0 = 0, s1 = 0, sq = 0;  /* sum q_w q over elements 0-15, 16-31; sum q */
+            for (int e = 0; e < 16; e++) {
+                const int32_t q0 = wide ? 128 * xg->q[a + e] + xg->low[a + e] : xg->q[a + e];
+                const int32_t q1 = wide ? 128 * xg->q[c + e] + xg->low[c + e] : xg->q[c + e];
+                if (nib) {
+                    const uint8_t *qs = blk + (type == Q4_0 ? 2 : type == Q4_1 ? 4 : 8);
+                    s0 += (qs[e] & 0x0F) * q0;
+                    s1 += (qs[e] >> 4) * q1;
+                } else {
+                    const int8_t *qw = (const int8_t *)(blk + (type == Q8_0 ? 2 : 8));
+                    s0 += qw[e] * q0;
+                    s1 += qw[16 + e] * q1;
+                }
+                sq += q0 + q1;
+            }
+            if (type == Q8_0) acc += fp16_to_f32(blk) * dx * (float)(s0 + s1);
+            else if (type == Q6_KR) acc += f32_at(blk) * dx * (float)s0 + f32_at(blk + 4) * dx * (float)s1;
+            else if (type == Q4_0) acc += fp16_to_f32(blk) * dx * (float)(s0 + s1 - 8 * sq);
+            else {
+                const float d = type == Q4_1 ? fp16_to_f32(blk) : f32_at(blk);
+                const float mn = type == Q4_1 ? fp16_to_f32(blk + 2) : f32_at(blk + 4);
+                acc += d * dx * (float)(s0 + s1) + mn * (dx * (float)sq);
+            }
+        }
+        out[t] = acc;
+    }
+}
+#endif
+
+/* y[t + u, r] for rows [r0, r1) and T tokens from t: one loop per T, so each keeps its sums in registers. */
+#ifdef SLM_AVX512
+#define GATHERS_DECL(TYPE) const gathers g = make_gathers(TYPE, nb);
+#define ROW_DOT(TYPE, WIDE, T, row, out) row_dot_int(TYPE, WIDE, T, row, nb, &g, xt, xs, out)
+#else
+#define GATHERS_DECL(TYPE)
+#define ROW_DOT(TYPE, WIDE, T, row, out) row_dot_int(TYPE, WIDE, T, row, nb, xt, xs, out)
+#endif
+#define ROWS_INT(TYPE, WIDE, T)                                                                    \
+    for (int64_t r = r0; r < r1; r++) {                                                            \
+        float out[T];                                                                              \
+        ROW_DOT(TYPE, WIDE, T, w + r * row_bytes, out);                                            \
+        for (int u = 0; u < T; u++) y[(t + u) * ys + r] = out[u];                                  \
+    }
+#define INT_ROW_CHUNK 16
+
+/* One function per type and width (each its own OpenMP region, as DEFINE_MATMUL); tokens up to four
+ * at a time.  x: n_tok runs of xs groups. */
+#define DEFINE_MATMUL_INT(NAME, TYPE, WIDE)                                                        \
+static void NAME(const uint8_t *w, int64_t rows, int64_t cols, const xgroup *x, int64_t n_tok,     \
+                 int64_t xs, float *y, int64_t ys, int nthreads) {                                \
+    const int64_t nb = cols / 32, row_bytes = nb * BLOCK_BYTES[TYPE];                              \
+    const int64_t chunks = (rows + INT_ROW_CHUNK - 1) / INT_ROW_CHUNK;                             \
+    GATHERS_DECL(TYPE)                                                                             \
+    _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                             \
+    for (int64_t c = 0; c < chunks; c++) {                                                         \
+        const int64_t r0 = c * INT_ROW_CHUNK;                                                      \
+        const int64_t r1 = r0 + INT_ROW_CHUNK < rows ? r0 + INT_ROW_CHUNK : rows;                  \
+        for (int64_t t = 0; t < n_tok; t += 4) {                                                   \
+            const xgroup *xt = x + t * xs;                                                         \
+            switch (n_tok - t < 4 ? n_tok - t : 4) {                                               \
+                case 1: ROWS_INT(TYPE, WIDE, 1) break;                                             \
+                case 2: ROWS_INT(TYPE, WIDE, 2) break;                                             \
+                case 3: ROWS_INT(TYPE, WIDE, 3) break;                                             \
+                default: ROWS_INT(TYPE, WIDE, 4) break;                                            \
+            }                                                                                      \
+        }                                                                                          \
+    }                                                                                              \
+}
+DEFINE_MATMUL_INT(matmul_int8_q8_0, Q8_0, 0)
+DEFINE_MATMUL_INT(matmul_int8_q4_0, Q4_0, 0)
+DEFINE_MATMUL_INT(matmul_int8_q4_1, Q4_1, 0)
+DEFINE_MATMUL_INT(matmul_int8_q4_kr, Q4_KR, 0)
+DEFINE_MATMUL_INT(matmul_int8_q6_kr, Q6_KR, 0)
+DEFINE_MATMUL_INT(matmul_int15_q8_0, Q8_0, 1)
+DEFINE_MATMUL_INT(matmul_int15_q4_0, Q4_0, 1)
+DEFINE_MATMUL_INT(matmul_int15_q4_1, Q4_1, 1)
+DEFINE_MATMUL_INT(matmul_int15_q4_kr, Q4_KR, 1)
+DEFINE_MATMUL_INT(matmul_int15_q6_kr, Q6_KR, 1)
+
+typedef void (*matmul_int_fn)(const uint8_t *, int64_t, int64_t, const xgroup *, int64_t, int64_t, float *,
+                              int64_t, int);
+static const matmul_int_fn MATMUL_INT[2][5] = {
+    {matmul_int8_q8_0, matmul_int8_q4_0, matmul_int8_q4_1, matmul_int8_q4_kr, matmul_int8_q6_kr},
+    {matmul_int15_q8_0, matmul_int15_q4_0, matmul_int15_q4_1, matmul_int15_q4_kr, matmul_int15_q6_kr},
+};
+
+/* slm_qmatmul's product with x rounded to `bits` (8 or 15) per block of 32 (above).  Returns 0, -1
+ * when the scratch for the rounded activations cannot be allocated, -2 for other bits. */
+int slm_qmatmul_int(int type, int bits, const uint8_t *w, int64_t rows, int64_t cols, const float *x,
+                    int64_t n_tok, int64_t xs, float *y, int64_t ys, int nthreads) {
+    if (bits != 8 && bits != 15) return -2;
+    if (n_tok <= 0) return 0;
+    const int wide = bits == 15, per = blocks_per_group(type);
+    const int64_t groups = (cols / 32 + per - 1) / per;
+    xgroup *q = aligned_alloc(64, (size_t)(n_tok * groups) * sizeof(xgroup));
+    if (q == NULL) return -1;
+    for (int64_t t = 0; t < n_tok; t++) {
+        if (wide) quantize_activations(type, 1, x + t * xs, cols, q + t * groups);
+        else quantize_activations(type, 0, x + t * xs, cols, q + t * groups);
+    }
+    MATMUL_INT[wide][type](w, rows, cols, q, n_tok, groups, y, ys, nthreads);
+    free(q);
+    return 0;
 }
 
 /* Row idx of W, dequantized into o (cols floats), as gguf computes the values: Q8_0 q*d, Q4_0

@@ -7,7 +7,8 @@ compiler's version and the CPU's feature flags — a machine with other instruct
 own.  It is loaded with ``ctypes``: a plain C ABI, no Python headers, so no build step at install
 time.  Without a compiler (or with ``SCRATCHLM_NO_KERNELS=1``) every operation runs through the
 reference path instead — the same numbers from ``quant.formats``' dequantization and a torch
-matmul, much slower when decoding — and a warning says so once.
+matmul (with x rounded as the integer kernels round it, ``round_activations``), much slower when
+decoding — and a warning says so once.
 
 The library's OpenMP runtime is the one torch already loaded (``libgomp.so.1`` by soname), so the
 kernels and torch share one thread pool; each call passes ``torch.get_num_threads()``.
@@ -28,9 +29,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from scratchlm.errors import ConfigError
 from scratchlm.quant.formats import FORMATS, dequantize, k_quant_parts
 
-__all__ = ["KERNEL_TYPES", "KERNEL_BLOCK_BYTES", "reblock", "qmatmul", "dequantize_rows", "kernels_available"]
+__all__ = ["KERNEL_TYPES", "KERNEL_BLOCK_BYTES", "ACTIVATIONS", "reblock", "qmatmul", "round_activations",
+           "dequantize_rows", "kernels_available"]
 
 # GGML type → the C enum of the layout the kernels read.  Q8_0/Q4_0/Q4_1 are read as the file
 # stores them; Q4_K and Q6_K are re-blocked first (``reblock``), without loss, into blocks of 32.
@@ -38,7 +41,9 @@ KERNEL_TYPES = {"Q8_0": 0, "Q4_0": 1, "Q4_1": 2, "Q4_K": 3, "Q6_K": 4}
 KERNEL_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20, "Q4_K": 24, "Q6_K": 40}  # per 32 values
 _SOURCE = Path(__file__).with_name("kernels.c")
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
-# SCRATCHLM_KERNELS_PORTABLE=1: the portable C path (no AVX-512 code), as a machine without it builds
+# SCRATCHLM_KERNELS_PORTABLE=1: the portable C path (no -march: no AVX-512 code, no F16C);
+# SCRATCHLM_KERNELS_CFLAGS: flags added, e.g. "-mno-avx512vnni" (vpmaddubsw for vpdpbusd, as on Skylake-X)
+# or "-mno-avx512f" (portable C with AVX2 and F16C, as on Haswell to Zen 3): the tests build these paths
 _PORTABLE_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"]
 _lib: ctypes.CDLL | None | bool = None  # None: not tried yet; False: unavailable
 
@@ -69,6 +74,7 @@ def _build() -> ctypes.CDLL | None:
                       "(install gcc or clang, or set CC)", stacklevel=3)
         return None
     flags = _PORTABLE_FLAGS if os.environ.get("SCRATCHLM_KERNELS_PORTABLE") else _FLAGS
+    flags = [*flags, *os.environ.get("SCRATCHLM_KERNELS_CFLAGS", "").split()]
     source = _SOURCE.read_bytes()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(),
@@ -90,6 +96,8 @@ def _build() -> ctypes.CDLL | None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.slm_qmatmul.argtypes = [ctypes.c_int, ptr, i64, i64, ptr, i64, i64, ptr, i64, ctypes.c_int]
     lib.slm_qmatmul.restype = None
+    lib.slm_qmatmul_int.argtypes = [ctypes.c_int, *lib.slm_qmatmul.argtypes]  # type, bits, then slm_qmatmul's
+    lib.slm_qmatmul_int.restype = ctypes.c_int
     lib.slm_dequantize_rows.argtypes = [ctypes.c_int, ptr, i64, ptr, i64, ptr, ctypes.c_int]
     lib.slm_dequantize_rows.restype = None
     return lib
@@ -152,19 +160,51 @@ def _dequantize_layout(table: np.ndarray, type_name: str, cols: int) -> np.ndarr
     return values.reshape(rows, cols)
 
 
-def qmatmul(blocks: torch.Tensor, type_name: str, rows: int, cols: int, x: torch.Tensor) -> torch.Tensor:
-    """``x @ Wᵀ`` for x [n, cols] (fp32, contiguous) and W [rows, cols] packed in ``blocks`` (uint8).
+# Decode activations: rounded per block of 32 to 15 or 8 bits for the integer kernels, or fp32.
+ACTIVATIONS = ("int15", "int8", "fp32")
+_LEVELS = {"int15": 16256, "int8": 127}  # the largest |q| (15 bits: two bytes 128·h + l, |h| ≤ 127)
 
-    The compiled kernel reads W in place; the reference path dequantizes it.  Equal up to fp32
-    rounding of the sums (the tests bound it).
+
+def round_activations(x: torch.Tensor, activations: str) -> torch.Tensor:
+    """x (fp32, last dimension a multiple of 32) as the integer kernels round it: per block of 32,
+    ``dx · q`` with ``dx = amax / L`` and ``q = round-half-even(x · L/amax)``, L = 127 for int8
+    (llama.cpp's ``quantize_row_q8_1``, with an fp32 scale) or 16256 for int15.  The reference path
+    multiplies this by the dequantized W, the integer kernels' product up to fp32 rounding; a block
+    holding a NaN or an infinity gives NaN (the kernels give NaN where it is used)."""
+    levels = _LEVELS[activations]
+    blocks = x.reshape(-1, 32)
+    amax = blocks.abs().amax(dim=1, keepdim=True)
+    inverse = torch.where(amax == 0, torch.zeros_like(amax), levels / amax)
+    return (torch.round(blocks * inverse) * (amax / levels)).reshape(x.shape)
+
+
+def qmatmul(blocks: torch.Tensor, type_name: str, rows: int, cols: int, x: torch.Tensor,
+            activations: str = "fp32") -> torch.Tensor:
+    """``x @ Wᵀ`` for x [..., cols] (fp32, contiguous) and W [rows, cols] packed in ``blocks`` (uint8).
+
+    ``activations="fp32"``: the dequantized weights' product up to fp32 rounding of the sums.
+    ``"int15"`` / ``"int8"``: each token's x is first rounded per block of 32 to integers
+    (``round_activations``) and each weight block's exact integer dot products are scaled in fp32,
+    as llama.cpp decodes (int8 is its arithmetic); per output the difference from the fp32 product
+    is at most ``√32/(2L) · ‖w_row‖ · ‖x‖`` (x moves by at most half its block's step amax/L), and
+    a token's outputs do not depend on the tokens beside it.  The compiled kernels read W in place;
+    the reference path dequantizes it.
     """
     lib = _library()
-    n = x.shape[0]
+    if activations != "fp32" and activations not in _LEVELS:
+        raise ConfigError(f"unknown decode activations {activations!r}",
+                          f"use one of {', '.join(ACTIVATIONS)}")
     if lib is None:
-        return x @ dequantize_rows(blocks, type_name, rows, cols).T
-    y = torch.empty(n, rows, dtype=torch.float32)
-    lib.slm_qmatmul(KERNEL_TYPES[type_name], blocks.data_ptr(), rows, cols, x.data_ptr(), n, cols,
-                    y.data_ptr(), rows, torch.get_num_threads())
+        w = dequantize_rows(blocks, type_name, rows, cols)
+        return (x if activations == "fp32" else round_activations(x, activations)) @ w.T
+    y = torch.empty(*x.shape[:-1], rows, dtype=torch.float32)  # (int arguments: a tuple parses slowly)
+    n = x.numel() // cols
+    if activations == "fp32":
+        lib.slm_qmatmul(KERNEL_TYPES[type_name], blocks.data_ptr(), rows, cols, x.data_ptr(), n, cols,
+                        y.data_ptr(), rows, torch.get_num_threads())
+    elif lib.slm_qmatmul_int(KERNEL_TYPES[type_name], 8 if activations == "int8" else 15, blocks.data_ptr(),
+                             rows, cols, x.data_ptr(), n, cols, y.data_ptr(), rows, torch.get_num_threads()):
+        raise MemoryError(f"no memory for the rounded activations of {n} x {cols} values")
     return y
 
 

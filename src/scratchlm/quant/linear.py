@@ -10,8 +10,15 @@ Q4_K and Q6_K (the types of ``Q4_K_M`` files) are re-blocked at load into blocks
 scales (``kernels.reblock``: 6 and 10 bits per weight instead of 4.5 and 6.6, the same values).
 
 * up to ``DECODE_TOKENS`` rows of x (decoding, batched decoding): the compiled kernel
-  (``quant.kernels``), fp32 activations, each block's integer dot product scaled by its d (+ m·Σx
-  for Q4_1) — the dequantized weights' product up to fp32 rounding of the sums;
+  (``quant.kernels``) with integer activations, as llama.cpp decodes: each token's x rounded per
+  block of 32 (an fp32 scale per block), each weight block's exact integer dot products with it
+  scaled in fp32.  ``DECODE_ACTIVATIONS`` picks the rounding: ``"int15"`` (the default: |q| ≤
+  16256, two byte products per weight), ``"int8"`` (llama.cpp's own, a little faster, but
+  SmolLM2's greedy answers change, as llama.cpp's do) or ``"fp32"`` (no rounding: the dequantized
+  weights' product up to fp32 rounding of the sums, markedly slower; docs/benchmarks.md).  Per
+  output the integer paths differ from the fp32 product by at most ``√32/(2L) · ‖w_row‖ · ‖x‖``
+  (L = 16256 or 127), and a token's outputs do not depend on the other tokens of its batch; the
+  tests bound both, and check SmolLM2's greedy answers against the dequantized fp32 model;
 * more rows (prefill): ``PREFILL_ROWS`` rows of W at a time dequantized exactly to fp32 and
   multiplied by torch's matmul — the dequantized weights' product up to the matmul's own order.
 
@@ -26,6 +33,7 @@ straight from a file's blocks (``load(path, dtype="gguf")``).
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -36,10 +44,13 @@ from scratchlm.quant.formats import FORMATS, QUANTIZABLE, quantize
 from scratchlm.quant.kernels import KERNEL_BLOCK_BYTES, KERNEL_TYPES, dequantize_rows, qmatmul
 
 __all__ = ["QuantLinear", "QuantEmbedding", "quantize_model", "weight_bytes", "is_quantized",
-           "QUANT_TYPES", "DECODE_TOKENS", "PREFILL_ROWS"]
+           "QUANT_TYPES", "DECODE_TOKENS", "PREFILL_ROWS", "DECODE_ACTIVATIONS"]
 
 QUANT_TYPES = tuple(KERNEL_TYPES)  # the block types kept packed
 DECODE_TOKENS = 8  # up to this many rows of x go through the in-place kernel
+# How decoding rounds the activations (kernels.ACTIVATIONS: "int15", "int8" or exact "fp32"), read
+# at each call: set it, or SCRATCHLM_DECODE_ACTIVATIONS before the import.
+DECODE_ACTIVATIONS = os.environ.get("SCRATCHLM_DECODE_ACTIVATIONS") or "int15"
 PREFILL_ROWS = 2048  # rows of W dequantized at a time for a prefill matmul (2048 × 576 fp32: 4.7 MB)
 
 
@@ -83,21 +94,28 @@ class QuantLinear(nn.Module):
         return dequantize_rows(self.blocks, self.type_name, self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # A token makes ~120 of these calls, so the decode path skips what costs most per call:
+        # Module.__getattr__ for the buffers, reshape and view (qmatmul takes x's own shape).
+        blocks, bias = self._buffers["blocks"], self._buffers["bias"]
+        if x.dtype == torch.float32 and x.is_contiguous() and x.shape[-1] == self.in_features \
+                and x.numel() <= DECODE_TOKENS * self.in_features:
+            y = qmatmul(blocks, self.type_name, self.out_features, self.in_features, x, DECODE_ACTIVATIONS)
+            if bias is not None:
+                y += bias
+            return y
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features)
-        if x2.dtype != torch.float32 or not x2.is_contiguous():  # (each no-op call costs ~1 µs per token)
-            x2 = x2.float().contiguous()
+        x2 = x.reshape(-1, self.in_features).float().contiguous()
         if x2.shape[0] <= DECODE_TOKENS:
-            y = qmatmul(self.blocks, self.type_name, self.out_features, self.in_features, x2)
+            y = qmatmul(blocks, self.type_name, self.out_features, self.in_features, x2, DECODE_ACTIVATIONS)
         else:
             y = torch.empty(x2.shape[0], self.out_features)
             for start in range(0, self.out_features, PREFILL_ROWS):
                 rows = min(PREFILL_ROWS, self.out_features - start)
-                w = dequantize_rows(self.blocks, self.type_name, self.out_features, self.in_features,
+                w = dequantize_rows(blocks, self.type_name, self.out_features, self.in_features,
                                     torch.arange(start, start + rows))
                 y[:, start:start + rows] = x2 @ w.T
-        if self.bias is not None:
-            y += self.bias
+        if bias is not None:
+            y += bias
         y = y.view(*shape[:-1], self.out_features)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
