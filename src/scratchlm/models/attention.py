@@ -145,14 +145,16 @@ class Attention(nn.Module):
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
            dropout: float = 0.0, gqa: bool = False) -> torch.Tensor:
     """The fast path: ``F.scaled_dot_product_attention`` (causal when ``mask`` is None; a single
-    new query, as in cached decoding, sees every key), except for bfloat16 training on the CPU,
-    which runs ``grouped_attention``: torch's CPU flash-attention backward in bfloat16 is slower
-    than plain matrix products on CPUs without AMX (docs/benchmarks.md, "LoRA training step").
-    Beyond ``GROUPED_MAX_SCORES`` query-key pairs flash attention's memory saving wins.
+    new query, as in cached decoding, sees every key), except for grouped-query bfloat16 training
+    on the CPU, which runs ``grouped_attention``: there torch's CPU flash-attention backward is
+    slower than plain matrix products on CPUs without AMX (docs/benchmarks.md, "LoRA training
+    step").  Not for one query head per kv head (GPT-2), where flash attention is as fast from a
+    few hundred positions on, nor beyond ``GROUPED_MAX_SCORES`` query-key pairs, where its memory
+    saving wins.
     """
     device = q.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else q.dtype
-    if (dtype == torch.bfloat16 and device == "cpu" and q.requires_grad
+    if (gqa and dtype == torch.bfloat16 and device == "cpu" and q.requires_grad
             and q.shape[-2] * k.shape[-2] <= GROUPED_MAX_SCORES):
         return grouped_attention(q, k, v, mask, dropout, training=dropout > 0)
     if mask is None:
