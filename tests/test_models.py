@@ -137,6 +137,7 @@ def test_bf16_cpu_training_takes_the_grouped_path_and_matches_the_reference():
     torch.testing.assert_close(fast, slow, atol=2e-2, rtol=2e-2)
     for a, b in zip(fast_grads, slow_grads, strict=True):
         assert (a - b).norm() <= 0.05 * b.norm() + 1e-6
+    set_naive(model, False)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         attention.grouped_attention = lambda *a, **k: calls.append(1) or original(*a, **k)
         try:
