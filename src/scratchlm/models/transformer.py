@@ -7,6 +7,7 @@ embed tokens (+ learned positions) → n × [pre-norm attention + residual, pre-
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -15,6 +16,15 @@ from scratchlm.models.attention import Attention, KVCache
 from scratchlm.models.config import ModelConfig
 from scratchlm.models.layers import make_mlp, make_norm
 from scratchlm.models.rope import inverse_frequencies, rope_cos_sin
+
+
+class DecodeStep(Protocol):
+    """One cached decoding step computed another way: the logits [B, T, V] ``Transformer.forward``
+    would return (the cache advanced as it would be), or None where that forward must run."""
+
+    def __call__(self, model: Transformer, input_ids: torch.Tensor, cache: KVCache,
+                 attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
+                 ) -> torch.Tensor | None: ...
 
 
 class Block(nn.Module):
@@ -57,6 +67,10 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.reset_parameters()
         self.tie_weights()
+        # A faster path for cached decoding steps that some weight formats attach (quant.decode):
+        # given (model, ids, cache, attention_mask, position_ids) it returns the logits, or None
+        # where this forward must run.
+        self.decode_step: DecodeStep | None = None
 
     @classmethod
     def empty(cls, config: ModelConfig, device: torch.device | str = "cpu",
@@ -136,6 +150,10 @@ class Transformer(nn.Module):
         [B, T] default to past … past + T − 1.
         ``return_hidden`` returns the final normed hidden states instead of logits (for heads).
         """
+        if cache is not None and self.decode_step is not None and not return_hidden:
+            logits = self.decode_step(self, input_ids, cache, attention_mask, position_ids)
+            if logits is not None:
+                return logits
         past = cache.length if cache is not None else 0
         x = self._embed(input_ids, past, position_ids)
         rope, mask = self._rope_and_mask(input_ids, past, attention_mask, position_ids, x.dtype)

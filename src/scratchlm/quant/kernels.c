@@ -651,15 +651,17 @@ static inline __attribute__((always_inline)) void row_dot_int(
     }
 #define INT_ROW_CHUNK 16
 
-/* One function per type and width (each its own OpenMP region, as DEFINE_MATMUL); tokens up to four
- * at a time.  x: n_tok runs of xs groups. */
+/* One function per type and width; tokens up to four at a time.  x: n_tok runs of xs groups.  The
+ * rows are shared out by an orphaned `omp for`: called inside a parallel region (slm_qmatmul_int's,
+ * or slm_decode's, which runs a whole token in one), the region's threads split them and meet at
+ * its end; called outside any, one thread does them all. */
 #define DEFINE_MATMUL_INT(NAME, TYPE, WIDE)                                                        \
 static void NAME(const uint8_t *w, int64_t rows, int64_t cols, const xgroup *x, int64_t n_tok,     \
-                 int64_t xs, float *y, int64_t ys, int nthreads) {                                \
+                 int64_t xs, float *y, int64_t ys) {                                               \
     const int64_t nb = cols / 32, row_bytes = nb * BLOCK_BYTES[TYPE];                              \
     const int64_t chunks = (rows + INT_ROW_CHUNK - 1) / INT_ROW_CHUNK;                             \
     GATHERS_DECL(TYPE)                                                                             \
-    _Pragma("omp parallel for schedule(static) num_threads(nthreads)")                             \
+    _Pragma("omp for schedule(static)")                                                            \
     for (int64_t c = 0; c < chunks; c++) {                                                         \
         const int64_t r0 = c * INT_ROW_CHUNK;                                                      \
         const int64_t r1 = r0 + INT_ROW_CHUNK < rows ? r0 + INT_ROW_CHUNK : rows;                  \
@@ -686,7 +688,7 @@ DEFINE_MATMUL_INT(matmul_int15_q4_kr, Q4_KR, 1)
 DEFINE_MATMUL_INT(matmul_int15_q6_kr, Q6_KR, 1)
 
 typedef void (*matmul_int_fn)(const uint8_t *, int64_t, int64_t, const xgroup *, int64_t, int64_t, float *,
-                              int64_t, int);
+                              int64_t);
 static const matmul_int_fn MATMUL_INT[2][5] = {
     {matmul_int8_q8_0, matmul_int8_q4_0, matmul_int8_q4_1, matmul_int8_q4_kr, matmul_int8_q6_kr},
     {matmul_int15_q8_0, matmul_int15_q4_0, matmul_int15_q4_1, matmul_int15_q4_kr, matmul_int15_q6_kr},
@@ -706,7 +708,9 @@ int slm_qmatmul_int(int type, int bits, const uint8_t *w, int64_t rows, int64_t 
         if (wide) quantize_activations(type, 1, x + t * xs, cols, q + t * groups);
         else quantize_activations(type, 0, x + t * xs, cols, q + t * groups);
     }
-    MATMUL_INT[wide][type](w, rows, cols, q, n_tok, groups, y, ys, nthreads);
+    const matmul_int_fn matmul = MATMUL_INT[wide][type];
+    #pragma omp parallel num_threads(nthreads)
+    matmul(w, rows, cols, q, n_tok, groups, y, ys);
     free(q);
     return 0;
 }
@@ -760,4 +764,188 @@ void slm_dequantize_rows(int type, const uint8_t *w, int64_t cols, const int64_t
         case Q4_KR: dequantize_q4_kr(w, cols, idx, n, out, nthreads); break;
         case Q6_KR: dequantize_q6_kr(w, cols, idx, n, out, nthreads); break;
     }
+}
+
+/* ---- Decoding a whole token in one call ---------------------------------------------------------
+ *
+ * slm_decode runs n_tok new tokens (one per sequence, the rows of a batch) through every layer of a
+ * Llama-family decoder whose matrices are all packed, and writes their next-token logits: what
+ * Transformer.forward computes for input_ids [n_tok, 1] with a KV cache, with one OpenMP region for
+ * the token instead of the ~15 torch operations and 4 matrix products a layer costs when each is
+ * its own call.  The matrix products are slm_qmatmul_int's, the same rows of the same rounded
+ * activations; the rest is plain fp32 C in the order the model writes it:
+ *   per layer  h = rmsnorm(x) γ;  q | k | v = h Wqkvᵀ (+ b);  q, k rotated (rotate-half, angle
+ *              position · inv_freq);  k, v stored at cache position `past`;  each query head attends
+ *              (softmax of q·k / √hd) to positions 0 .. past of its kv head (query head j reads kv
+ *              head j / (n_head / n_kv_head)), skipping positions the key mask marks 0 except its
+ *              own;  x += att Woᵀ (+ b);  h = rmsnorm(x) γ';  g | u = h Wguᵀ;  x += (silu(g) u) Wdᵀ
+ *   then       logits = rmsnorm(x) γ_f W_headᵀ.
+ * Sums run in another order than torch's kernels, so results agree with the eager model to fp32
+ * rounding, amplified where a rounded activation lands on the other side of a step (the tests
+ * bound it and compare greedy answers). */
+
+typedef struct {
+    const uint8_t *w;   /* blocks: rows × (cols / 32 · BLOCK_BYTES[type]) bytes */
+    const float *bias;  /* [rows] or NULL */
+    int64_t rows, cols;
+    int64_t type;
+} slm_linear;
+
+typedef struct {
+    const float *attn_norm, *mlp_norm;  /* RMSNorm weights [n_embd] */
+    slm_linear qkv;                     /* rows: q (n_head · hd), then k and v (n_kv_head · hd each) */
+    slm_linear o;
+    slm_linear gate_up;                 /* rows: gate (intermediate), then up */
+    slm_linear down;
+} slm_block;
+
+typedef struct {
+    int64_t n_layer, n_embd, n_head, n_kv_head, head_dim, intermediate;
+    float norm_eps;
+    const float *inv_freq;  /* [head_dim / 2] */
+    const slm_block *blocks;
+    const float *final_norm;
+    slm_linear lm_head;
+} slm_model;
+
+/* Σ a_i b_i in 16 lanes (vectorised without reassociating), then the lanes summed. */
+static inline float dot(const float *a, const float *b, int64_t n) {
+    float lanes[16] = {0};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int j = 0; j < 16; j++) lanes[j] += a[i + j] * b[i + j];
+    float sum = 0.0f;
+    for (int j = 0; j < 16; j++) sum += lanes[j];
+    for (; i < n; i++) sum += a[i] * b[i];
+    return sum;
+}
+
+static void rms_norm(const float *x, const float *weight, int64_t n, float eps, float *out) {
+    const float scale = 1.0f / sqrtf(dot(x, x, n) / (float)n + eps);
+    for (int64_t i = 0; i < n; i++) out[i] = x[i] * scale * weight[i];
+}
+
+/* Rotate one head's [hd] vector in place by position · inv_freq (rotate-half pairs i, i + hd/2). */
+static void rope(float *v, int64_t hd, const float *cosines, const float *sines) {
+    const int64_t half = hd / 2;
+    for (int64_t i = 0; i < half; i++) {
+        const float a = v[i], b = v[i + half];
+        v[i] = a * cosines[i] - b * sines[i];
+        v[i + half] = b * cosines[i] + a * sines[i];
+    }
+}
+
+/* y[n_tok, rows] = x Wᵀ (+ b) for x [n_tok, cols], x rounded into xq first by one thread; called by
+ * every thread of the region (the rows shared out, a barrier at the end). */
+static void decode_linear(const slm_linear *lin, int wide, const float *x, int64_t n_tok, xgroup *xq,
+                          float *y) {
+    const int type = (int)lin->type, per = blocks_per_group(type);
+    const int64_t groups = (lin->cols / 32 + per - 1) / per;
+    #pragma omp single
+    for (int64_t t = 0; t < n_tok; t++) {
+        if (wide) quantize_activations(type, 1, x + t * lin->cols, lin->cols, xq + t * groups);
+        else quantize_activations(type, 0, x + t * lin->cols, lin->cols, xq + t * groups);
+    }
+    MATMUL_INT[wide][type](lin->w, lin->rows, lin->cols, xq, n_tok, groups, y, lin->rows);
+    if (lin->bias != NULL) {
+        #pragma omp single
+        for (int64_t t = 0; t < n_tok; t++)
+            for (int64_t r = 0; r < lin->rows; r++) y[t * lin->rows + r] += lin->bias[r];
+    }
+}
+
+/* x [n_tok, n_embd]: the new tokens' embeddings (overwritten); positions [n_tok]: their position ids;
+ * keys, values: the cache, [n_layer, n_tok, n_kv_head, max_length, head_dim] fp32, positions
+ * 0 .. past − 1 filled; key_mask: NULL, or [n_tok, mask_stride] with 0 at padding positions;
+ * logits [n_tok, lm_head rows].  Returns 0, -1 when scratch memory cannot be had, -2 for other bits. */
+int slm_decode(const slm_model *m, int bits, float *x, int64_t n_tok, const int64_t *positions,
+               float *keys, float *values, int64_t max_length, int64_t past, const int64_t *key_mask,
+               int64_t mask_stride, float *logits, int nthreads) {
+    if (bits != 8 && bits != 15) return -2;
+    const int wide = bits == 15;
+    const int64_t d = m->n_embd, hd = m->head_dim, nh = m->n_head, nkv = m->n_kv_head, group = nh / nkv;
+    const int64_t qkv_rows = (nh + 2 * nkv) * hd, span = past + 1;
+    int64_t widest = d > m->intermediate ? d : m->intermediate;
+    widest = widest > nh * hd ? widest : nh * hd;
+    const size_t floats = (size_t)(n_tok * (2 * d + qkv_rows + nh * hd + 2 * m->intermediate + nh * span) + hd);
+    float *h = malloc(floats * sizeof(float));
+    xgroup *xq = aligned_alloc(64, (size_t)(n_tok * (widest / 32 + 1)) * sizeof(xgroup));
+    if (h == NULL || xq == NULL) {
+        free(h);
+        free(xq);
+        return -1;
+    }
+    float *qkv = h + n_tok * d, *att = qkv + n_tok * qkv_rows, *out = att + n_tok * nh * hd;
+    float *gu = out + n_tok * d, *scores = gu + n_tok * 2 * m->intermediate, *angles = scores + n_tok * nh * span;
+    const float scale = 1.0f / sqrtf((float)hd);
+    const int64_t layer_floats = n_tok * nkv * max_length * hd;
+    #pragma omp parallel num_threads(nthreads)
+    for (int64_t l = 0; l < m->n_layer; l++) {
+        const slm_block *blk = m->blocks + l;
+        float *layer_keys = keys + l * layer_floats, *layer_values = values + l * layer_floats;
+        #pragma omp single
+        for (int64_t t = 0; t < n_tok; t++) rms_norm(x + t * d, blk->attn_norm, d, m->norm_eps, h + t * d);
+        decode_linear(&blk->qkv, wide, h, n_tok, xq, qkv);
+        #pragma omp single
+        for (int64_t t = 0; t < n_tok; t++) {  /* rotate q and k, store k and v in the cache */
+            float *cosines = angles, *sines = angles + hd / 2, *row = qkv + t * qkv_rows;
+            for (int64_t i = 0; i < hd / 2; i++) {
+                const float angle = (float)positions[t] * m->inv_freq[i];
+                cosines[i] = cosf(angle);
+                sines[i] = sinf(angle);
+            }
+            for (int64_t j = 0; j < nh + nkv; j++) rope(row + j * hd, hd, cosines, sines);
+            for (int64_t j = 0; j < nkv; j++) {
+                const int64_t at = ((t * nkv + j) * max_length + past) * hd;
+                memcpy(layer_keys + at, row + (nh + j) * hd, hd * sizeof(float));
+                memcpy(layer_values + at, row + (nh + nkv + j) * hd, hd * sizeof(float));
+            }
+        }
+        #pragma omp for schedule(static)
+        for (int64_t th = 0; th < n_tok * nh; th++) {  /* one query head of one token */
+            const int64_t t = th / nh, j = th % nh;
+            const float *q = qkv + t * qkv_rows + j * hd;
+            const float *k = layer_keys + (t * nkv + j / group) * max_length * hd;
+            const float *v = layer_values + (t * nkv + j / group) * max_length * hd;
+            const int64_t *mask = key_mask == NULL ? NULL : key_mask + t * mask_stride;
+            float *p = scores + th * span, *o = att + th * hd, top = -INFINITY, total = 0.0f;
+            for (int64_t s = 0; s < span; s++) {
+                p[s] = mask == NULL || mask[s] != 0 || s == past ? dot(q, k + s * hd, hd) * scale : -INFINITY;
+                top = p[s] > top ? p[s] : top;
+            }
+            for (int64_t s = 0; s < span; s++) {
+                p[s] = expf(p[s] - top);
+                total += p[s];
+            }
+            for (int64_t i = 0; i < hd; i++) o[i] = 0.0f;
+            for (int64_t s = 0; s < span; s++) {
+                const float w = p[s] / total;
+                if (w != 0.0f)
+                    for (int64_t i = 0; i < hd; i++) o[i] += w * v[s * hd + i];
+            }
+        }
+        decode_linear(&blk->o, wide, att, n_tok, xq, out);
+        #pragma omp single
+        for (int64_t t = 0; t < n_tok; t++) {
+            for (int64_t i = 0; i < d; i++) x[t * d + i] += out[t * d + i];
+            rms_norm(x + t * d, blk->mlp_norm, d, m->norm_eps, h + t * d);
+        }
+        decode_linear(&blk->gate_up, wide, h, n_tok, xq, gu);
+        #pragma omp single
+        for (int64_t t = 0; t < n_tok; t++) {  /* silu(gate) · up, token t's into gu[t · intermediate ..] */
+            const float *g = gu + t * 2 * m->intermediate, *u = g + m->intermediate;
+            float *a = gu + t * m->intermediate;  /* (before the gate it reads, or on it: no later row's) */
+            for (int64_t i = 0; i < m->intermediate; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+        }
+        decode_linear(&blk->down, wide, gu, n_tok, xq, out);
+        #pragma omp single
+        for (int64_t t = 0; t < n_tok; t++)
+            for (int64_t i = 0; i < d; i++) x[t * d + i] += out[t * d + i];
+    }
+    for (int64_t t = 0; t < n_tok; t++) rms_norm(x + t * d, m->final_norm, d, m->norm_eps, h + t * d);
+    #pragma omp parallel num_threads(nthreads)
+    decode_linear(&m->lm_head, wide, h, n_tok, xq, logits);
+    free(h);
+    free(xq);
+    return 0;
 }

@@ -33,7 +33,8 @@ from scratchlm.errors import ConfigError
 from scratchlm.quant.formats import FORMATS, dequantize, k_quant_parts
 
 __all__ = ["KERNEL_TYPES", "KERNEL_BLOCK_BYTES", "ACTIVATIONS", "reblock", "qmatmul", "round_activations",
-           "dequantize_rows", "kernels_available"]
+           "dequantize_rows", "kernels_available", "DecoderTable", "BlockTable", "LinearTable",
+           "decode_tokens"]
 
 # GGML type → the C enum of the layout the kernels read.  Q8_0/Q4_0/Q4_1 are read as the file
 # stores them; Q4_K and Q6_K are re-blocked first (``reblock``), without loss, into blocks of 32.
@@ -100,6 +101,9 @@ def _build() -> ctypes.CDLL | None:
     lib.slm_qmatmul_int.restype = ctypes.c_int
     lib.slm_dequantize_rows.argtypes = [ctypes.c_int, ptr, i64, ptr, i64, ptr, ctypes.c_int]
     lib.slm_dequantize_rows.restype = None
+    lib.slm_decode.argtypes = [ptr, ctypes.c_int, ptr, i64, ptr, ptr, ptr, i64, i64, ptr, i64, ptr,
+                               ctypes.c_int]
+    lib.slm_decode.restype = ctypes.c_int
     return lib
 
 
@@ -224,3 +228,47 @@ def dequantize_rows(blocks: torch.Tensor, type_name: str, rows: int, cols: int,
     lib.slm_dequantize_rows(KERNEL_TYPES[type_name], blocks.data_ptr(), cols, index.data_ptr(), index.numel(),
                             out.data_ptr(), torch.get_num_threads())
     return out
+
+
+class LinearTable(ctypes.Structure):
+    """``slm_linear``: a packed matrix as the C side reads it."""
+    _fields_ = [("w", ctypes.c_void_p), ("bias", ctypes.c_void_p), ("rows", ctypes.c_int64),
+                ("cols", ctypes.c_int64), ("type", ctypes.c_int64)]
+
+
+class BlockTable(ctypes.Structure):
+    """``slm_block``: one decoder layer (qkv rows q, k, v; gate_up rows gate, up)."""
+    _fields_ = [("attn_norm", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p), ("qkv", LinearTable),
+                ("o", LinearTable), ("gate_up", LinearTable), ("down", LinearTable)]
+
+
+class DecoderTable(ctypes.Structure):
+    """``slm_model``: a Llama-family decoder whose matrices are all packed."""
+    _fields_ = [("n_layer", ctypes.c_int64), ("n_embd", ctypes.c_int64), ("n_head", ctypes.c_int64),
+                ("n_kv_head", ctypes.c_int64), ("head_dim", ctypes.c_int64), ("intermediate", ctypes.c_int64),
+                ("norm_eps", ctypes.c_float), ("inv_freq", ctypes.c_void_p),
+                ("blocks", ctypes.POINTER(BlockTable)), ("final_norm", ctypes.c_void_p),
+                ("lm_head", LinearTable)]
+
+
+def decode_tokens(table: DecoderTable, activations: str, x: torch.Tensor, positions: torch.Tensor,
+                  keys: torch.Tensor, values: torch.Tensor, past: int, key_mask: torch.Tensor | None,
+                  ) -> torch.Tensor:
+    """``slm_decode``: the next-token logits [n, vocab] of n new tokens, one per cache row, through
+    the whole decoder in one call (its contract is in kernels.c); their keys and values are written
+    at cache position ``past``.  x [n, n_embd] fp32 (the embeddings; overwritten), positions [n]
+    int64, keys / values the cache [n_layer, n, n_kv_head, max_length, head_dim] fp32, key_mask
+    None or [n, ≥ past + 1] int64 with unit column stride (0 at padding).  Needs the kernels."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the packed-weight kernels are unavailable")
+    n = x.shape[0]
+    logits = torch.empty(n, table.lm_head.rows, dtype=torch.float32)
+    status = lib.slm_decode(ctypes.addressof(table), 8 if activations == "int8" else 15, x.data_ptr(), n,
+                            positions.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.shape[3], past,
+                            None if key_mask is None else key_mask.data_ptr(),
+                            0 if key_mask is None else key_mask.stride(0), logits.data_ptr(),
+                            torch.get_num_threads())
+    if status:
+        raise MemoryError(f"no memory for decoding {n} tokens")
+    return logits

@@ -145,9 +145,13 @@ class QuantEmbedding(nn.Module):
 
 
 def stack_projections(model: nn.Module) -> None:
-    """q/k/v and gate/up as one ``QuantLinear`` each where they share a type (fewer calls per token)."""
+    """q/k/v and gate/up as one ``QuantLinear`` each where they share a type (fewer calls per token),
+    and a ``Transformer``'s decoding steps handed to ``quant.decode.FusedDecode`` (one call per token
+    where every layer is packed)."""
     from scratchlm.models.attention import Attention
     from scratchlm.models.layers import SwiGLUMLP
+    from scratchlm.models.transformer import Transformer
+    from scratchlm.quant.decode import FusedDecode
 
     for module in model.modules():
         if isinstance(module, Attention) and module.qkv_proj is None:
@@ -160,6 +164,8 @@ def stack_projections(model: nn.Module) -> None:
             if all(isinstance(p, QuantLinear) and p.type_name == parts[0].type_name for p in parts):
                 module.gate_up_proj = QuantLinear.stacked(parts)
                 module.gate_proj = module.up_proj = None
+    if isinstance(model, Transformer):
+        model.decode_step = FusedDecode()
 
 
 def quantize_model(model: nn.Module, type_name: str) -> nn.Module:
