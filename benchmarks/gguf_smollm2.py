@@ -4,7 +4,7 @@ Every side opens the same ``.gguf`` file.  ``scratchlm-gguf`` is ``scratchlm.loa
 dtype="gguf")``: the file's Q4_1 (and Q8_0 embedding) blocks kept as they are and multiplied in
 place (``scratchlm.quant``), decoding with its default int15 activations; ``scratchlm-gguf-int8``
 and ``scratchlm-gguf-fp32`` (``--modes gguf-int8,gguf-fp32``) decode with llama.cpp's int8
-rounding and with exact fp32 activations (``quant.linear.DECODE_ACTIVATIONS``, set around each of
+rounding and with exact fp32 activations (``quant.linear.ACTIVATIONS``, set around each of
 their runs); ``scratchlm-fp16`` is ``dtype="float16"`` (fp16 weights packed by
 FBGEMM, fp32 arithmetic: ``scratchlm.generation.packed``); ``scratchlm`` the default fp32 load;
 ``transformers`` is ``AutoModelForCausalLM.from_pretrained(dir, gguf_file=name)`` + ``generate``
@@ -99,14 +99,14 @@ def load(side: str, path: Path) -> tuple[float, Run, Any]:
         def run(prompt: list[int], n: int) -> tuple[list[int], list[tuple[float, float]]]:
             params = SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True)
             tokens, stamps = [], []
-            default = linear.DECODE_ACTIVATIONS
-            linear.DECODE_ACTIVATIONS = activations or default
+            default = linear.ACTIVATIONS
+            linear.ACTIVATIONS = activations or default
             try:
                 for event in TokenGenerator(lm.model, [prompt], params, eos_id=lm.tokenizer.eos_id):
                     tokens.append(event.token_id)
                     stamps.append((time.perf_counter(), time.process_time()))
             finally:
-                linear.DECODE_ACTIVATIONS = default
+                linear.ACTIVATIONS = default
             return tokens, stamps
 
         return seconds, run, lm
@@ -158,9 +158,9 @@ def logit_drift(lms: dict[str, Any], path: Path) -> None:
     for name, lm in lms.items():
         if not name.startswith("scratchlm-gguf"):
             continue
-        default = linear.DECODE_ACTIVATIONS
+        default = linear.ACTIVATIONS
         activations = side_activations(name) or default
-        linear.DECODE_ACTIVATIONS = activations
+        linear.ACTIVATIONS = activations
         try:
             with torch.no_grad():
                 n = ids.shape[1]
@@ -171,7 +171,7 @@ def logit_drift(lms: dict[str, Any], path: Path) -> None:
                     drift = max(drift, (step - reference).abs().max().item())
                     scale = max(scale, reference.abs().max().item())
         finally:
-            linear.DECODE_ACTIVATIONS = default
+            linear.ACTIVATIONS = default
         cells.append(f"{name} ({activations}) {drift:.3g}")
     if cells:
         print(f"max |Δlogit| against the dequantized fp32 model, {ids.shape[1]}-token fixed text token by "
@@ -428,7 +428,7 @@ def kernel_figures(path: Path, rounds: int) -> int:
     layers = [m for m in lm.model.modules() if isinstance(m, QuantLinear)]
     inputs = [torch.randn(1, layer.in_features) for layer in layers]
     shapes = [f"{layer.type_name} {layer.out_features}x{layer.in_features}" for layer in layers]
-    activations = kernels.ACTIVATIONS
+    activations = kernels.ACTIVATION_MODES
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load_average()}; "
           f"{path.name}: {len(layers)} matrix products a token; core clock "
           f"{'unknown' if ghz is None else f'{ghz:.2f} GHz'} (dependent adds); {rounds} passes", flush=True)

@@ -32,6 +32,16 @@ def smollm2_gguf() -> Path:
 
 
 @pytest.fixture
+def fp32_activations(monkeypatch):
+    """Packed weights multiply x as it is (``quant.linear.ACTIVATIONS``): their products are the
+    dequantized weights' up to fp32 rounding, so a test of what a loader or converter put in the
+    blocks can hold the logits to the float model's exactly."""
+    from scratchlm.quant import linear
+
+    monkeypatch.setattr(linear, "ACTIVATIONS", "fp32")
+
+
+@pytest.fixture
 def run_cli(capsys):
     """Run ``scratchlm ARGS...`` in-process; returns (exit_code, stdout, stderr)."""
     from scratchlm.cli import main

@@ -251,7 +251,7 @@ def gpt2_as_llama_cpp_converts_it(path: Path, model, matrix_type: str) -> Path:
 
 
 @pytest.mark.parametrize("tied", [True, False])
-def test_gpt2_file_as_llama_cpp_writes_it_matches_transformers(tmp_path, tied):
+def test_gpt2_file_as_llama_cpp_writes_it_matches_transformers(tmp_path, tied, fp32_activations):
     """A gpt2-architecture file (llama.cpp's layout, not our exporter's) loads with the logits of the
     transformers GPT-2 it was made from: fused q/k/v split in order, matrices not transposed twice."""
     import transformers

@@ -43,7 +43,7 @@ def run_dir(hf_dir, tmp_path_factory):  # noqa: F811
 
 
 @pytest.mark.parametrize("quant", list(BOUNDS))
-def test_export_round_trips_through_our_loader(run_dir, tmp_path, run_cli, quant):
+def test_export_round_trips_through_our_loader(run_dir, tmp_path, run_cli, quant, fp32_activations):
     path = tmp_path / "m.gguf"
     code, out, err = run_cli("convert", run_dir, path, "--quant", quant)
     assert code == 0, err
@@ -133,7 +133,8 @@ def gpt2_run_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("quant", list(BOUNDS))
-def test_gpt2_export_round_trips_through_our_loader(gpt2_run_dir, tmp_path, run_cli, quant):
+def test_gpt2_export_round_trips_through_our_loader(gpt2_run_dir, tmp_path, run_cli, quant,
+                                                    fp32_activations):
     path = tmp_path / "g.gguf"
     with pytest.warns(UserWarning, match="the file names the nearest, 'llama-bpe'"):
         code, out, err = run_cli("convert", gpt2_run_dir, path, "--quant", quant)

@@ -88,7 +88,7 @@ def tolerance() -> float:
     scale); int8's steps are 128 times larger and landings rare (measured 2e-7, once 7.2e-3).  A
     wrong rotation, mask or cache slot moves the logits by about their own size.
     """
-    return 1e-3 if linear.DECODE_ACTIVATIONS == "int15" else 3e-2
+    return 1e-3 if linear.ACTIVATIONS == "int15" else 3e-2
 
 
 def assert_close(ours: torch.Tensor, theirs: torch.Tensor, mask: torch.Tensor | float = 1.0) -> None:
@@ -103,7 +103,7 @@ def assert_close_to_eager(model: Transformer, ids: torch.Tensor, calls: list[int
     theirs, reference = step_through(model, ids, fused=False, prefill=prefill)
     assert calls[0] - before == ids.shape[1] - prefill
     assert_close(ours, theirs)
-    if linear.DECODE_ACTIVATIONS == "int15":
+    if linear.ACTIVATIONS == "int15":
         assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
     assert cache.length == reference.length == ids.shape[1]
     assert_close(cache.keys, reference.keys)
@@ -113,7 +113,7 @@ def assert_close_to_eager(model: Transformer, ids: torch.Tensor, calls: list[int
 @pytest.mark.parametrize("activations", ["int15", "int8"])
 @pytest.mark.parametrize("variant", ["q4_1", "q4_0", "q8_0", "mixed", "biases", "untied", "multi-head"])
 def test_fused_steps_equal_the_eager_layers(monkeypatch, calls, variant, activations):
-    monkeypatch.setattr(linear, "DECODE_ACTIVATIONS", activations)
+    monkeypatch.setattr(linear, "ACTIVATIONS", activations)
     model = {
         "mixed": mixed_types_model,
         "biases": lambda: packed_model("q4_1", qkv_bias=True, o_bias=True, mlp_bias=True),
@@ -182,11 +182,11 @@ def test_what_the_fused_step_declines_runs_eagerly(monkeypatch, calls):
         model(ids[:, :2], cache=cache)  # two new tokens: a prefill
     with torch.enable_grad():
         model(ids[:, 2:3], cache=cache)
-    monkeypatch.setattr(linear, "DECODE_ACTIVATIONS", "fp32")
+    monkeypatch.setattr(linear, "ACTIVATIONS", "fp32")
     with torch.no_grad():
         model(ids[:, 3:4], cache=cache)
     assert calls[0] == 0 and cache.length == 4
-    monkeypatch.setattr(linear, "DECODE_ACTIVATIONS", "int15")
+    monkeypatch.setattr(linear, "ACTIVATIONS", "int15")
     with torch.no_grad():
         model(ids[:, 4:5], cache=cache)
     assert calls[0] == 1 and cache.length == 5

@@ -1,7 +1,7 @@
 """Packed weights at run time: the compiled kernels and their fallback against dequantize-then-matmul,
 ``load(path.gguf, dtype="gguf")`` and ``quantize=`` against the float path, on tiny models and on
 SmolLM2's real file.  Decoding rounds the activations to integers by default
-(``linear.DECODE_ACTIVATIONS``): the tests of exact products pick ``"fp32"``; the integer paths are
+(``linear.ACTIVATIONS``): the tests of exact products pick ``"fp32"``; the integer paths are
 checked against the same integer arithmetic done in NumPy, against their error bound, and on
 SmolLM2's greedy answers."""
 
@@ -45,12 +45,6 @@ def path(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture
-def fp32_decode(monkeypatch):
-    """Decode with fp32 activations: the products are the dequantized weights' up to fp32 rounding."""
-    monkeypatch.setattr(linear, "DECODE_ACTIVATIONS", "fp32")
-
-
 def bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """The stated bound: fp32 rounding of the sums, 1e-6 × Σ|x||w| per output (≥ 8 ulp of it)."""
     return 1e-6 * (x.abs() @ w.abs().T) + 1e-30
@@ -58,7 +52,7 @@ def bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("type_name", TYPES)
 @pytest.mark.parametrize("tokens", [1, 3, DECODE_TOKENS, 21])
-def test_linear_equals_dequantized_matmul(path, fp32_decode, type_name, tokens):
+def test_linear_equals_dequantized_matmul(path, fp32_activations, type_name, tokens):
     rng = np.random.default_rng(tokens)
     w = rng.standard_normal((100, 96)).astype(np.float32)
     w[3, :32] += 9.0  # a block far from zero: Q4_1's minimum and Q4_0's offset matter
@@ -74,7 +68,7 @@ def test_linear_equals_dequantized_matmul(path, fp32_decode, type_name, tokens):
 
 
 @pytest.mark.parametrize("type_name", ["Q4_K", "Q6_K"])
-def test_k_quants_reblocked_keep_their_values(path, fp32_decode, type_name):
+def test_k_quants_reblocked_keep_their_values(path, fp32_activations, type_name):
     """Q4_K / Q6_K re-blocked into the kernels' 32-value layout: the values gguf dequantizes, bit for
     bit, and products within the bound, decoding and prefilling."""
     from test_quant_formats import random_blocks
@@ -148,6 +142,17 @@ def round_like_the_kernels(x: np.ndarray, levels: int) -> tuple[np.ndarray, np.n
     return q.reshape(x.shape), (amax[..., 0] / np.float32(levels)).astype(np.float64)
 
 
+@pytest.mark.parametrize("activations", ["int8", "int15"])
+def test_reference_rounding_is_the_kernels_to_the_bit(activations):
+    """``round_activations`` (the reference path's x) rounds as the kernels do: x · (L / amax) with a
+    true fp32 division.  (L · amax⁻¹ rounds differently now and then, and with it a value next to
+    a step's midpoint.)"""
+    x = torch.randn(4096, 64, generator=torch.Generator().manual_seed(0))
+    q, dx = round_like_the_kernels(x.numpy(), LEVELS[activations])
+    expected = q.astype(np.float32) * np.repeat(dx.astype(np.float32), 32, axis=1)
+    assert torch.equal(kernels.round_activations(x, activations), torch.from_numpy(expected))
+
+
 def with_ties(x: torch.Tensor, levels: int) -> torch.Tensor:
     """x with its last token's first block at exact halves of a step (amax = L, so x · L/amax = x):
     rounding half to even (0.5 → 0, 1.5 → 2, 2.5 → 2) is what the kernels must do."""
@@ -158,15 +163,18 @@ def with_ties(x: torch.Tensor, levels: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("activations", ["int8", "int15"])
 @pytest.mark.parametrize("type_name", ALL_TYPES)
-def test_integer_decode_is_its_integer_arithmetic(path, monkeypatch, type_name, activations):
-    """Every type, both roundings, odd shapes (columns not a multiple of 64 or 128, rows not of 4,
-    1-8 tokens): the output equals NumPy's exact integer dot products of the rounded x with each
-    block's integers, scaled per block (and each 16 for Q6_K) in float64, up to fp32 rounding."""
-    monkeypatch.setattr(linear, "DECODE_ACTIVATIONS", activations)
+def test_integer_products_are_their_integer_arithmetic(path, monkeypatch, type_name, activations):
+    """Every type, both roundings, odd shapes (columns not a multiple of 64 or 128, rows not of 4 or
+    16, 1-8 tokens decoding, more as a prefill's matrix product, tokens not a multiple of its 8):
+    the output equals NumPy's exact integer dot products of the rounded x with each block's
+    integers, scaled per block (and each 16 for Q6_K) in float64, up to fp32 rounding."""
+    monkeypatch.setattr(linear, "ACTIVATIONS", activations)
     per = FORMATS[type_name].per_block
-    shapes = [(1, per, 1), (7, 3 * per, 2), (37, 5 * per, 3), (13, 9 * per, DECODE_TOKENS), (6, 2 * per, 5)]
+    shapes = [(1, per, 1), (7, 3 * per, 2), (37, 5 * per, 3), (13, 9 * per, DECODE_TOKENS), (6, 2 * per, 5),
+              (37, 3 * per, 21), (16, per, 9), (5, 2 * per, 16)]
     if per == 32:
-        shapes.append((19, 18 * 32, 1))  # SmolLM2's 576 columns: four groups of 4 blocks and a short one
+        # SmolLM2's 576 columns: groups of 4 blocks and a short one
+        shapes += [(19, 18 * 32, 1), (40, 18 * 32, 13)]
     for seed, (rows, cols, tokens) in enumerate(shapes):
         layer = random_layer(type_name, rows, cols, seed)
         q_w, scale, minimum = integer_parts(layer)
@@ -189,28 +197,32 @@ def test_integer_decode_is_its_integer_arithmetic(path, monkeypatch, type_name, 
 
 @pytest.mark.parametrize("activations", ["int8", "int15"])
 @pytest.mark.parametrize("type_name", ALL_TYPES)
-def test_integer_decode_error_is_within_its_bound(path, monkeypatch, type_name, activations):
+def test_integer_product_error_is_within_its_bound(path, monkeypatch, type_name, activations):
     """|integer path − dequantized fp32 product| ≤ √32/(2L) · ‖w_row‖ · ‖x‖ per output (each x_i moves
     by at most half its block's step amax/L, and Σ_blocks 32 amax² ≤ 32 ‖x‖²), with heavy-tailed x."""
-    monkeypatch.setattr(linear, "DECODE_ACTIVATIONS", activations)
+    monkeypatch.setattr(linear, "ACTIVATIONS", activations)
     per = FORMATS[type_name].per_block
     layer = random_layer(type_name, 23, 6 * per, seed=5)
     w = layer.dequantized()
     generator = torch.Generator().manual_seed(3)
-    x = torch.randn(4, 6 * per, generator=generator) * torch.rand(4, 6 * per, generator=generator).pow(-2)
-    error = (layer(x) - x @ w.T).abs()
-    limit = 32 ** 0.5 / (2 * LEVELS[activations]) * torch.outer(x.norm(dim=1), w.norm(dim=1)) * (1 + 1e-3)
-    assert (error <= limit + bound(x, w)).all()
-    assert error.max() > 0  # the integer path did run
+    shape = (DECODE_TOKENS + 5, 6 * per)
+    x = torch.randn(shape, generator=generator) * torch.rand(shape, generator=generator).pow(-2)
+    for rows in (x[:4], x):  # decoded, and as a prefill's matrix product
+        error = (layer(rows) - rows @ w.T).abs()
+        step = 32 ** 0.5 / (2 * LEVELS[activations])
+        limit = step * torch.outer(rows.norm(dim=1), w.norm(dim=1)) * (1 + 1e-3)
+        assert (error <= limit + bound(rows, w)).all()
+        assert error.max() > 0  # the integer path did run
 
 
 @pytest.mark.parametrize("activations", ["int8", "int15"])
-def test_integer_decode_does_not_depend_on_the_batch_or_threads(monkeypatch, activations):
+def test_integer_products_do_not_depend_on_the_batch_or_threads(monkeypatch, activations):
     """A token's outputs are the same bits alone, in any batch up to DECODE_TOKENS, on 1 or 2 threads;
-    a block of x holding a NaN makes that token's outputs NaN and no other's."""
+    as a prefill's matrix product, the same bits in any batch beyond DECODE_TOKENS and on 1 or 2
+    threads; a block of x holding a NaN makes that token's outputs NaN and no other's."""
     if not kernels.kernels_available():
         pytest.skip("no C compiler: the kernels could not be built")
-    monkeypatch.setattr(linear, "DECODE_ACTIVATIONS", activations)
+    monkeypatch.setattr(linear, "ACTIVATIONS", activations)
     for type_name in ALL_TYPES:
         per = FORMATS[type_name].per_block
         layer = random_layer(type_name, 45, 3 * per, seed=1)
@@ -229,12 +241,27 @@ def test_integer_decode_does_not_depend_on_the_batch_or_threads(monkeypatch, act
         assert y[1].isnan().all() and not y[[0, 2]].isnan().any()
         assert layer(x[:0]).shape == (0, 45)
 
+        x = torch.randn(3 * DECODE_TOKENS + 3, 3 * per, generator=torch.Generator().manual_seed(4))
+        whole = layer(x)
+        for n in (DECODE_TOKENS + 1, 2 * DECODE_TOKENS, 2 * DECODE_TOKENS + 5):
+            assert torch.equal(layer(x[-n:]), whole[-n:]), (type_name, n)
+        try:
+            torch.set_num_threads(2)
+            assert torch.equal(layer(x), whole), type_name
+        finally:
+            torch.set_num_threads(threads)
+        x[DECODE_TOKENS + 2, 40] = float("nan")
+        x[DECODE_TOKENS + 4, 10] = float("inf")
+        y = layer(x)
+        assert y[[DECODE_TOKENS + 2, DECODE_TOKENS + 4]].isnan().all() and y.isnan().sum() == 2 * 45
 
-def test_unknown_decode_activations_are_a_config_error(monkeypatch):
-    monkeypatch.setattr(linear, "DECODE_ACTIVATIONS", "int4")
+
+def test_unknown_activations_rounding_is_a_config_error(path, monkeypatch):
+    monkeypatch.setattr(linear, "ACTIVATIONS", "int4")
     layer = random_layer("Q4_0", 4, 32, seed=0)
-    with pytest.raises(ConfigError, match="unknown decode activations 'int4'.*int15, int8, fp32"):
-        layer(torch.randn(1, 32))
+    for tokens in (1, DECODE_TOKENS + 1):
+        with pytest.raises(ConfigError, match="unknown activations rounding 'int4'.*int15, int8, fp32"):
+            layer(torch.randn(tokens, 32))
 
 
 @pytest.mark.parametrize("variable,value", [("SCRATCHLM_KERNELS_PORTABLE", "1"),
@@ -242,33 +269,36 @@ def test_unknown_decode_activations_are_a_config_error(monkeypatch):
                                             ("SCRATCHLM_KERNELS_CFLAGS", "-mno-avx512vnni")])
 def test_other_builds_compute_the_same(monkeypatch, variable, value):
     """The C other machines compile: portable (no -march), AVX2 and F16C without AVX-512 (Haswell to
-    Zen 3), AVX-512 without VNNI (vpmaddubsw for vpdpbusd): fp32 products within the exact bound,
-    integer ones equal to the native build's up to fp32 rounding."""
+    Zen 3), AVX-512 without VNNI (vpmaddubsw for vpdpbusd; no prefill matrix product, so the rounded
+    x times the dequantized rows): fp32 products within the exact bound, integer ones (decoding
+    and prefill) equal to the native build's up to fp32 rounding."""
     if not kernels.kernels_available():
         pytest.skip("no C compiler")
     if variable == "SCRATCHLM_KERNELS_CFLAGS" and platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip(f"{value} is an x86 flag")
     layers = {t: random_layer(t, 36, 2 * FORMATS[t].per_block, seed=2) for t in ALL_TYPES}
-    xs = {t: torch.randn(3, layer.in_features) for t, layer in layers.items()}
+    xs = {(t, n): torch.randn(n, layer.in_features)  # decoded, and a prefill's matrix product
+          for t, layer in layers.items() for n in (3, DECODE_TOKENS + 5)}
     native = {}
     for activations in ("int8", "int15"):
-        monkeypatch.setattr(linear, "DECODE_ACTIVATIONS", activations)
-        native[activations] = {t: layer(with_ties(xs[t].clone(), LEVELS[activations]))
-                               for t, layer in layers.items()}
+        monkeypatch.setattr(linear, "ACTIVATIONS", activations)
+        native[activations] = {key: layers[key[0]](with_ties(x.clone(), LEVELS[activations]))
+                               for key, x in xs.items()}
     monkeypatch.setenv(variable, value)
     monkeypatch.setattr(kernels, "_lib", None)
     try:
         with warnings.catch_warnings(record=True) as caught:
             assert kernels.kernels_available(), [str(w.message) for w in caught]
-        for type_name, layer in layers.items():
-            x, reference = xs[type_name], layer.dequantized()
-            monkeypatch.setattr(linear, "DECODE_ACTIVATIONS", "fp32")
+        for (type_name, n), x in xs.items():
+            layer = layers[type_name]
+            reference = layer.dequantized()
+            monkeypatch.setattr(linear, "ACTIVATIONS", "fp32")
             assert ((layer(x) - x @ reference.T).abs() <= bound(x, reference)).all()
             for activations in ("int8", "int15"):
-                monkeypatch.setattr(linear, "DECODE_ACTIVATIONS", activations)
+                monkeypatch.setattr(linear, "ACTIVATIONS", activations)
                 tied = with_ties(x.clone(), LEVELS[activations])
-                difference = (layer(tied) - native[activations][type_name]).abs()
-                assert (difference <= 2 * bound(tied, reference)).all()
+                difference = (layer(tied) - native[activations][type_name, n]).abs()
+                assert (difference <= 2 * bound(tied, reference)).all(), (type_name, n, activations)
         if variable == "SCRATCHLM_KERNELS_PORTABLE":  # the table of values as gguf gives them
             w = np.random.default_rng(2).standard_normal((36, 64)).astype(np.float32)
             for type_name in TYPES:
@@ -327,8 +357,8 @@ def test_quantize_model_rounds_as_llama_cpp_and_computes_as_its_dequantized_weig
     assert model.lm_head.blocks.data_ptr() == model.embed_tokens.blocks.data_ptr()  # still tied
     assert weight_bytes(model) < float_bytes / (3 if type_name == "Q8_0" else 5)
 
-    # the float model with the dequantized weights gives the same logits (prefill exactly up to
-    # matmul order; cached decode within the kernel's bound) and the same greedy tokens
+    # the float model with the dequantized weights gives the same logits (exactly up to matmul
+    # order with fp32 activations, within 1e-2 rounded to 15 bits) and the same greedy tokens
     reference = tiny_llama().model
     with torch.no_grad():
         for p in reference.parameters():
@@ -337,7 +367,10 @@ def test_quantize_model_rounds_as_llama_cpp_and_computes_as_its_dequantized_weig
                 p.copy_(torch.from_numpy(dequantize(blocks, type_name, p.numel()).reshape(p.shape)))
     ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert (model(ids) - reference(ids)).abs().max() < 1e-4
+        assert (model(ids) - reference(ids)).abs().max() < 1e-2
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(linear, "ACTIVATIONS", "fp32")
+            assert (model(ids) - reference(ids)).abs().max() < 1e-4
     from scratchlm.generation import SamplingParams, generate_ids
 
     params = SamplingParams(temperature=0, max_new_tokens=16, ignore_eos=True)
@@ -374,13 +407,15 @@ def test_gguf_dtype_keeps_blocks_and_matches_the_dequantized_path(tmp_path, vari
     assert is_quantized(packed.model)
     assert packed.weight_bytes < plain.weight_bytes
     ids = torch.randint(0, 96, (1, 10), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        assert (packed.model(ids) - plain.model(ids)).abs().max() < 1e-4
-        cache, ref_cache = packed.model.new_cache(1, 16), plain.model.new_cache(1, 16)
-        packed.model(ids[:, :9], cache=cache)
-        plain.model(ids[:, :9], cache=ref_cache)
-        step = packed.model(ids[:, 9:], cache=cache) - plain.model(ids[:, 9:], cache=ref_cache)
-        assert step.abs().max() < 1e-4
+    for activations, limit in (("fp32", 1e-4), ("int15", 1e-2)):  # exact; rounded to 15 bits
+        with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+            patch.setattr(linear, "ACTIVATIONS", activations)
+            assert (packed.model(ids) - plain.model(ids)).abs().max() < limit
+            cache, ref_cache = packed.model.new_cache(1, 16), plain.model.new_cache(1, 16)
+            packed.model(ids[:, :9], cache=cache)
+            plain.model(ids[:, :9], cache=ref_cache)
+            step = packed.model(ids[:, 9:], cache=cache) - plain.model(ids[:, 9:], cache=ref_cache)
+            assert step.abs().max() < limit, activations
 
 
 def test_gguf_dtype_and_quantize_refuse_what_they_cannot_do(tmp_path, run_cli):
@@ -407,8 +442,8 @@ def test_gguf_dtype_and_quantize_refuse_what_they_cannot_do(tmp_path, run_cli):
 def test_smollm2_packed_greedy_answers_equal_the_dequantized_path(smollm2_gguf, monkeypatch):
     """The real Q4_1 file run packed: the same greedy answers as the dequantized fp32 path on the
     held-out conversations, with the default int15 activations and with fp32 ones; max |Δlogit| on a
-    fixed text, token by token through the cache, within 1e-3 (fp32 activations, measured 6.3e-5)
-    and 0.05 (int15, measured 0.015); the prefill is exact; the weights in the file's size.  (int8,
+    fixed text, as one prefill and token by token through the cache, within 1e-3 (fp32 activations,
+    measured 6.3e-5) and 0.05 (int15, measured 0.016 and 0.017); the weights in the file's size.  (int8,
     llama.cpp's rounding, moves the logits by up to 1.3 and changes three of these five answers,
     as llama.cpp's own decoding of this file does.)"""
     from scratchlm.generation import SamplingParams, generate_ids
@@ -424,11 +459,11 @@ def test_smollm2_packed_greedy_answers_equal_the_dequantized_path(smollm2_gguf, 
     theirs = [c.token_ids for c in generate_ids(plain.model, prompts, params, eos_id=tok.eos_id)]
     assert "Paris" in tok.decode(theirs[0])
     for activations, limit in (("int15", 0.05), ("fp32", 1e-3)):
-        monkeypatch.setattr(linear, "DECODE_ACTIVATIONS", activations)
+        monkeypatch.setattr(linear, "ACTIVATIONS", activations)
         with torch.no_grad():
             cache, ref_cache = packed.model.new_cache(1, 32), plain.model.new_cache(1, 32)
             prefill = packed.model(ids[:, :-1], cache=cache) - plain.model(ids[:, :-1], cache=ref_cache)
-            assert prefill.abs().max() < 1e-3
+            assert prefill.abs().max() < limit, activations
             cache, ref_cache = packed.model.new_cache(1, 32), plain.model.new_cache(1, 32)
             tokens = [ids[:, i:i + 1] for i in range(ids.shape[1])]
             steps = [packed.model(t, cache=cache) - plain.model(t, cache=ref_cache) for t in tokens]

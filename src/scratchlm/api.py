@@ -215,9 +215,9 @@ def load(ref: str | Path, device: str | torch.device | None = None,
     Q8_0/Q4_0/Q4_1 matrices in their blocks (Q4_K/Q6_K re-blocked without loss) and computes with
     them in place;
     ``quantize="q8_0" | "q4_0" | "q4_1"`` (or that name as ``dtype``) rounds a float model's
-    matrices into such blocks as llama.cpp does.  Decoding rounds each token's activations per
+    matrices into such blocks as llama.cpp does.  The products round each token's activations per
     block of 32 as llama.cpp does, to 15 bits by default (greedy answers kept); the environment
-    variable ``SCRATCHLM_DECODE_ACTIVATIONS`` (or ``quant.linear.DECODE_ACTIVATIONS``) picks
+    variable ``SCRATCHLM_ACTIVATIONS`` (or ``quant.linear.ACTIVATIONS``) picks
     ``int15``, ``int8`` (llama.cpp's own rounding) or ``fp32`` (exact, slower).
     """
     import torch

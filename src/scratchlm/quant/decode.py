@@ -43,7 +43,7 @@ class FusedDecode:
                  ) -> torch.Tensor | None:
         from scratchlm.quant import linear
 
-        activations = linear.DECODE_ACTIVATIONS
+        activations = linear.ACTIVATIONS
         if (input_ids.dim() != 2 or input_ids.shape[1] != 1 or activations == "fp32" or model.training
                 or torch.is_grad_enabled() or not isinstance(cache, KVCache)):
             return None

@@ -22,6 +22,11 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static inline int omp_get_thread_num(void) { return 0; }
+#endif
 #if defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>  /* (F16C alone, on AVX2 machines: _cvtsh_ss) */
 #endif
@@ -948,4 +953,202 @@ int slm_decode(const slm_model *m, int bits, float *x, int64_t n_tok, const int6
     free(h);
     free(xq);
     return 0;
+}
+
+/* ---- Prefill: many tokens at once ---------------------------------------------------------------
+ *
+ * slm_qgemm_int: y = x Wᵀ for many rows of x, with x rounded per block of 32 as slm_qmatmul_int
+ * rounds it (to 15 or 8 bits), and each weight block's exact integer dot products with it (int32)
+ * scaled in fp32: the same arithmetic, organised as a matrix product.  Sixteen rows of W at a time
+ * are expanded into int16 "panels" (each block: 16 pairs of columns, 16 rows each) with their
+ * scales and mins, and every token meets a panel through vpdpwssd (16 rows × one column pair of
+ * one token per instruction, accumulated in int32 over the block), eight tokens per pass so a
+ * panel's loads serve eight.  AVX512-VNNI only; elsewhere it returns -3 and the caller takes the
+ * exact fp32 product of the dequantized rows. */
+
+#if defined(SLM_AVX512) && defined(__AVX512VNNI__)
+#define GEMM_TOKENS 8
+
+/* A block's 32 integers as int16 and its scales: value = q d (Q6_KR: d0 for elements 0-15, d1 for
+ * 16-31) + m. */
+static inline __attribute__((always_inline)) void block_q16(const int type, const uint8_t *blk, int16_t *q,
+                                                           float *d0, float *d1, float *m) {
+    *m = 0.0f;
+    switch (type) {
+        case Q8_0:
+            *d0 = *d1 = fp16_to_f32(blk);
+            for (int i = 0; i < 32; i++) q[i] = (int8_t)blk[2 + i];
+            break;
+        case Q4_0:
+        case Q4_1:
+        case Q4_KR: {
+            const int head = type == Q4_0 ? 2 : type == Q4_1 ? 4 : 8, bias = type == Q4_0 ? 8 : 0;
+            *d0 = *d1 = type == Q4_KR ? f32_at(blk) : fp16_to_f32(blk);
+            if (type == Q4_1) *m = fp16_to_f32(blk + 2);
+            if (type == Q4_KR) *m = f32_at(blk + 4);
+            for (int i = 0; i < 16; i++) {
+                q[i] = (int16_t)((blk[head + i] & 15) - bias);
+                q[i + 16] = (int16_t)((blk[head + i] >> 4) - bias);
+            }
+            break;
+        }
+        default:  /* Q6_KR */
+            *d0 = f32_at(blk);
+            *d1 = f32_at(blk + 4);
+            for (int i = 0; i < 32; i++) q[i] = (int8_t)blk[8 + i];
+    }
+}
+
+/* Rows r0 .. r0 + 16 of W (rows past `rows` as zeros) into a panel: per block, 16 column pairs of
+ * 16 rows (int16 pairs, 1 KiB), then the rows' d0, d1 and m (16 floats each). */
+#define PANEL_BLOCK_BYTES (1024 + 3 * 64)
+static void expand_panel(const int type, const uint8_t *w, int64_t rows, int64_t nb, int64_t r0, uint8_t *panel) {
+    const int64_t row_bytes = nb * BLOCK_BYTES[type];
+    for (int64_t b = 0; b < nb; b++) {
+        int16_t *pairs = (int16_t *)(panel + b * PANEL_BLOCK_BYTES);
+        float *scales = (float *)(panel + b * PANEL_BLOCK_BYTES + 1024);
+        for (int lane = 0; lane < 16; lane++) {
+            int16_t q[32] = {0};
+            float d0 = 0.0f, d1 = 0.0f, m = 0.0f;
+            if (r0 + lane < rows) block_q16(type, w + (r0 + lane) * row_bytes + b * BLOCK_BYTES[type], q, &d0, &d1, &m);
+            for (int j = 0; j < 16; j++) {
+                pairs[j * 32 + 2 * lane] = q[2 * j];
+                pairs[j * 32 + 2 * lane + 1] = q[2 * j + 1];
+            }
+            scales[lane] = d0;
+            scales[16 + lane] = d1;
+            scales[32 + lane] = m;
+        }
+    }
+}
+
+/* x rounded: per token, its int16 q [cols], and per block dx and dx · Σq (for the mins). */
+typedef struct {
+    const int16_t *q;
+    const float *dx, *sx;
+    int64_t cols, nb;
+} gemm_x;
+
+/* y[t, r0 .. r0+16) for TT tokens from t0 (TT a constant after inlining). */
+static inline __attribute__((always_inline)) void panel_tokens(const int type, const int TT, const uint8_t *panel,
+                                                              const gemm_x *x, int64_t t0, float *y, int64_t ys,
+                                                              __mmask16 lanes) {
+    __m512 f[GEMM_TOKENS];
+    for (int t = 0; t < TT; t++) f[t] = _mm512_setzero_ps();
+    const int split = type == Q6_KR ? 8 : 16;
+    for (int64_t b = 0; b < x->nb; b++) {
+        const __m512i *pairs = (const __m512i *)(panel + b * PANEL_BLOCK_BYTES);
+        const float *scales = (const float *)(panel + b * PANEL_BLOCK_BYTES + 1024);
+        for (int half = 0; half < 16 / split; half++) {
+            __m512i acc[GEMM_TOKENS];
+            for (int t = 0; t < TT; t++) acc[t] = _mm512_setzero_si512();
+            for (int j = half * split; j < (half + 1) * split; j++) {
+                const __m512i wv = _mm512_load_si512(pairs + j);
+                for (int t = 0; t < TT; t++) {
+                    int32_t xp;
+                    memcpy(&xp, x->q + (t0 + t) * x->cols + b * 32 + 2 * j, 4);
+                    acc[t] = _mm512_dpwssd_epi32(acc[t], wv, _mm512_set1_epi32(xp));
+                }
+            }
+            const __m512 d = _mm512_load_ps(scales + 16 * half);
+            for (int t = 0; t < TT; t++) {
+                const __m512 scale = _mm512_mul_ps(d, _mm512_set1_ps(x->dx[(t0 + t) * x->nb + b]));
+                f[t] = _mm512_add_ps(f[t], _mm512_mul_ps(_mm512_cvtepi32_ps(acc[t]), scale));
+            }
+        }
+        if (has_min(type)) {
+            const __m512 m = _mm512_load_ps(scales + 32);
+            for (int t = 0; t < TT; t++)
+                f[t] = _mm512_add_ps(f[t], _mm512_mul_ps(m, _mm512_set1_ps(x->sx[(t0 + t) * x->nb + b])));
+        }
+    }
+    for (int t = 0; t < TT; t++) _mm512_mask_storeu_ps(y + (t0 + t) * ys, lanes, f[t]);
+}
+
+#define DEFINE_GEMM(NAME, TYPE)                                                                    \
+static void NAME(const uint8_t *w, int64_t rows, const gemm_x *x, int64_t n_tok, float *y, int64_t ys, \
+                 uint8_t *panels) {                                                                \
+    const int64_t n_panels = (rows + 15) / 16;                                                     \
+    _Pragma("omp for schedule(static)")                                                            \
+    for (int64_t p = 0; p < n_panels; p++) {                                                       \
+        uint8_t *panel = panels + (int64_t)omp_get_thread_num() * x->nb * PANEL_BLOCK_BYTES;       \
+        expand_panel(TYPE, w, rows, x->nb, 16 * p, panel);                                         \
+        const __mmask16 lanes = rows - 16 * p >= 16 ? 0xFFFF : (__mmask16)((1u << (rows - 16 * p)) - 1); \
+        int64_t t = 0;                                                                             \
+        for (; t + GEMM_TOKENS <= n_tok; t += GEMM_TOKENS)                                         \
+            panel_tokens(TYPE, GEMM_TOKENS, panel, x, t, y + 16 * p, ys, lanes);                   \
+        switch (n_tok - t) {                                                                       \
+            case 7: panel_tokens(TYPE, 7, panel, x, t, y + 16 * p, ys, lanes); break;              \
+            case 6: panel_tokens(TYPE, 6, panel, x, t, y + 16 * p, ys, lanes); break;              \
+            case 5: panel_tokens(TYPE, 5, panel, x, t, y + 16 * p, ys, lanes); break;              \
+            case 4: panel_tokens(TYPE, 4, panel, x, t, y + 16 * p, ys, lanes); break;              \
+            case 3: panel_tokens(TYPE, 3, panel, x, t, y + 16 * p, ys, lanes); break;              \
+            case 2: panel_tokens(TYPE, 2, panel, x, t, y + 16 * p, ys, lanes); break;              \
+            case 1: panel_tokens(TYPE, 1, panel, x, t, y + 16 * p, ys, lanes); break;              \
+            default: break;                                                                        \
+        }                                                                                          \
+    }                                                                                              \
+}
+DEFINE_GEMM(gemm_q8_0, Q8_0)
+DEFINE_GEMM(gemm_q4_0, Q4_0)
+DEFINE_GEMM(gemm_q4_1, Q4_1)
+DEFINE_GEMM(gemm_q4_kr, Q4_KR)
+DEFINE_GEMM(gemm_q6_kr, Q6_KR)
+typedef void (*gemm_fn)(const uint8_t *, int64_t, const gemm_x *, int64_t, float *, int64_t, uint8_t *);
+static const gemm_fn GEMM[5] = {gemm_q8_0, gemm_q4_0, gemm_q4_1, gemm_q4_kr, gemm_q6_kr};
+#endif
+
+/* y[t * ys + r] = x[t] · W[r] for r < rows, t < n_tok, x rounded to `bits` (8 or 15).  Returns 0; -1
+ * without memory for the scratch; -2 for other bits; -3 where the build has no AVX512-VNNI. */
+int slm_qgemm_int(int type, int bits, const uint8_t *w, int64_t rows, int64_t cols, const float *x,
+                  int64_t n_tok, int64_t xs, float *y, int64_t ys, int nthreads) {
+#if defined(SLM_AVX512) && defined(__AVX512VNNI__)
+    if (bits != 8 && bits != 15) return -2;
+    const float levels = bits == 15 ? 16256.0f : 127.0f;
+    const int64_t nb = cols / 32;
+    int16_t *q = aligned_alloc(64, (size_t)(n_tok * cols) * sizeof(int16_t) + 64);
+    float *dx = malloc((size_t)(2 * n_tok * nb) * sizeof(float));
+    uint8_t *panels = aligned_alloc(64, (size_t)(nthreads * nb) * PANEL_BLOCK_BYTES);
+    if (q == NULL || dx == NULL || panels == NULL) {
+        free(q);
+        free(dx);
+        free(panels);
+        return -1;
+    }
+    float *sx = dx + n_tok * nb;
+    const gemm_x gx = {q, dx, sx, cols, nb};
+    #pragma omp parallel num_threads(nthreads)
+    {
+        #pragma omp for schedule(static)
+        for (int64_t t = 0; t < n_tok; t++)
+            for (int64_t b = 0; b < nb; b++) {
+                const float *xb = x + t * xs + b * 32;
+                float amax = 0.0f;
+                int bad = 0;
+                for (int i = 0; i < 32; i++) {
+                    const float v = fabsf(xb[i]);
+                    bad |= !(v <= FLT_MAX);
+                    amax = v > amax ? v : amax;
+                }
+                const float id = amax == 0.0f ? 0.0f : levels / amax;
+                int32_t sum = 0;
+                for (int i = 0; i < 32; i++) {
+                    const int32_t v = bad ? 0 : (int32_t)rintf(xb[i] * id);
+                    q[t * cols + b * 32 + i] = (int16_t)v;
+                    sum += v;
+                }
+                dx[t * nb + b] = bad ? NAN : amax / levels;
+                sx[t * nb + b] = dx[t * nb + b] * (float)sum;
+            }
+        GEMM[type](w, rows, &gx, n_tok, y, ys, panels);
+    }
+    free(q);
+    free(dx);
+    free(panels);
+    return 0;
+#else
+    (void)type; (void)bits; (void)w; (void)rows; (void)cols; (void)x; (void)n_tok; (void)xs; (void)y; (void)ys;
+    (void)nthreads;
+    return -3;
+#endif
 }

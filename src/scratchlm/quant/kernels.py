@@ -32,9 +32,9 @@ import torch
 from scratchlm.errors import ConfigError
 from scratchlm.quant.formats import FORMATS, dequantize, k_quant_parts
 
-__all__ = ["KERNEL_TYPES", "KERNEL_BLOCK_BYTES", "ACTIVATIONS", "reblock", "qmatmul", "round_activations",
-           "dequantize_rows", "kernels_available", "DecoderTable", "BlockTable", "LinearTable",
-           "decode_tokens"]
+__all__ = ["KERNEL_TYPES", "KERNEL_BLOCK_BYTES", "ACTIVATION_MODES", "reblock", "qmatmul", "qgemm",
+           "round_activations", "dequantize_rows", "kernels_available", "DecoderTable", "BlockTable",
+           "LinearTable", "decode_tokens"]
 
 # GGML type → the C enum of the layout the kernels read.  Q8_0/Q4_0/Q4_1 are read as the file
 # stores them; Q4_K and Q6_K are re-blocked first (``reblock``), without loss, into blocks of 32.
@@ -101,6 +101,8 @@ def _build() -> ctypes.CDLL | None:
     lib.slm_qmatmul_int.restype = ctypes.c_int
     lib.slm_dequantize_rows.argtypes = [ctypes.c_int, ptr, i64, ptr, i64, ptr, ctypes.c_int]
     lib.slm_dequantize_rows.restype = None
+    lib.slm_qgemm_int.argtypes = lib.slm_qmatmul_int.argtypes
+    lib.slm_qgemm_int.restype = ctypes.c_int
     lib.slm_decode.argtypes = [ptr, ctypes.c_int, ptr, i64, ptr, ptr, ptr, i64, i64, ptr, i64, ptr,
                                ctypes.c_int]
     lib.slm_decode.restype = ctypes.c_int
@@ -165,8 +167,15 @@ def _dequantize_layout(table: np.ndarray, type_name: str, cols: int) -> np.ndarr
 
 
 # Decode activations: rounded per block of 32 to 15 or 8 bits for the integer kernels, or fp32.
-ACTIVATIONS = ("int15", "int8", "fp32")
+ACTIVATION_MODES = ("int15", "int8", "fp32")
 _LEVELS = {"int15": 16256, "int8": 127}  # the largest |q| (15 bits: two bytes 128·h + l, |h| ≤ 127)
+
+
+def _levels(activations: str) -> int:
+    if activations not in _LEVELS:
+        raise ConfigError(f"unknown activations rounding {activations!r}",
+                          f"use one of {', '.join(ACTIVATION_MODES)}")
+    return _LEVELS[activations]
 
 
 def round_activations(x: torch.Tensor, activations: str) -> torch.Tensor:
@@ -175,10 +184,12 @@ def round_activations(x: torch.Tensor, activations: str) -> torch.Tensor:
     (llama.cpp's ``quantize_row_q8_1``, with an fp32 scale) or 16256 for int15.  The reference path
     multiplies this by the dequantized W, the integer kernels' product up to fp32 rounding; a block
     holding a NaN or an infinity gives NaN (the kernels give NaN where it is used)."""
-    levels = _LEVELS[activations]
+    levels = _levels(activations)
     blocks = x.reshape(-1, 32)
     amax = blocks.abs().amax(dim=1, keepdim=True)
-    inverse = torch.where(amax == 0, torch.zeros_like(amax), levels / amax)
+    # (a true division, as the kernels' L / amax: ``levels / amax`` would be amax.reciprocal() · L,
+    # which rounds differently now and then, and with it a value next to a step's midpoint)
+    inverse = torch.where(amax == 0, torch.zeros_like(amax), torch.full_like(amax, levels) / amax)
     return (torch.round(blocks * inverse) * (amax / levels)).reshape(x.shape)
 
 
@@ -195,9 +206,8 @@ def qmatmul(blocks: torch.Tensor, type_name: str, rows: int, cols: int, x: torch
     the reference path dequantizes it.
     """
     lib = _library()
-    if activations != "fp32" and activations not in _LEVELS:
-        raise ConfigError(f"unknown decode activations {activations!r}",
-                          f"use one of {', '.join(ACTIVATIONS)}")
+    if activations != "fp32":
+        _levels(activations)
     if lib is None:
         w = dequantize_rows(blocks, type_name, rows, cols)
         return (x if activations == "fp32" else round_activations(x, activations)) @ w.T
@@ -210,6 +220,25 @@ def qmatmul(blocks: torch.Tensor, type_name: str, rows: int, cols: int, x: torch
                              rows, cols, x.data_ptr(), n, cols, y.data_ptr(), rows, torch.get_num_threads()):
         raise MemoryError(f"no memory for the rounded activations of {n} x {cols} values")
     return y
+
+
+def qgemm(blocks: torch.Tensor, type_name: str, rows: int, cols: int, x: torch.Tensor,
+          activations: str) -> torch.Tensor | None:
+    """``x @ Wᵀ`` for many rows of x [n, cols] (fp32, contiguous) with x rounded as ``qmatmul``
+    rounds it (``"int15"`` or ``"int8"``), as a matrix product (``slm_qgemm_int``: int16 panels of
+    W, AVX512-VNNI); the same arithmetic as ``qmatmul``'s, up to fp32 rounding of the sums.  None
+    where the kernels or that instruction set are missing."""
+    lib = _library()
+    if lib is None:
+        return None
+    _levels(activations)  # (an unknown rounding is an error)
+    y = torch.empty(x.shape[0], rows, dtype=torch.float32)
+    status = lib.slm_qgemm_int(KERNEL_TYPES[type_name], 8 if activations == "int8" else 15, blocks.data_ptr(),
+                               rows, cols, x.data_ptr(), x.shape[0], cols, y.data_ptr(), rows,
+                               torch.get_num_threads())
+    if status == -1:
+        raise MemoryError(f"no memory for the rounded activations of {x.shape[0]} x {cols} values")
+    return None if status else y
 
 
 def dequantize_rows(blocks: torch.Tensor, type_name: str, rows: int, cols: int,

@@ -10,17 +10,21 @@ Q4_K and Q6_K (the types of ``Q4_K_M`` files) are re-blocked at load into blocks
 scales (``kernels.reblock``: 6 and 10 bits per weight instead of 4.5 and 6.6, the same values).
 
 * up to ``DECODE_TOKENS`` rows of x (decoding, batched decoding): the compiled kernel
-  (``quant.kernels``) with integer activations, as llama.cpp decodes: each token's x rounded per
+  (``quant.kernels``) with integer activations, as llama.cpp computes: each token's x rounded per
   block of 32 (an fp32 scale per block), each weight block's exact integer dot products with it
-  scaled in fp32.  ``DECODE_ACTIVATIONS`` picks the rounding: ``"int15"`` (the default: |q| ≤
+  scaled in fp32.  ``ACTIVATIONS`` picks the rounding: ``"int15"`` (the default: |q| ≤
   16256, two byte products per weight), ``"int8"`` (llama.cpp's own, a little faster, but
   SmolLM2's greedy answers change, as llama.cpp's do) or ``"fp32"`` (no rounding: the dequantized
   weights' product up to fp32 rounding of the sums, markedly slower; docs/benchmarks.md).  Per
   output the integer paths differ from the fp32 product by at most ``√32/(2L) · ‖w_row‖ · ‖x‖``
   (L = 16256 or 127), and a token's outputs do not depend on the other tokens of its batch; the
   tests bound both, and check SmolLM2's greedy answers against the dequantized fp32 model;
-* more rows (prefill): ``PREFILL_ROWS`` rows of W at a time dequantized exactly to fp32 and
-  multiplied by torch's matmul — the dequantized weights' product up to the matmul's own order.
+* more rows (prefill): the same rounding and integer arithmetic as a matrix product
+  (``kernels.qgemm``: W expanded 16 rows at a time to int16, AVX512-VNNI's vpdpwssd), faster than
+  torch's fp32 and fp16 products.  Where that kernel is missing (no compiler, no AVX512-VNNI),
+  ``PREFILL_ROWS`` rows of W at a time dequantized exactly to fp32 and multiplied by torch's
+  matmul with x rounded as the kernels round it (``round_activations``): the same numbers up to
+  fp32 rounding of the sums.  With ``"fp32"`` activations that product, x as it is.
 
 ``QuantEmbedding`` looks rows up in the same blocks (a tied LM head shares them with the
 embedding: SmolLM2's Q8_0 ``token_embd`` is a fifth of the file).  The model is for inference
@@ -41,16 +45,23 @@ from torch import nn
 
 from scratchlm.errors import ConfigError
 from scratchlm.quant.formats import FORMATS, QUANTIZABLE, quantize
-from scratchlm.quant.kernels import KERNEL_BLOCK_BYTES, KERNEL_TYPES, dequantize_rows, qmatmul
+from scratchlm.quant.kernels import (
+    KERNEL_BLOCK_BYTES,
+    KERNEL_TYPES,
+    dequantize_rows,
+    qgemm,
+    qmatmul,
+    round_activations,
+)
 
 __all__ = ["QuantLinear", "QuantEmbedding", "quantize_model", "weight_bytes", "is_quantized",
-           "QUANT_TYPES", "DECODE_TOKENS", "PREFILL_ROWS", "DECODE_ACTIVATIONS"]
+           "QUANT_TYPES", "DECODE_TOKENS", "PREFILL_ROWS", "ACTIVATIONS"]
 
 QUANT_TYPES = tuple(KERNEL_TYPES)  # the block types kept packed
 DECODE_TOKENS = 8  # up to this many rows of x go through the in-place kernel
-# How decoding rounds the activations (kernels.ACTIVATIONS: "int15", "int8" or exact "fp32"), read
-# at each call: set it, or SCRATCHLM_DECODE_ACTIVATIONS before the import.
-DECODE_ACTIVATIONS = os.environ.get("SCRATCHLM_DECODE_ACTIVATIONS") or "int15"
+# How the products round the activations (kernels.ACTIVATION_MODES: "int15", "int8" or exact "fp32"), read
+# at each call: set it, or SCRATCHLM_ACTIVATIONS before the import.
+ACTIVATIONS = os.environ.get("SCRATCHLM_ACTIVATIONS") or "int15"
 PREFILL_ROWS = 2048  # rows of W dequantized at a time for a prefill matmul (2048 × 576 fp32: 4.7 MB)
 
 
@@ -99,25 +110,34 @@ class QuantLinear(nn.Module):
         blocks, bias = self._buffers["blocks"], self._buffers["bias"]
         if x.dtype == torch.float32 and x.is_contiguous() and x.shape[-1] == self.in_features \
                 and x.numel() <= DECODE_TOKENS * self.in_features:
-            y = qmatmul(blocks, self.type_name, self.out_features, self.in_features, x, DECODE_ACTIVATIONS)
+            y = qmatmul(blocks, self.type_name, self.out_features, self.in_features, x, ACTIVATIONS)
             if bias is not None:
                 y += bias
             return y
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).float().contiguous()
         if x2.shape[0] <= DECODE_TOKENS:
-            y = qmatmul(blocks, self.type_name, self.out_features, self.in_features, x2, DECODE_ACTIVATIONS)
+            y = qmatmul(blocks, self.type_name, self.out_features, self.in_features, x2, ACTIVATIONS)
         else:
-            y = torch.empty(x2.shape[0], self.out_features)
-            for start in range(0, self.out_features, PREFILL_ROWS):
-                rows = min(PREFILL_ROWS, self.out_features - start)
-                w = dequantize_rows(blocks, self.type_name, self.out_features, self.in_features,
-                                    torch.arange(start, start + rows))
-                y[:, start:start + rows] = x2 @ w.T
+            y = None if ACTIVATIONS == "fp32" else \
+                qgemm(blocks, self.type_name, self.out_features, self.in_features, x2, ACTIVATIONS)
+            if y is None:
+                exact = ACTIVATIONS == "fp32"
+                y = self._dequantized_product(x2 if exact else round_activations(x2, ACTIVATIONS))
         if bias is not None:
             y += bias
         y = y.view(*shape[:-1], self.out_features)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+    def _dequantized_product(self, x: torch.Tensor) -> torch.Tensor:
+        """x [n, in] @ Wᵀ exactly: ``PREFILL_ROWS`` rows of W at a time dequantized to fp32."""
+        y = torch.empty(x.shape[0], self.out_features)
+        for start in range(0, self.out_features, PREFILL_ROWS):
+            rows = min(PREFILL_ROWS, self.out_features - start)
+            w = dequantize_rows(self.blocks, self.type_name, self.out_features, self.in_features,
+                                torch.arange(start, start + rows))
+            y[:, start:start + rows] = x @ w.T
+        return y
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weights={self.type_name}"
