@@ -2,10 +2,13 @@
 
 Every side opens the same ``.gguf`` file.  ``scratchlm-gguf`` is ``scratchlm.load(path,
 dtype="gguf")``: the file's Q4_1 (and Q8_0 embedding) blocks kept as they are and multiplied in
-place (``scratchlm.quant``), decoding with its default int15 activations; ``scratchlm-gguf-int8``
-and ``scratchlm-gguf-fp32`` (``--modes gguf-int8,gguf-fp32``) decode with llama.cpp's int8
-rounding and with exact fp32 activations (``quant.linear.ACTIVATIONS``, set around each of
-their runs); ``scratchlm-fp16`` is ``dtype="float16"`` (fp16 weights packed by
+place (``scratchlm.quant``) with its default int15 activations, each decoded token one call
+through every layer (``quant.decode``), the prefill an integer matrix product;
+``scratchlm-gguf-eager`` (``--modes gguf-eager``) the same model decoding through its own layers
+one operation at a time (``decode_step`` off); ``scratchlm-gguf-int8`` and ``scratchlm-gguf-fp32``
+(``--modes gguf-int8,gguf-fp32``) with llama.cpp's int8 rounding and with exact fp32 activations
+(``quant.linear.ACTIVATIONS``, set around each of their runs; fp32 decodes eagerly);
+``scratchlm-fp16`` is ``dtype="float16"`` (fp16 weights packed by
 FBGEMM, fp32 arithmetic: ``scratchlm.generation.packed``); ``scratchlm`` the default fp32 load;
 ``transformers`` is ``AutoModelForCausalLM.from_pretrained(dir, gguf_file=name)`` + ``generate``
 in fp32; ``llama.cpp`` is llama-cpp-python when installed.  Batch 1, greedy.  Figures:
@@ -60,8 +63,8 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT = REPO.parent / "shared" / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 QUESTION = "Tell me a long story about a lighthouse keeper and a storm."
 FIXED_TEXT = "The quick brown fox jumps over the lazy dog. Paris is the capital of"  # for max |Δlogit|
-MODES = {"gguf": "scratchlm-gguf", "gguf-int8": "scratchlm-gguf-int8", "gguf-fp32": "scratchlm-gguf-fp32",
-         "fp16": "scratchlm-fp16", "fp32": "scratchlm"}  # --modes → side
+MODES = {"gguf": "scratchlm-gguf", "gguf-eager": "scratchlm-gguf-eager", "gguf-int8": "scratchlm-gguf-int8",
+         "gguf-fp32": "scratchlm-gguf-fp32", "fp16": "scratchlm-fp16", "fp32": "scratchlm"}  # --modes → side
 SIDES = (*MODES.values(), "transformers", "llama.cpp")
 
 # (prompt ids, new tokens) -> (tokens, (wall, CPU) time of each new token)
@@ -95,6 +98,8 @@ def load(side: str, path: Path) -> tuple[float, Run, Any]:
         dtype = "gguf" if side.startswith("scratchlm-gguf") else {"scratchlm-fp16": "float16"}.get(side)
         activations = side_activations(side)
         seconds, lm = timed(lambda: scratchlm.load(path, device="cpu", dtype=dtype))
+        if side == "scratchlm-gguf-eager":
+            lm.model.decode_step = None
 
         def run(prompt: list[int], n: int) -> tuple[list[int], list[tuple[float, float]]]:
             params = SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True)
@@ -142,8 +147,9 @@ def load(side: str, path: Path) -> tuple[float, Run, Any]:
 
 
 def side_activations(side: str) -> str | None:
-    """The decode activations a packed side sets ("int8", "fp32"); None: the default (or not packed)."""
-    return side.removeprefix("scratchlm-gguf-") if side.startswith("scratchlm-gguf-") else None
+    """The activations rounding a packed side sets ("int8", "fp32"); None: the default (or not packed)."""
+    mode = side.removeprefix("scratchlm-gguf-")
+    return mode if side.startswith("scratchlm-gguf-") and mode != "eager" else None
 
 
 def logit_drift(lms: dict[str, Any], path: Path) -> None:
@@ -239,8 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--modes", default="gguf,fp16",
                         help="scratchlm weight modes to run, comma-separated: gguf (dtype='gguf', the file's "
-                        "blocks packed; int15 activations when decoding), gguf-int8 and gguf-fp32 (the same "
-                        "with int8 or exact fp32 activations), fp16 (dtype='float16'), fp32 (default load)")
+                        "blocks packed, int15 activations, a decoded token in one call), gguf-eager (the "
+                        "same, decoding one operation at a time), gguf-int8 and gguf-fp32 (int8 or exact "
+                        "fp32 activations), fp16 (dtype='float16'), fp32 (default load)")
     parser.add_argument("--kernels", action="store_true",
                         help="time the packed matrix products alone (int15, int8, fp32 activations), "
                         "--rounds passes over the file's matrices")
@@ -350,6 +357,11 @@ def main(argv: list[str] | None = None) -> int:
         if name == "scratchlm" and fresh[name]:
             print(f"scratchlm load {fresh[name]['load_s']:.2f} s (target < 3 s)")
         if name == "scratchlm-gguf":
+            if "scratchlm-gguf-eager" in names:
+                eager = med["scratchlm-gguf-eager"]
+                print(f"scratchlm-gguf vs scratchlm-gguf-eager (a token in one call vs its operations one by "
+                      f"one): decode {ours['decode'] / eager['decode']:.2f}x "
+                      f"({ours['cpu'] / eager['cpu']:.2f}x per CPU s)")
             if "scratchlm-fp16" in names:
                 fp16 = med["scratchlm-fp16"]
                 print(f"scratchlm-gguf vs scratchlm-fp16: decode {ours['decode'] / fp16['decode']:.2f}x "
