@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         return child(args.child, args.path)
     if args.kernels:
-        return kernel_figures(args.path, args.rounds)
+        return kernel_figures(args.path, args.rounds, args.prefill_tokens)
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     if not modes or any(m not in MODES for m in modes):
@@ -424,8 +424,9 @@ uint64_t chain(uint64_t n) {
     return 8 * n / statistics.median(seconds) / 1e9
 
 
-def kernel_figures(path: Path, rounds: int) -> int:
-    """The ``--kernels`` figures: the file's matrix products alone, per shape and per token."""
+def kernel_figures(path: Path, rounds: int, tokens: int) -> int:
+    """The ``--kernels`` figures: the file's matrix products alone, per shape and per token, decoding
+    and as a ``tokens``-token prefill."""
     from collections import defaultdict
 
     import scratchlm
@@ -474,7 +475,41 @@ def kernel_figures(path: Path, rounds: int) -> int:
     print("\nper token: " + ", ".join(f"{mode} {total[mode] * 1e3:.2f} ms" for mode in activations) +
           f"; int15 {total['fp32'] / total['int15']:.2f}x and int8 {total['fp32'] / total['int8']:.2f}x "
           f"as fast as fp32; load average {load_average()}")
+    prefill_figures(layers, shapes, rounds, tokens)
     return 0
+
+
+def prefill_figures(layers: list[Any], shapes: list[str], rounds: int, tokens: int) -> None:
+    """The prefill's matrix product per distinct matrix shape, ``tokens`` rows of random x: ours
+    (``kernels.qgemm``, int15) against torch's fp32 matmul on the dequantized weights (an fp32
+    model's product) and FBGEMM's fp16 one (``dtype="float16"``'s ``PackedLinear``); the median
+    of ``rounds`` wall-clock timings after one warm-up call, the sides alternating."""
+    from scratchlm.generation.packed import PackedLinear
+    from scratchlm.quant import kernels
+
+    print(f"\nprefill matrix products, {tokens} tokens (ms; ours int15 against fp32 MKL and fp16 FBGEMM)")
+    print(f"{'matrix':>24} {'ours':>8} {'fp32':>8} {'fp16':>8} {'vs fp32':>8} {'vs fp16':>8}")
+    for shape in dict.fromkeys(shapes):
+        layer = layers[shapes.index(shape)]
+        x, w = torch.randn(tokens, layer.in_features), layer.dequantized()
+        fp16 = PackedLinear(weight=w)
+        sides = {
+            "ours": lambda layer=layer, x=x: kernels.qgemm(
+                layer.blocks, layer.type_name, layer.out_features, layer.in_features, x, "int15"),
+            "fp32": lambda x=x, w=w: x @ w.T,
+            "fp16": lambda x=x, fp16=fp16: fp16(x),
+        }
+        spent: dict[str, list[float]] = {name: [] for name in sides}
+        for run in sides.values():
+            run()
+        for _ in range(rounds):
+            for name, run in sides.items():
+                start = time.perf_counter()
+                run()
+                spent[name].append(time.perf_counter() - start)
+        ms = {name: statistics.median(values) * 1e3 for name, values in spent.items()}
+        print(f"{shape:>24} {ms['ours']:8.2f} {ms['fp32']:8.2f} {ms['fp16']:8.2f} "
+              f"{ms['fp32'] / ms['ours']:7.2f}x {ms['fp16'] / ms['ours']:7.2f}x")
 
 
 def load_average() -> str:
