@@ -12,6 +12,10 @@
  * or to 15-bit ones, and exact integer dot products with each weight block (vpdpbusd), scaled in
  * fp32: the dequantized weights times the rounded x.  Faster when decoding (see the section).
  *
+ * slm_qgemm_int (prefill): the same arithmetic as a matrix product over many tokens (int16 panels
+ * of W, vpdpwssd).  slm_decode: one decoded token through a whole Llama-family model, every layer
+ * in one OpenMP region, with slm_qmatmul_int's products (the last two sections).
+ *
  * Built by scratchlm.quant.kernels with the machine's own flags (-march=native); an AVX-512 path
  * (integer products with AVX512-VNNI, else AVX512BW's vpmaddubsw) where the compiler targets it,
  * else portable C that the compiler vectorises as it can.
