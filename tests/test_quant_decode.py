@@ -204,6 +204,22 @@ def test_fused_step_reads_the_model_again_for_a_new_cache(calls):
     assert_close(second, eager)
 
 
+def test_a_cache_or_mask_of_another_shape_is_left_to_the_eager_forward(calls):
+    """The C reads the cache and the mask as the model's shapes: anything else is not handed to it
+    (the eager forward refuses it) rather than read or written out of bounds."""
+    model, other = packed_model("q8_0"), packed_model("q8_0", n_kv_head_override=4)
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        cache = other.new_cache(1, 8)
+        with pytest.raises(RuntimeError):
+            model(ids[:, :1], cache=cache)
+        cache = model.new_cache(1, 8)
+        model(ids[:, :2], cache=cache)
+        with pytest.raises(RuntimeError):
+            model(ids[:, 2:], cache=cache, attention_mask=torch.tensor([[1, 0]]))
+    assert calls[0] == 0
+
+
 def test_a_full_cache_is_an_error():
     model = packed_model("q8_0")
     cache = model.new_cache(1, 3)

@@ -155,7 +155,7 @@ class Transformer(nn.Module):
             if logits is not None:
                 return logits
         past = cache.length if cache is not None else 0
-        x = self._embed(input_ids, past, position_ids)
+        x = self.embed(input_ids, past, position_ids)
         rope, mask = self._rope_and_mask(input_ids, past, attention_mask, position_ids, x.dtype)
         for layer in self.layers:
             x = layer(x, rope, mask, cache)
@@ -175,7 +175,7 @@ class Transformer(nn.Module):
         gives.  Split at any layer, the two halves compute exactly what one pass does (a frozen
         prefix can be run once and reused: ``finetune.classify``).
         """
-        x = self._embed(input_ids, 0, position_ids) if start_layer == 0 else hidden
+        x = self.embed(input_ids, 0, position_ids) if start_layer == 0 else hidden
         if x is None:
             raise ValueError("hidden states are needed to start after layer 0")
         rope, mask = self._rope_and_mask(input_ids, 0, attention_mask, position_ids, x.dtype)
@@ -183,7 +183,9 @@ class Transformer(nn.Module):
             x = layer(x, rope, mask, None)
         return self.norm(x) if stop_layer is None else x
 
-    def _embed(self, input_ids: torch.Tensor, past: int, position_ids: torch.Tensor | None) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, past: int, position_ids: torch.Tensor | None) -> torch.Tensor:
+        """The input of the first layer for ids [B, T] after `past` cached positions: token embeddings
+        (plus learned positions: `position_ids`, default past … past + T − 1), dropout applied."""
         t = input_ids.shape[1]
         if self.embed_positions is not None:  # a learned table has no row past the context
             given = position_ids is not None and position_ids.numel() > 0

@@ -51,24 +51,30 @@ class FusedDecode:
             self._table = decoder_table(model) if kernels.kernels_available() else None
             self._cache = weakref.ref(cache)
         keys, values, b, past = cache.keys, cache.values, input_ids.shape[0], cache.length
-        if (self._table is None or keys.dtype != torch.float32 or keys.shape[1] != b
-                or not (keys.is_contiguous() and values.is_contiguous())):
+        if self._table is None:
             return None
+        table = self._table[0]
+        expected = (table.n_layer, b, table.n_kv_head, cache.max_length, table.head_dim)
+        if (keys.dtype != torch.float32 or keys.shape != expected or values.shape != expected
+                or values.dtype != torch.float32 or not (keys.is_contiguous() and values.is_contiguous())):
+            return None  # (the C reads the cache as this shape: anything else is the eager path's to refuse)
         if past + 1 > cache.max_length:
             raise ValueError(f"KV cache full: {past + 1} positions > {cache.max_length}")
         key_mask = None
         if attention_mask is not None:
-            if attention_mask.dim() != 2:
-                return None  # a whole 4-D mask: the eager forward reads it
+            if attention_mask.dim() != 2 or attention_mask.shape != (b, attention_mask.shape[1]) \
+                    or attention_mask.shape[1] < past + 1:
+                return None  # a whole 4-D mask, or one that does not cover the keys: the eager forward's
             if not bool(attention_mask[:, :past + 1].all()):
                 key_mask = attention_mask.to(torch.int64)
                 key_mask = key_mask if key_mask.stride(1) == 1 else key_mask.contiguous()
         if position_ids is None:
             positions = torch.full((b,), past, dtype=torch.int64)
+        elif position_ids.numel() != b:
+            return None
         else:
             positions = position_ids.reshape(b).to(torch.int64).contiguous()
-        x = model._embed(input_ids, past, position_ids).reshape(b, -1).float().contiguous()
-        table = self._table[0]
+        x = model.embed(input_ids, past, position_ids).reshape(b, -1).float().contiguous()
         logits = kernels.decode_tokens(table, activations, x, positions, keys, values, past, key_mask)
         cache.advance(1)
         return logits.view(b, 1, -1)
