@@ -110,8 +110,13 @@ def assert_close_to_eager(model: Transformer, ids: torch.Tensor, calls: list[int
     assert_close(cache.values, reference.values)
 
 
+GPT2 = dict(norm="layernorm", norm_bias=True, mlp="gelu", positions="learned", n_kv_head_override=None,
+            qkv_bias=True, o_bias=True, mlp_bias=True)
+
+
 @pytest.mark.parametrize("activations", ["int15", "int8"])
-@pytest.mark.parametrize("variant", ["q4_1", "q4_0", "q8_0", "mixed", "biases", "untied", "multi-head"])
+@pytest.mark.parametrize("variant", ["q4_1", "q4_0", "q8_0", "mixed", "biases", "untied", "multi-head",
+                                     "gpt2", "gpt2-without-biases"])
 def test_fused_steps_equal_the_eager_layers(monkeypatch, calls, variant, activations):
     monkeypatch.setattr(linear, "ACTIVATIONS", activations)
     model = {
@@ -119,6 +124,9 @@ def test_fused_steps_equal_the_eager_layers(monkeypatch, calls, variant, activat
         "biases": lambda: packed_model("q4_1", qkv_bias=True, o_bias=True, mlp_bias=True),
         "untied": lambda: packed_model("q4_0", tie_embeddings=False),
         "multi-head": lambda: packed_model("q8_0", n_kv_head_override=8, rope_theta=1e6),
+        "gpt2": lambda: packed_model("q4_1", **GPT2),
+        "gpt2-without-biases": lambda: packed_model("q8_0", **{**GPT2, "norm_bias": False, "qkv_bias": False,
+                                                               "o_bias": False, "mlp_bias": False}),
     }.get(variant, lambda: packed_model(variant))()
     ids = torch.randint(0, 96, (1, 24), generator=torch.Generator().manual_seed(3))
     assert_close_to_eager(model, ids, calls)
@@ -159,14 +167,12 @@ def test_fused_batches_rows_and_left_padding(calls):
 
 
 def test_what_the_fused_step_declines_runs_eagerly(monkeypatch, calls):
-    """GPT-2 blocks, q/k norms, a matrix kept in float, autograd, several new tokens, exact fp32
-    activations: the eager layers run (the same logits as with no fused step at all)."""
-    gpt2 = quantize_model(Transformer(ModelConfig(vocab_size=96, context_length=32, n_layer=1, n_head=2,
-                                                  n_embd=64)).eval(), "q8_0")
+    """q/k norms, a matrix kept in float, autograd, several new tokens, exact fp32 activations: the
+    eager layers run (the same logits as with no fused step at all)."""
     qk_norm = packed_model("q8_0", qk_norm=True)
     kept = packed_model("q8_0")
     kept.layers[1].mlp.down_proj = torch.nn.Linear(512, 256, bias=False)
-    for model in (gpt2, qk_norm, kept):
+    for model in (qk_norm, kept):
         assert isinstance(model.decode_step, decode.FusedDecode) and decode.decoder_table(model) is None
         ids = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(0))
         ours, _ = step_through(model, ids, fused=True)

@@ -1,18 +1,19 @@
-"""Decoding a token through a packed Llama-family model in one call of the compiled kernels.
+"""Decoding a token through a packed transformer (Llama-family or GPT-2 blocks) in one call of the
+compiled kernels.
 
 Eagerly, one decoded token costs a packed model ~15 torch operations and 4 packed products per
 layer, each a call from Python (SmolLM2-135M: ~450 calls, about as long as its matrix products
 take).  ``FusedDecode`` hands the whole token to ``kernels.decode_tokens`` instead: one OpenMP
-region runs every layer (norms, RoPE, the cache write, attention, SiLU and the products the
-eager path makes, with the same rounded activations), so the time left is the weights' own.
+region runs every layer (norms, RoPE, the cache write, attention, SiLU or GELU and the products
+the eager path makes, with the same rounded activations), so the time left is the weights' own.
 
 ``quant.linear.stack_projections`` attaches it to a packed ``Transformer`` as
 ``model.decode_step``; ``Transformer.forward`` asks it first for each cached step and runs its
-own layers where it answers None: a model that is not all packed Llama-family blocks (GPT-2,
-q/k norms, a float matrix), more than one new token per row, autograd on, the exact ``"fp32"``
-decode activations, or no compiled kernels.  It reads the model's tensors afresh for each new
-cache, so modules swapped between generations are seen.  Tests hold it to the eager model
-(logits, greedy answers, padded batches, the cache it leaves).
+own layers where it answers None: a model that is not all packed blocks of those two kinds (q/k
+norms, a matrix kept in float), more than one new token per row, autograd on, the exact
+``"fp32"`` activations, a cache or mask of other shapes, or no compiled kernels.  It reads the
+model's tensors afresh for each new cache, so modules swapped between generations are seen.
+Tests hold it to the eager model (logits, greedy answers, padded batches, the cache it leaves).
 """
 
 from __future__ import annotations
@@ -81,22 +82,29 @@ class FusedDecode:
 
 
 def decoder_table(model: nn.Module) -> tuple[kernels.DecoderTable, list[object]] | None:
-    """The C table of a packed Llama-family ``Transformer`` and what it points into (the tensors
-    and the layers' array, to be kept alive with it), or None when some part of the model is not
-    what ``slm_decode`` runs."""
+    """The C table of a packed ``Transformer`` (Llama-family or GPT-2 blocks) and what it points
+    into (the tensors and the layers' array, to be kept alive with it), or None when some part of
+    the model is not what ``slm_decode`` runs."""
     config = getattr(model, "config", None)
-    if (config is None or config.positions != "rope" or config.head_dim % 2
-            or config.n_head % config.n_kv_head or not isinstance(model.norm, RMSNorm)
+    if (config is None or config.head_dim % 2 or config.n_head % config.n_kv_head
             or not isinstance(model.lm_head, QuantLinear)):
         return None
-    eps, held = model.norm.eps, []  # type: float, list[object]
+    layer_norm, gated = config.norm == "layernorm", config.mlp == "swiglu"
+    eps, held = config.norm_eps, []  # type: float, list[object]
 
-    def norm(module: nn.Module) -> int | None:
-        if not (isinstance(module, RMSNorm) and module.eps == eps and module.weight.dtype == torch.float32
-                and module.weight.is_contiguous() and module.weight.device.type == "cpu"):
+    def norm(module: nn.Module) -> tuple[int, int | None] | None:
+        if layer_norm:
+            if not (isinstance(module, nn.LayerNorm) and module.weight is not None
+                    and module.normalized_shape == (config.n_embd,)):
+                return None
+        elif not isinstance(module, RMSNorm):
             return None
-        held.append(module.weight)
-        return module.weight.data_ptr()
+        tensors = [t for t in (module.weight, getattr(module, "bias", None)) if t is not None]
+        if module.eps != eps or any(t.dtype != torch.float32 or not t.is_contiguous()
+                                    or t.device.type != "cpu" for t in tensors):
+            return None
+        held.extend(tensors)
+        return tensors[0].data_ptr(), tensors[1].data_ptr() if len(tensors) > 1 else None
 
     def packed(module: nn.Module | None, rows: int, cols: int) -> kernels.LinearTable | None:
         if not isinstance(module, QuantLinear) or (module.out_features, module.in_features) != (rows, cols):
@@ -107,25 +115,27 @@ def decoder_table(model: nn.Module) -> tuple[kernels.DecoderTable, list[object]]
                                    rows, cols, kernels.KERNEL_TYPES[module.type_name])
 
     d, hd, heads, kv_heads = config.n_embd, config.head_dim, config.n_head, config.n_kv_head
+    intermediate = config.intermediate_size
     blocks = (kernels.BlockTable * config.n_layer)()
-    intermediate = None
     for i, layer in enumerate(model.layers):
         attn, mlp = layer.self_attn, layer.mlp
-        if not isinstance(mlp, SwiGLUMLP) or mlp.gate_up_proj is None or attn.q_norm is not None:
+        if attn.q_norm is not None or isinstance(mlp, SwiGLUMLP) != gated:
             return None
-        intermediate = mlp.gate_up_proj.out_features // 2
-        parts = (norm(layer.input_layernorm), norm(layer.post_attention_layernorm),
-                 packed(attn.qkv_proj, (heads + 2 * kv_heads) * hd, d), packed(attn.o_proj, d, heads * hd),
-                 packed(mlp.gate_up_proj, 2 * intermediate, d), packed(mlp.down_proj, d, intermediate))
-        if any(part is None for part in parts):
+        up = mlp.gate_up_proj if gated else mlp.up_proj
+        norms = (norm(layer.input_layernorm), norm(layer.post_attention_layernorm))
+        linears = (packed(attn.qkv_proj, (heads + 2 * kv_heads) * hd, d), packed(attn.o_proj, d, heads * hd),
+                   packed(up, (1 + gated) * intermediate, d), packed(mlp.down_proj, d, intermediate))
+        if any(part is None for part in (*norms, *linears)):
             return None
-        blocks[i] = kernels.BlockTable(*parts)
+        blocks[i] = kernels.BlockTable(*norms[0], *norms[1], *linears)
     head, final = packed(model.lm_head, model.lm_head.out_features, d), norm(model.norm)
-    if head is None or final is None or intermediate is None:
+    if head is None or final is None:
         return None
-    inv_freq = model.rope_inv_freq.float().contiguous()
-    held.append(inv_freq)
+    inv_freq = None
+    if config.positions == "rope":
+        inv_freq = model.rope_inv_freq.float().contiguous()
+        held.append(inv_freq)
     held.append(blocks)
-    table = kernels.DecoderTable(config.n_layer, d, heads, kv_heads, hd, intermediate, eps,
-                                 inv_freq.data_ptr(), blocks, final, head)
+    table = kernels.DecoderTable(config.n_layer, d, heads, kv_heads, hd, intermediate, layer_norm, gated, eps,
+                                 None if inv_freq is None else inv_freq.data_ptr(), blocks, *final, head)
     return table, held

@@ -13,8 +13,8 @@
  * fp32: the dequantized weights times the rounded x.  Faster when decoding (see the section).
  *
  * slm_qgemm_int (prefill): the same arithmetic as a matrix product over many tokens (int16 panels
- * of W, vpdpwssd).  slm_decode: one decoded token through a whole Llama-family model, every layer
- * in one OpenMP region, with slm_qmatmul_int's products (the last two sections).
+ * of W, vpdpwssd).  slm_decode: one decoded token through a whole model (Llama-family or GPT-2
+ * blocks), every layer in one OpenMP region, with slm_qmatmul_int's products (the last two sections).
  *
  * Built by scratchlm.quant.kernels with the machine's own flags (-march=native); an AVX-512 path
  * (integer products with AVX512-VNNI, else AVX512BW's vpmaddubsw) where the compiler targets it,
@@ -778,17 +778,20 @@ void slm_dequantize_rows(int type, const uint8_t *w, int64_t cols, const int64_t
 /* ---- Decoding a whole token in one call ---------------------------------------------------------
  *
  * slm_decode runs n_tok new tokens (one per sequence, the rows of a batch) through every layer of a
- * Llama-family decoder whose matrices are all packed, and writes their next-token logits: what
- * Transformer.forward computes for input_ids [n_tok, 1] with a KV cache, with one OpenMP region for
- * the token instead of the ~15 torch operations and 4 matrix products a layer costs when each is
+ * decoder whose matrices are all packed (Llama-family or GPT-2), and writes their next-token
+ * logits: what Transformer.forward computes for input_ids [n_tok, 1] with a KV cache, with one
+ * OpenMP region for the token instead of the ~15 torch operations and 4 matrix products a layer costs when each is
  * its own call.  The matrix products are slm_qmatmul_int's, the same rows of the same rounded
  * activations; the rest is plain fp32 C in the order the model writes it:
- *   per layer  h = rmsnorm(x) γ;  q | k | v = h Wqkvᵀ (+ b);  q, k rotated (rotate-half, angle
- *              position · inv_freq);  k, v stored at cache position `past`;  each query head attends
- *              (softmax of q·k / √hd) to positions 0 .. past of its kv head (query head j reads kv
- *              head j / (n_head / n_kv_head)), skipping positions the key mask marks 0 except its
- *              own;  x += att Woᵀ (+ b);  h = rmsnorm(x) γ';  g | u = h Wguᵀ;  x += (silu(g) u) Wdᵀ
- *   then       logits = rmsnorm(x) γ_f W_headᵀ.
+ *   per layer  h = norm(x);  q | k | v = h Wqkvᵀ (+ b);  q, k rotated (rotate-half, angle
+ *              position · inv_freq) unless the model has learned positions;  k, v stored at cache
+ *              position `past`;  each query head attends (softmax of q·k / √hd) to positions
+ *              0 .. past of its kv head (query head j reads kv head j / (n_head / n_kv_head)),
+ *              skipping positions the key mask marks 0 except its own;  x += att Woᵀ (+ b);
+ *              h = norm'(x);  gated: g | u = h Wguᵀ, x += (silu(g) u) Wdᵀ;  else u = h Wuᵀ (+ b),
+ *              x += gelu_tanh(u) Wdᵀ (+ b)
+ *   then       logits = norm_f(x) W_headᵀ,
+ * norm being RMSNorm (x / rms(x) γ) or LayerNorm ((x − mean) / √(var + eps) γ + β).
  * Sums run in another order than torch's kernels, so results agree with the eager model to fp32
  * rounding, amplified where a rounded activation lands on the other side of a step (the tests
  * bound it and compare greedy answers). */
@@ -801,19 +804,22 @@ typedef struct {
 } slm_linear;
 
 typedef struct {
-    const float *attn_norm, *mlp_norm;  /* RMSNorm weights [n_embd] */
-    slm_linear qkv;                     /* rows: q (n_head · hd), then k and v (n_kv_head · hd each) */
+    const float *attn_norm, *attn_norm_bias;  /* the norms' γ [n_embd], and β (LayerNorm; else NULL) */
+    const float *mlp_norm, *mlp_norm_bias;
+    slm_linear qkv;                            /* rows: q (n_head · hd), then k and v (n_kv_head · hd each) */
     slm_linear o;
-    slm_linear gate_up;                 /* rows: gate (intermediate), then up */
+    slm_linear up;                             /* gated: gate (intermediate rows), then up; else up */
     slm_linear down;
 } slm_block;
 
 typedef struct {
     int64_t n_layer, n_embd, n_head, n_kv_head, head_dim, intermediate;
+    int64_t layer_norm;  /* 1: LayerNorm, 0: RMSNorm */
+    int64_t gated;       /* 1: SwiGLU (Llama), 0: GELU with the tanh approximation (GPT-2) */
     float norm_eps;
-    const float *inv_freq;  /* [head_dim / 2] */
+    const float *inv_freq;  /* [head_dim / 2] (RoPE), or NULL: learned positions, already in x */
     const slm_block *blocks;
-    const float *final_norm;
+    const float *final_norm, *final_norm_bias;
     slm_linear lm_head;
 } slm_model;
 
@@ -829,9 +835,22 @@ static inline float dot(const float *a, const float *b, int64_t n) {
     return sum;
 }
 
-static void rms_norm(const float *x, const float *weight, int64_t n, float eps, float *out) {
-    const float scale = 1.0f / sqrtf(dot(x, x, n) / (float)n + eps);
-    for (int64_t i = 0; i < n; i++) out[i] = x[i] * scale * weight[i];
+/* RMSNorm (bias NULL, layer_norm 0) or LayerNorm (the biased variance, as torch's) of x [n]. */
+static void norm(const slm_model *m, const float *x, const float *weight, const float *bias, float *out) {
+    const int64_t n = m->n_embd;
+    float mean = 0.0f;
+    if (m->layer_norm) {
+        for (int64_t i = 0; i < n; i++) mean += x[i];
+        mean /= (float)n;
+        for (int64_t i = 0; i < n; i++) out[i] = x[i] - mean;
+        x = out;
+    }
+    const float scale = 1.0f / sqrtf(dot(x, x, n) / (float)n + m->norm_eps);
+    for (int64_t i = 0; i < n; i++) out[i] = x[i] * scale * weight[i] + (bias == NULL ? 0.0f : bias[i]);
+}
+
+static inline float gelu_tanh(float u) {
+    return 0.5f * u * (1.0f + tanhf(0.7978845608028654f * (u + 0.044715f * u * u * u)));
 }
 
 /* Rotate one head's [hd] vector in place by position · inv_freq (rotate-half pairs i, i + hd/2). */
@@ -893,17 +912,17 @@ int slm_decode(const slm_model *m, int bits, float *x, int64_t n_tok, const int6
         const slm_block *blk = m->blocks + l;
         float *layer_keys = keys + l * layer_floats, *layer_values = values + l * layer_floats;
         #pragma omp single
-        for (int64_t t = 0; t < n_tok; t++) rms_norm(x + t * d, blk->attn_norm, d, m->norm_eps, h + t * d);
+        for (int64_t t = 0; t < n_tok; t++) norm(m, x + t * d, blk->attn_norm, blk->attn_norm_bias, h + t * d);
         decode_linear(&blk->qkv, wide, h, n_tok, xq, qkv);
         #pragma omp single
         for (int64_t t = 0; t < n_tok; t++) {  /* rotate q and k, store k and v in the cache */
             float *cosines = angles, *sines = angles + hd / 2, *row = qkv + t * qkv_rows;
-            for (int64_t i = 0; i < hd / 2; i++) {
+            for (int64_t i = 0; m->inv_freq != NULL && i < hd / 2; i++) {
                 const float angle = (float)positions[t] * m->inv_freq[i];
                 cosines[i] = cosf(angle);
                 sines[i] = sinf(angle);
             }
-            for (int64_t j = 0; j < nh + nkv; j++) rope(row + j * hd, hd, cosines, sines);
+            for (int64_t j = 0; m->inv_freq != NULL && j < nh + nkv; j++) rope(row + j * hd, hd, cosines, sines);
             for (int64_t j = 0; j < nkv; j++) {
                 const int64_t at = ((t * nkv + j) * max_length + past) * hd;
                 memcpy(layer_keys + at, row + (nh + j) * hd, hd * sizeof(float));
@@ -937,21 +956,26 @@ int slm_decode(const slm_model *m, int bits, float *x, int64_t n_tok, const int6
         #pragma omp single
         for (int64_t t = 0; t < n_tok; t++) {
             for (int64_t i = 0; i < d; i++) x[t * d + i] += out[t * d + i];
-            rms_norm(x + t * d, blk->mlp_norm, d, m->norm_eps, h + t * d);
+            norm(m, x + t * d, blk->mlp_norm, blk->mlp_norm_bias, h + t * d);
         }
-        decode_linear(&blk->gate_up, wide, h, n_tok, xq, gu);
+        decode_linear(&blk->up, wide, h, n_tok, xq, gu);
         #pragma omp single
-        for (int64_t t = 0; t < n_tok; t++) {  /* silu(gate) · up, token t's into gu[t · intermediate ..] */
-            const float *g = gu + t * 2 * m->intermediate, *u = g + m->intermediate;
-            float *a = gu + t * m->intermediate;  /* (before the gate it reads, or on it: no later row's) */
-            for (int64_t i = 0; i < m->intermediate; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+        for (int64_t t = 0; t < n_tok; t++) {
+            if (m->gated) {  /* silu(gate) · up, token t's into gu[t · intermediate ..] */
+                const float *g = gu + t * 2 * m->intermediate, *u = g + m->intermediate;
+                float *a = gu + t * m->intermediate;  /* (before the gate it reads, or on it: no later row's) */
+                for (int64_t i = 0; i < m->intermediate; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+            } else {
+                float *u = gu + t * m->intermediate;
+                for (int64_t i = 0; i < m->intermediate; i++) u[i] = gelu_tanh(u[i]);
+            }
         }
         decode_linear(&blk->down, wide, gu, n_tok, xq, out);
         #pragma omp single
         for (int64_t t = 0; t < n_tok; t++)
             for (int64_t i = 0; i < d; i++) x[t * d + i] += out[t * d + i];
     }
-    for (int64_t t = 0; t < n_tok; t++) rms_norm(x + t * d, m->final_norm, d, m->norm_eps, h + t * d);
+    for (int64_t t = 0; t < n_tok; t++) norm(m, x + t * d, m->final_norm, m->final_norm_bias, h + t * d);
     #pragma omp parallel num_threads(nthreads)
     decode_linear(&m->lm_head, wide, h, n_tok, xq, logits);
     free(h);

@@ -266,17 +266,19 @@ class LinearTable(ctypes.Structure):
 
 
 class BlockTable(ctypes.Structure):
-    """``slm_block``: one decoder layer (qkv rows q, k, v; gate_up rows gate, up)."""
-    _fields_ = [("attn_norm", ctypes.c_void_p), ("mlp_norm", ctypes.c_void_p), ("qkv", LinearTable),
-                ("o", LinearTable), ("gate_up", LinearTable), ("down", LinearTable)]
+    """``slm_block``: one decoder layer (qkv rows q, k, v; up rows gate, up when gated)."""
+    _fields_ = [("attn_norm", ctypes.c_void_p), ("attn_norm_bias", ctypes.c_void_p),
+                ("mlp_norm", ctypes.c_void_p), ("mlp_norm_bias", ctypes.c_void_p), ("qkv", LinearTable),
+                ("o", LinearTable), ("up", LinearTable), ("down", LinearTable)]
 
 
 class DecoderTable(ctypes.Structure):
-    """``slm_model``: a Llama-family decoder whose matrices are all packed."""
+    """``slm_model``: a decoder (Llama-family or GPT-2 blocks) whose matrices are all packed."""
     _fields_ = [("n_layer", ctypes.c_int64), ("n_embd", ctypes.c_int64), ("n_head", ctypes.c_int64),
                 ("n_kv_head", ctypes.c_int64), ("head_dim", ctypes.c_int64), ("intermediate", ctypes.c_int64),
-                ("norm_eps", ctypes.c_float), ("inv_freq", ctypes.c_void_p),
-                ("blocks", ctypes.POINTER(BlockTable)), ("final_norm", ctypes.c_void_p),
+                ("layer_norm", ctypes.c_int64), ("gated", ctypes.c_int64), ("norm_eps", ctypes.c_float),
+                ("inv_freq", ctypes.c_void_p), ("blocks", ctypes.POINTER(BlockTable)),
+                ("final_norm", ctypes.c_void_p), ("final_norm_bias", ctypes.c_void_p),
                 ("lm_head", LinearTable)]
 
 

@@ -26,8 +26,9 @@ scales (``kernels.reblock``: 6 and 10 bits per weight instead of 4.5 and 6.6, th
   matmul with x rounded as the kernels round it (``round_activations``): the same numbers up to
   fp32 rounding of the sums.  With ``"fp32"`` activations that product, x as it is.
 
-A packed Llama-family ``Transformer`` decodes each token in one call through every layer
-(``quant.decode``, attached by ``stack_projections``), with these products' arithmetic.
+A packed ``Transformer`` (Llama-family or GPT-2 blocks) decodes each token in one call through
+every layer (``quant.decode``, attached by ``stack_projections``), with these products'
+arithmetic.
 
 ``QuantEmbedding`` looks rows up in the same blocks (a tied LM head shares them with the
 embedding: SmolLM2's Q8_0 ``token_embd`` is a fifth of the file).  The model is for inference
