@@ -11,8 +11,8 @@ On a shared machine the load changes from minute to minute: ``--rounds N`` alter
 phases N times and reports the median speed-up too, and the load average is printed beside the
 figures.
 
-    .venv/bin/python benchmarks/serving.py [--model REF] [--tokens 64] [--clients 8] [--threads N]
-                                           [--rounds 1]
+    .venv/bin/python benchmarks/serving.py [--model REF] [--dtype gguf] [--tokens 64] [--clients 8]
+                                           [--threads N] [--rounds 1]
 """
 
 from __future__ import annotations
@@ -35,12 +35,12 @@ QUESTIONS = ["What is the capital of France?", "Name three primary colors.", "Ho
              "Give me a tip for learning Python.", "What does a compiler do?"]
 
 
-def load_model(ref: str | None):
+def load_model(ref: str | None, dtype: str | None = None):
     from scratchlm.api import LM, load
 
     if ref or SMOLLM2.exists():
         path = ref or str(SMOLLM2)
-        return load(path, device="cpu"), Path(path).name
+        return load(path, device="cpu", dtype=dtype), Path(path).name + (f" ({dtype})" if dtype else "")
     from scratchlm.models import build_model, from_preset
     from scratchlm.tokenizers.train_bpe import train_bpe
 
@@ -71,6 +71,8 @@ def one_request(client, question: str, tokens: int, extra: dict) -> tuple[float,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="model ref; None = SmolLM2 GGUF if present")
+    parser.add_argument("--dtype", default=None,
+                        help="load's dtype, e.g. gguf (the file's blocks packed) or float16; None = fp32")
     parser.add_argument("--tokens", type=int, default=64, help="output tokens per request")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--threads", type=int, default=None, help="torch threads; None = torch's default")
@@ -83,7 +85,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     from scratchlm.serving.openai_server import ServerConfig, ServerThread
 
-    lm, name = load_model(args.model)
+    lm, name = load_model(args.model, args.dtype)
     questions = (QUESTIONS * (args.clients // len(QUESTIONS) + 1))[:args.clients]
     load_before = os.getloadavg()[0]
     # ignore_eos: every answer runs to max_tokens, so both phases make the same tokens
@@ -146,6 +148,7 @@ def peer(args: argparse.Namespace, questions: list[str]) -> None:
     """The same requests against llama-cpp-python's OpenAI server on the SmolLM2 file, same threads."""
     import socket
     import subprocess
+    import tempfile
     import urllib.request
 
     with socket.socket() as sock:
@@ -156,7 +159,8 @@ def peer(args: argparse.Namespace, questions: list[str]) -> None:
                "--host", "127.0.0.1", "--port", str(port), "--n_threads", threads,
                "--n_threads_batch", threads, "--n_ctx", "4096", "--verbose", "False",
                "--interrupt_requests", "False"]  # queue concurrent requests; by default a new one cancels
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tempfile.TemporaryFile("w+")  # (a file, not a pipe: a full pipe would stall the server)
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(600):
@@ -164,12 +168,19 @@ def peer(args: argparse.Namespace, questions: list[str]) -> None:
                 urllib.request.urlopen(url + "/v1/models", timeout=1)
                 break
             except OSError:
+                if server.poll() is not None:  # it exited: say why instead of timing out
+                    log.seek(0)
+                    reason = log.read().strip().splitlines()
+                    print(f"llama.cpp server did not start: {reason[-1] if reason else server.returncode} "
+                          "(pip install 'llama-cpp-python[server]')")
+                    return
                 time.sleep(0.1)
         # its eos (<|im_end|>, id 2 in SmolLM2) banned: the answers run to max_tokens, as ours
         rounds = measure(url, questions, args, {"logit_bias": {"2": -100}})
     finally:
         server.terminate()
         server.wait(30)
+        log.close()
     report("llama.cpp server", rounds)
 
 
