@@ -36,12 +36,15 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None,
                         help="cpu, cuda, cuda:1, ...; None = cuda if available, else cpu")
     parser.add_argument("--dtype", default=None, metavar="{" + ",".join(DTYPES + QUANT_DTYPES[:1]) + "}",
-                        help="weight precision; None = float32.  On the CPU, float16 is the fast "
-                        "inference mode: fp16 weights, fp32 arithmetic; gguf keeps a .gguf file's own "
-                        "Q8_0/Q4_0/Q4_1/Q4_K/Q6_K blocks and computes with them in place (least memory)")
+                        help="weight precision; None = float32.  On the CPU, float16 keeps fp16 weights "
+                        "(fp32 arithmetic); gguf keeps a .gguf file's own Q8_0/Q4_0/Q4_1/Q4_K/Q6_K blocks "
+                        "and computes with them in place: the least memory and the fastest (SmolLM2's "
+                        "Q4_1 decodes 4x as fast as float16, docs/benchmarks.md), each token's "
+                        "activations rounded per block of 32 to 15 bits as llama.cpp rounds to 8 "
+                        "(SCRATCHLM_ACTIVATIONS=fp32: exact, slower)")
     parser.add_argument("--quantize", default=None, choices=QUANT_DTYPES[1:],
-                        help="round the weight matrices into GGUF blocks at load, as llama.cpp does "
-                        "(CPU inference; fp32 arithmetic); None = keep them as loaded")
+                        help="round the weight matrices into GGUF blocks at load, as llama.cpp does, and "
+                        "compute as --dtype gguf does (CPU inference); None = keep them as loaded")
     parser.add_argument("--threads", type=int, default=0, metavar="N",
                         help="CPU threads; 0 = PyTorch's default, one per core (on cores shared with other "
                         "jobs, fewer can be much faster)")
