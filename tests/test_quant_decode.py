@@ -198,6 +198,21 @@ def test_what_the_fused_step_declines_runs_eagerly(monkeypatch, calls):
     assert calls[0] == 1 and cache.length == 5
 
 
+def test_fused_steps_are_the_same_bits_on_1_or_2_threads(calls):
+    """Threads share out rows of each product and heads of attention, never the terms of one sum."""
+    model = mixed_types_model()
+    ids = torch.randint(0, 96, (3, 12), generator=torch.Generator().manual_seed(7))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one, _ = step_through(model, ids, fused=True)
+        torch.set_num_threads(2)
+        two, _ = step_through(model, ids, fused=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two) and calls[0] == 2 * 8
+
+
 def test_fused_step_reads_the_model_again_for_a_new_cache(calls):
     """Modules swapped between two generations are seen by the next one."""
     model = packed_model("q4_1")
