@@ -25,7 +25,7 @@ from torch import nn
 
 from scratchlm.models.attention import KVCache
 from scratchlm.models.layers import RMSNorm, SwiGLUMLP
-from scratchlm.quant import kernels
+from scratchlm.quant import kernels, linear
 from scratchlm.quant.linear import QuantLinear
 
 __all__ = ["FusedDecode", "decoder_table"]
@@ -42,8 +42,6 @@ class FusedDecode:
     def __call__(self, model: nn.Module, input_ids: torch.Tensor, cache: object,
                  attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None,
                  ) -> torch.Tensor | None:
-        from scratchlm.quant import linear
-
         activations = linear.ACTIVATIONS
         if (input_ids.dim() != 2 or input_ids.shape[1] != 1 or activations == "fp32" or model.training
                 or torch.is_grad_enabled() or not isinstance(cache, KVCache)):

@@ -310,24 +310,34 @@ static inline int has_min(int type) { return type == Q4_1 || type == Q4_KR; }
 #endif
 #endif
 
+/* max |x_i| over a block of 32 values; *bad set when one is NaN or infinite. */
+static inline __attribute__((always_inline)) float block_amax(const float *xb, int *bad) {
+#ifdef SLM_AVX512
+    const __m512 a = _mm512_loadu_ps(xb), b = _mm512_loadu_ps(xb + 16);
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+    *bad = _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q) || _mm512_cmp_ps_mask(b, b, _CMP_UNORD_Q) ||
+           !(amax <= FLT_MAX);
+#else
+    float amax = 0.0f;
+    *bad = 0;
+    for (int i = 0; i < 32; i++) {
+        const float v = fabsf(xb[i]);
+        *bad |= !(v <= FLT_MAX);  /* NaN or infinite */
+        amax = v > amax ? v : amax;
+    }
+#endif
+    return amax;
+}
+
 /* One block of x (32 values) rounded to L = 127 (wide = 0) or 16256 (wide = 1): q[] (q or h) into
  * qa (elements 0-15) and qb (16-31), l into la, lb when wide; returns dx. */
 static inline __attribute__((always_inline)) float quantize_block(const int wide, const float *xb, int8_t *qa,
                                                                   int8_t *qb, uint8_t *la, uint8_t *lb) {
     const float levels = wide ? 16256.0f : 127.0f;
+    int bad;
+    const float amax = block_amax(xb, &bad);
 #ifdef SLM_AVX512
     const __m512 a = _mm512_loadu_ps(xb), b = _mm512_loadu_ps(xb + 16);
-    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
-    const int bad = _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q) || _mm512_cmp_ps_mask(b, b, _CMP_UNORD_Q) ||
-                    !(amax <= FLT_MAX);
-#else
-    float amax = 0.0f;
-    int bad = 0;
-    for (int i = 0; i < 32; i++) {
-        const float v = fabsf(xb[i]);
-        bad |= !(v <= FLT_MAX);  /* NaN or infinite */
-        amax = v > amax ? v : amax;
-    }
 #endif
     if (bad) {
         memset(qa, 0, 16);
@@ -1151,13 +1161,8 @@ int slm_qgemm_int(int type, int bits, const uint8_t *w, int64_t rows, int64_t co
         for (int64_t t = 0; t < n_tok; t++)
             for (int64_t b = 0; b < nb; b++) {
                 const float *xb = x + t * xs + b * 32;
-                float amax = 0.0f;
-                int bad = 0;
-                for (int i = 0; i < 32; i++) {
-                    const float v = fabsf(xb[i]);
-                    bad |= !(v <= FLT_MAX);
-                    amax = v > amax ? v : amax;
-                }
+                int bad;
+                const float amax = block_amax(xb, &bad);
                 const float id = amax == 0.0f ? 0.0f : levels / amax;
                 int32_t sum = 0;
                 for (int i = 0; i < 32; i++) {

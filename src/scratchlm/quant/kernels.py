@@ -169,13 +169,15 @@ def _dequantize_layout(table: np.ndarray, type_name: str, cols: int) -> np.ndarr
 # Decode activations: rounded per block of 32 to 15 or 8 bits for the integer kernels, or fp32.
 ACTIVATION_MODES = ("int15", "int8", "fp32")
 _LEVELS = {"int15": 16256, "int8": 127}  # the largest |q| (15 bits: two bytes 128·h + l, |h| ≤ 127)
+_BITS = {"int15": 15, "int8": 8}  # the kernels' argument
 
 
-def _levels(activations: str) -> int:
-    if activations not in _LEVELS:
+def _bits(activations: str) -> int:
+    """The kernels' argument for an integer rounding; any other name is a ``ConfigError``."""
+    if activations not in _BITS:
         raise ConfigError(f"unknown activations rounding {activations!r}",
                           f"use one of {', '.join(ACTIVATION_MODES)}")
-    return _LEVELS[activations]
+    return _BITS[activations]
 
 
 def round_activations(x: torch.Tensor, activations: str) -> torch.Tensor:
@@ -184,7 +186,8 @@ def round_activations(x: torch.Tensor, activations: str) -> torch.Tensor:
     (llama.cpp's ``quantize_row_q8_1``, with an fp32 scale) or 16256 for int15.  The reference path
     multiplies this by the dequantized W, the integer kernels' product up to fp32 rounding; a block
     holding a NaN or an infinity gives NaN (the kernels give NaN where it is used)."""
-    levels = _levels(activations)
+    _bits(activations)
+    levels = _LEVELS[activations]
     blocks = x.reshape(-1, 32)
     amax = blocks.abs().amax(dim=1, keepdim=True)
     # (a true division, as the kernels' L / amax: ``levels / amax`` would be amax.reciprocal() · L,
@@ -206,17 +209,16 @@ def qmatmul(blocks: torch.Tensor, type_name: str, rows: int, cols: int, x: torch
     the reference path dequantizes it.
     """
     lib = _library()
-    if activations != "fp32":
-        _levels(activations)
+    bits = None if activations == "fp32" else _bits(activations)
     if lib is None:
         w = dequantize_rows(blocks, type_name, rows, cols)
         return (x if activations == "fp32" else round_activations(x, activations)) @ w.T
     y = torch.empty(*x.shape[:-1], rows, dtype=torch.float32)  # (int arguments: a tuple parses slowly)
     n = x.numel() // cols
-    if activations == "fp32":
+    if bits is None:
         lib.slm_qmatmul(KERNEL_TYPES[type_name], blocks.data_ptr(), rows, cols, x.data_ptr(), n, cols,
                         y.data_ptr(), rows, torch.get_num_threads())
-    elif lib.slm_qmatmul_int(KERNEL_TYPES[type_name], 8 if activations == "int8" else 15, blocks.data_ptr(),
+    elif lib.slm_qmatmul_int(KERNEL_TYPES[type_name], bits, blocks.data_ptr(),
                              rows, cols, x.data_ptr(), n, cols, y.data_ptr(), rows, torch.get_num_threads()):
         raise MemoryError(f"no memory for the rounded activations of {n} x {cols} values")
     return y
@@ -231,9 +233,9 @@ def qgemm(blocks: torch.Tensor, type_name: str, rows: int, cols: int, x: torch.T
     lib = _library()
     if lib is None:
         return None
-    _levels(activations)  # (an unknown rounding is an error)
+    bits = _bits(activations)
     y = torch.empty(x.shape[0], rows, dtype=torch.float32)
-    status = lib.slm_qgemm_int(KERNEL_TYPES[type_name], 8 if activations == "int8" else 15, blocks.data_ptr(),
+    status = lib.slm_qgemm_int(KERNEL_TYPES[type_name], bits, blocks.data_ptr(),
                                rows, cols, x.data_ptr(), x.shape[0], cols, y.data_ptr(), rows,
                                torch.get_num_threads())
     if status == -1:
@@ -295,7 +297,7 @@ def decode_tokens(table: DecoderTable, activations: str, x: torch.Tensor, positi
         raise RuntimeError("the packed-weight kernels are unavailable")
     n = x.shape[0]
     logits = torch.empty(n, table.lm_head.rows, dtype=torch.float32)
-    status = lib.slm_decode(ctypes.addressof(table), 8 if activations == "int8" else 15, x.data_ptr(), n,
+    status = lib.slm_decode(ctypes.addressof(table), _bits(activations), x.data_ptr(), n,
                             positions.data_ptr(), keys.data_ptr(), values.data_ptr(), keys.shape[3], past,
                             None if key_mask is None else key_mask.data_ptr(),
                             0 if key_mask is None else key_mask.stride(0), logits.data_ptr(),

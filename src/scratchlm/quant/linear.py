@@ -123,10 +123,10 @@ class QuantLinear(nn.Module):
         if x2.shape[0] <= DECODE_TOKENS:
             y = qmatmul(blocks, self.type_name, self.out_features, self.in_features, x2, ACTIVATIONS)
         else:
-            y = None if ACTIVATIONS == "fp32" else \
-                qgemm(blocks, self.type_name, self.out_features, self.in_features, x2, ACTIVATIONS)
+            exact = ACTIVATIONS == "fp32"
+            y = None if exact else qgemm(blocks, self.type_name, self.out_features, self.in_features, x2,
+                                         ACTIVATIONS)
             if y is None:
-                exact = ACTIVATIONS == "fp32"
                 y = self._dequantized_product(x2 if exact else round_activations(x2, ACTIVATIONS))
         if bias is not None:
             y += bias
